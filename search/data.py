@@ -1,0 +1,210 @@
+"""Task data: read the declared files into labelled examples, with clear errors.
+
+Every problem names the file, the line (or record) and the field, so a user can fix it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from spt.errors import UserError
+
+from .config import TaskConfig, split_view
+
+_FIELD = re.compile(r"{([^{}]+)}")
+
+
+@dataclass(frozen=True)
+class Example:
+    text_a: str
+    text_b: str | None
+    label: int
+
+
+@dataclass
+class TaskData:
+    """The three splits of a task; labels are indices into ``labels``."""
+
+    name: str
+    labels: list[str]
+    train: list[Example]
+    dev: list[Example]
+    test: list[Example]
+
+    def sizes(self) -> dict[str, int]:
+        return {"train": len(self.train), "dev": len(self.dev), "test": len(self.test)}
+
+
+class DataError(UserError):
+    """A data file cannot be read as declared."""
+
+
+def _records_tsv_csv(path: Path, task: TaskConfig, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+    with open(path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
+        names = task.columns
+        for line_no, row in enumerate(reader, start=1):
+            if not row or all(not cell.strip() for cell in row):
+                continue
+            if task.header and names is None:
+                names = [cell.strip() for cell in row]
+                continue
+            if names is None:
+                names = [str(i) for i in range(len(row))]
+            if len(row) != len(names):
+                raise DataError(
+                    f"{path} line {line_no}: {len(row)} columns, expected {len(names)} ({', '.join(names)}); "
+                    f"check task.format ({task.format}) and task.header"
+                )
+            yield f"line {line_no}", dict(zip(names, row))
+
+
+def _records_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+            yield f"line {line_no}", record
+
+
+def _records_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
+    if items is None:
+        raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping")
+    for key, record in items:
+        if not isinstance(record, dict):
+            raise DataError(f"{path} record {key!r}: expected a JSON object, got {type(record).__name__}")
+        yield f"record {key!r}", record
+
+
+def _records_label_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    with open(path, encoding="utf-8-sig") as handle:
+        for line_no, line in enumerate(handle, start=1):
+            line = line.rstrip("\n")
+            if not line.strip():
+                continue
+            parts = line.split(None, 1)
+            if len(parts) != 2:
+                raise DataError(f"{path} line {line_no}: expected 'label text', got {line[:60]!r}")
+            yield f"line {line_no}", {"label": parts[0], "text": parts[1]}
+
+
+def _records_hf(task: TaskConfig, split: str, seed: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    try:
+        import datasets
+    except ImportError:
+        raise UserError("task.format: 'hf' needs the datasets package: pip install datasets") from None
+    hf = task.hf or {}
+    split_name = (hf.get("splits") or {}).get(split, {"dev": "validation"}.get(split, split))
+    try:
+        dataset = datasets.load_dataset(hf["path"], hf.get("name"), split=split_name)
+    except Exception as exc:  # the datasets library raises many types for a missing hub
+        raise UserError(f"task.hf: cannot load {hf['path']}/{hf.get('name')} split {split_name!r} ({exc})") from None
+    for index, record in enumerate(dataset):
+        yield f"record {index}", dict(record)
+
+
+def _label_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+def _text(record: dict[str, Any], spec: str, where: str, field_name: str) -> str:
+    """A text field: a field name, or a template such as ``"{premise} {question}"``."""
+    names = _FIELD.findall(spec) if "{" in spec else [spec]
+    missing = [n for n in names if n not in record]
+    if missing:
+        raise DataError(
+            f"{where}: no field {missing[0]!r} for task.{field_name} (fields: {', '.join(map(str, record))})"
+        )
+    if "{" not in spec:
+        value = record[spec]
+        return "" if value is None else str(value)
+    return spec.format_map({n: "" if record[n] is None else record[n] for n in names})
+
+
+def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
+    """Read one split (``train``, ``dev`` or ``test``) as declared in ``task``."""
+    label_index = {label: i for i, label in enumerate(task.labels)}
+    task, split_path = split_view(task, split)
+    if task.format == "hf":
+        records = _records_hf(task, split, seed)
+        source = f"{task.hf['path']}[{split}]"
+    else:
+        path = Path(split_path)
+        if not path.is_file():
+            raise DataError(f"task.{split}: file {path} does not exist")
+        source = str(path)
+        readers = {
+            "tsv": lambda: _records_tsv_csv(path, task, "\t"),
+            "csv": lambda: _records_tsv_csv(path, task, ","),
+            "jsonl": lambda: _records_jsonl(path),
+            "json": lambda: _records_json(path),
+            "label_text": lambda: _records_label_text(path),
+        }
+        records = readers[task.format]()
+    examples = []
+    for position, record in records:
+        where = f"{source} {position}"
+        if task.label not in record:
+            raise DataError(f"{where}: no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
+        label = _label_value(record[task.label])
+        if label not in label_index:
+            raise DataError(f"{where}: label {label!r} is not in task.labels {task.labels}")
+        text_a = _text(record, task.text_a, where, "text_a")
+        text_b = _text(record, task.text_b, where, "text_b") if task.text_b else None
+        examples.append(Example(text_a, text_b, label_index[label]))
+    if not examples:
+        raise DataError(f"task.{split}: {source} has no examples")
+    return examples
+
+
+def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or len(examples) <= limit:
+        return examples
+    keep = sorted(random.Random(seed).sample(range(len(examples)), limit))
+    return [examples[i] for i in keep]
+
+
+def load_task(task: TaskConfig, seed: int) -> TaskData:
+    """All splits of ``task``; ``seed`` fixes subsampling and a held-out dev split."""
+    train = read_split(task, "train", seed)
+    has_dev = task.dev is not None or (task.format == "hf" and "dev" in ((task.hf or {}).get("splits") or {"dev": 1}))
+    if has_dev:
+        dev = read_split(task, "dev", seed)
+    else:
+        order = list(range(len(train)))
+        random.Random(seed).shuffle(order)
+        n_dev = max(1, round(task.dev_fraction * len(train)))
+        dev_ids = set(order[:n_dev])
+        dev = [train[i] for i in sorted(dev_ids)]
+        train = [ex for i, ex in enumerate(train) if i not in dev_ids]
+    test = read_split(task, "test", seed)
+    return TaskData(
+        name=task.name,
+        labels=list(task.labels),
+        train=_subsample(train, task.max_train, seed),
+        dev=_subsample(dev, task.max_dev, seed + 1),
+        test=_subsample(test, task.max_test, seed + 2),
+    )

@@ -1,0 +1,179 @@
+"""Backbone adapters: the only module that knows Hugging Face encoder internals.
+
+A :class:`Backbone` wraps a frozen encoder and lets the prompt machinery run it one
+layer at a time: :meth:`Backbone.embed` gives ``H_0``, :meth:`Backbone.layer_context`
+builds what every layer needs for a given sequence (attention mask, MPNet's relative
+position bias), and :meth:`Backbone.run_layer` applies layer ``i``.
+
+Supported families: BERT-style encoders (``bert``, ``roberta``, ``xlm-roberta``,
+``camembert``, ``electra``) and ``mpnet``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedBackboneError, UserError
+from .hub import resolve_model_source
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What differs between model families."""
+
+    mlm_head_attr: str  # attribute of the *ForMaskedLM model holding the MLM head
+    relative_position_bias: bool = False  # MPNet: bias computed once per sequence length
+
+
+FAMILIES: dict[str, _Family] = {
+    "bert": _Family("cls"),
+    "roberta": _Family("lm_head"),
+    "xlm-roberta": _Family("lm_head"),
+    "camembert": _Family("lm_head"),
+    "electra": _Family("generator_predictions"),
+    "mpnet": _Family("lm_head", relative_position_bias=True),
+}
+
+
+def check_supported(model_type: str) -> _Family:
+    """The adapter for ``model_type``, or a clear error naming the supported families."""
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedBackboneError(
+            f"model.backbone: model family {model_type!r} is not supported; "
+            f"supported families: {', '.join(sorted(FAMILIES))}"
+        )
+    return family
+
+
+@dataclass
+class LayerContext:
+    """Per-sequence inputs shared by every layer: attention mask and (MPNet) position bias."""
+
+    attention_mask: Any
+    position_bias: torch.Tensor | None = None
+
+
+class Backbone(nn.Module):
+    """A frozen Hugging Face encoder run layer by layer.
+
+    ``model`` is either a base encoder (``AutoModel``) or a masked-LM model, whose
+    MLM head then serves the verbalizer head. Every parameter is frozen and the
+    module stays in eval mode: the backbone computes exactly what it computes alone.
+    """
+
+    def __init__(self, model: nn.Module, name: str = "", tokenizer: Any = None) -> None:
+        super().__init__()
+        self.family = check_supported(model.config.model_type)
+        self.name = name
+        self.tokenizer = tokenizer
+        self.config = model.config
+        self.base = model.base_model
+        head = getattr(model, self.family.mlm_head_attr, None) if model is not self.base else None
+        self.mlm_head = head
+        self._electra_mlm_decoder = getattr(model, "generator_lm_head", None) if head is not None else None
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> Backbone:
+        # Frozen means frozen: no dropout in the backbone, whatever the caller asks.
+        return super().train(False)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.base.encoder.layer
+
+    def embed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``H_0``: the embedding output the first transformer layer receives."""
+        kwargs = {"input_ids": input_ids}
+        if token_type_ids is not None and self.config.model_type != "mpnet":
+            kwargs["token_type_ids"] = token_type_ids
+        hidden = self.base.embeddings(**kwargs)
+        project = getattr(self.base, "embeddings_project", None)  # ELECTRA-small style
+        return project(hidden) if project is not None else hidden
+
+    def layer_context(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> LayerContext:
+        """Attention inputs for sequences shaped like ``hidden`` with 2-D ``key_mask`` (1 = attend)."""
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=key_mask)
+        bias = None
+        if self.family.relative_position_bias:
+            # Relative positions: slots placed before the tokens leave the distances
+            # between real tokens unchanged.
+            bias = self.base.encoder.compute_position_bias(hidden)
+        return LayerContext(mask, bias)
+
+    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
+        """Apply transformer layer ``index`` to ``hidden`` (B, S, d)."""
+        layer = self.layers[index]
+        if self.family.relative_position_bias:
+            out = layer(hidden, context.attention_mask, context.position_bias)
+        else:
+            out = layer(hidden, context.attention_mask)
+        return out[0] if isinstance(out, tuple) else out
+
+    def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits of the frozen MLM head for hidden states ``(..., d)``."""
+        if self.mlm_head is None:
+            raise UserError(f"head.type: backbone {self.name!r} was loaded without an MLM head")
+        if self._electra_mlm_decoder is not None:
+            return self._electra_mlm_decoder(self.mlm_head(hidden))
+        return self.mlm_head(hidden)
+
+
+def load_backbone(name: str, with_mlm_head: bool = False, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a frozen backbone from a local directory, a packaged alias or a hub id.
+
+    ``with_mlm_head`` loads the masked-LM model and refuses a checkpoint whose MLM head
+    weights are missing (they would be random, and a verbalizer on them meaningless).
+    """
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars report progress; keep the console readable
+    source = resolve_model_source(name)
+    try:
+        config = AutoConfig.from_pretrained(source)
+    except (OSError, ValueError) as exc:
+        raise UserError(
+            f"model.backbone: cannot load {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
+            "Give a local model directory, an alias (minilm-l6, mpnet-base), or a hub id this machine can reach."
+        ) from None
+    check_supported(config.model_type)
+    loader = AutoModelForMaskedLM if with_mlm_head else AutoModel
+    # transformers prints load reports (unused pooler/MLM weights) to stdout: keep them in the log.
+    captured = io.StringIO()
+    with contextlib.redirect_stdout(captured):
+        model, info = loader.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    if captured.getvalue().strip():
+        logger.debug("loading %s: %s", name, captured.getvalue().strip())
+    if with_mlm_head:
+        family = FAMILIES[config.model_type]
+        missing = [k for k in info.get("missing_keys", []) if k.startswith(family.mlm_head_attr)]
+        if missing:
+            raise UserError(
+                f"head.type: 'mlm' needs a trained MLM head, but {name!r} has none "
+                f"({len(missing)} head weights missing, e.g. {missing[0]}). Use head.type: classifier."
+            )
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return Backbone(model, name=name, tokenizer=tokenizer)

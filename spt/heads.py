@@ -1,0 +1,81 @@
+"""Heads: what turns the encoder's final states into label scores.
+
+Each head exposes ``representation`` (the vector ``h`` that the consistency loss
+compares) and ``forward(h) -> logits``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .backbone import Backbone
+from .config import HeadConfig
+from .errors import ConfigError
+
+
+class ClassifierHead(nn.Module):
+    """Dropout + linear layer on the first real token (``cls``) or the mean of real tokens."""
+
+    def __init__(self, hidden_size: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
+        super().__init__()
+        self.pooling = pooling
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(hidden_size, num_labels)
+
+    def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """``states``: (B, T, d) final states of the real-token positions."""
+        if self.pooling == "mean":
+            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
+            return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        # The first position is the first token whatever the padding side, because
+        # inputs are always right-padded (see search.data).
+        return states[:, 0]
+
+    def forward(self, representation: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.dropout(representation))
+
+
+class MLMVerbalizerHead(nn.Module):
+    """The backbone's frozen MLM head scored on one label word per class at the mask token."""
+
+    def __init__(self, backbone: Backbone, label_word_ids: list[int]) -> None:
+        super().__init__()
+        # A plain attribute, not a submodule: the backbone belongs to the prompt model.
+        object.__setattr__(self, "_backbone", backbone)
+        self.register_buffer("label_word_ids", torch.tensor(label_word_ids, dtype=torch.long), persistent=False)
+
+    def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = torch.arange(states.shape[0], device=states.device)
+        return states[rows, batch["mask_positions"]]
+
+    def forward(self, representation: torch.Tensor) -> torch.Tensor:
+        return self._backbone.mlm_logits(representation)[:, self.label_word_ids]
+
+
+def label_word_ids(tokenizer, label_words: dict[str, str], labels: list[str]) -> list[int]:
+    """Token id of each label's word; every word must be a single token."""
+    ids = []
+    for label in labels:
+        word = label_words[label]
+        # Byte-level BPE vocabularies (RoBERTa) hold mid-sentence words with a leading space.
+        pieces = tokenizer.encode(" " + word, add_special_tokens=False)
+        if len(pieces) != 1:
+            pieces = tokenizer.encode(word, add_special_tokens=False)
+        if len(pieces) != 1:
+            raise ConfigError(
+                f"head.label_words.{label}",
+                f"{word!r} is {len(pieces)} tokens for this tokenizer; choose a word that is one token",
+            )
+        ids.append(pieces[0])
+    return ids
+
+
+def build_head(backbone: Backbone, config: HeadConfig, labels: list[str]) -> nn.Module:
+    """The head described by ``config`` for ``labels``."""
+    config.validate(labels)
+    if config.type == "mlm":
+        if backbone.mlm_head is None:
+            raise ConfigError("head.type", f"'mlm' needs the backbone loaded with its MLM head ({backbone.name!r} was not)")
+        return MLMVerbalizerHead(backbone, label_word_ids(backbone.tokenizer, config.label_words, labels))
+    return ClassifierHead(backbone.hidden_size, len(labels), config.pooling, config.dropout)

@@ -1,0 +1,128 @@
+"""Save and load prompt models: a JSON config plus safetensors weights, no pickle.
+
+A saved model directory holds ``prompt_config.json`` (what to rebuild) and
+``prompt_weights.safetensors`` (only the trainable tensors: generators, gates, head).
+The frozen backbone is referenced by name and loaded from its own files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .backbone import Backbone, load_backbone
+from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
+from .errors import UserError
+from .heads import build_head
+from .model import PromptModel, PromptSupernet, SparsePromptModel
+
+FORMAT = "spt-prompt-model"
+VERSION = 1
+CONFIG_FILE = "prompt_config.json"
+WEIGHTS_FILE = "prompt_weights.safetensors"
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON through a temporary file so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing or corrupt file is a :class:`UserError`."""
+    if not path.is_file():
+        raise UserError(f"{what}: {path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{what}: {path} is corrupt or not a safetensors file ({exc})") from None
+
+
+def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
+    """Write ``model``'s config and trainable weights to ``directory``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = {
+        "format": FORMAT,
+        "version": VERSION,
+        "kind": "supernet" if isinstance(model, PromptSupernet) else "sparse",
+        "backbone": model.backbone.name,
+        "model_type": model.backbone.config.model_type,
+        "num_layers": model.backbone.num_layers,
+        "hidden_size": model.backbone.hidden_size,
+        "layers": model.layers,
+        "labels": model.labels,
+        "prompt": to_dict(model.prompt_config),
+        "head": to_dict(model.head_config),
+        "trainable_params": model.num_trainable_parameters(),
+    }
+    save_tensors_atomic(model.trainable_state_dict(), directory / WEIGHTS_FILE, {"format": FORMAT})
+    write_json_atomic(directory / CONFIG_FILE, config)
+    return directory
+
+
+def read_model_config(directory: Path) -> dict[str, Any]:
+    path = directory / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"model: {path} does not exist; is {directory} a saved prompt model?") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"model: {path} is not valid JSON ({exc})") from None
+    if config.get("format") != FORMAT:
+        raise UserError(f"model: {path} has format {config.get('format')!r}, expected {FORMAT!r}")
+    if config.get("version") != VERSION:
+        raise UserError(f"model: {path} has version {config.get('version')!r}; this spt-search reads version {VERSION}")
+    return config
+
+
+def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | None = None) -> PromptModel:
+    """Rebuild a saved supernet or sparse model (loading its backbone unless given)."""
+    directory = Path(directory)
+    config = read_model_config(directory)
+    prompt = config_from_dict(PromptConfig, config["prompt"], "prompt")
+    head_config = config_from_dict(HeadConfig, config["head"], "head")
+    if backbone is None:
+        backbone = load_backbone(config["backbone"], with_mlm_head=head_config.type == "mlm")
+    if backbone.num_layers != config["num_layers"] or backbone.config.model_type != config["model_type"]:
+        raise UserError(
+            f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "
+            f"({config['backbone']!r}), not this {backbone.num_layers}-layer {backbone.config.model_type}"
+        )
+    head = build_head(backbone, head_config, config["labels"])
+    if config["kind"] == "supernet":
+        model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"])
+    else:
+        model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"])
+    load_trainable_state(model, load_tensors(directory / WEIGHTS_FILE, "model weights"), str(directory / WEIGHTS_FILE))
+    return model
+
+
+def load_trainable_state(model: PromptModel, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Load trainable tensors, refusing missing, unexpected or misshapen ones."""
+    expected = model.trainable_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise UserError(
+            f"checkpoint: {source} does not match the model "
+            f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''})"
+        )
+    for name, tensor in tensors.items():
+        if tensor.shape != expected[name].shape:
+            raise UserError(f"checkpoint: {source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+    model.load_state_dict(tensors, strict=False)

