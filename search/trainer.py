@@ -12,6 +12,7 @@ uninterrupted run takes.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -82,11 +83,18 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def _only_train(self, params: list[nn.Parameter]) -> None:
+    @contextlib.contextmanager
+    def _only_train(self, params: list[nn.Parameter]) -> Iterator[None]:
         """Let autograd compute weight gradients only for ``params`` (inputs still get theirs)."""
         chosen = {id(p) for p in params}
-        for p in self.omega_params + self.arch_params:
-            p.requires_grad_(id(p) in chosen)
+        others = [p for p in self.omega_params + self.arch_params if id(p) not in chosen]
+        for p in others:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in others:
+                p.requires_grad_(True)
 
     def _clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
         norm = 0.0
@@ -100,7 +108,12 @@ class Trainer:
         """One generator/head update; the supernet's with the consistency loss."""
         torch.manual_seed(step_seed(self.seed, step, stream=1))
         self.model.train()
-        self._only_train(self.omega_params)
+        with self._only_train(self.omega_params):
+            stats = self._omega_loss(batch, step)
+        self._clip_and_step(self.omega_opt, self.omega_params)
+        return stats
+
+    def _omega_loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         labels = batch["labels"]
         beta = self.settings.consistency_weight
         if self.is_supernet and beta > 0:
@@ -115,16 +128,15 @@ class Trainer:
             consistency = torch.zeros(())
             loss = task_loss
         loss.backward()
-        self._clip_and_step(self.omega_opt, self.omega_params)
         return {"loss": loss.item(), "task_loss": task_loss.item(), "consistency": consistency.item()}
 
     def arch_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
         """One gate-logit update on a D2 batch, generators and head fixed."""
         torch.manual_seed(step_seed(self.seed, step, stream=3))
         self.model.train()
-        self._only_train(self.arch_params)
-        loss = nn.functional.cross_entropy(self.model(batch).logits, batch["labels"])
-        loss.backward()
+        with self._only_train(self.arch_params):
+            loss = nn.functional.cross_entropy(self.model(batch).logits, batch["labels"])
+            loss.backward()
         self._clip_and_step(self.arch_opt, self.arch_params)
         return {"arch_loss": loss.item()}
 

@@ -151,18 +151,20 @@ class PromptModel(nn.Module):
         self.backbone.train(False)
         return self
 
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """Generators, gates and head: every parameter outside the frozen backbone."""
+        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trainable tensors (generators, gates, head): what gets saved."""
-        names = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {n: t.detach() for n, t in self.state_dict().items() if n in names}
+        """Only the trainable tensors: what gets saved."""
+        return {n: p.detach() for n, p in self.trainable_parameters().items()}
 
     def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self.trainable_parameters().values())
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """``omega``: generator and head parameters."""
-        params = list(self.generators.parameters()) + list(self.head.parameters())
-        return [p for p in params if p.requires_grad]
+        return list(self.generators.parameters()) + list(self.head.parameters())
 
 
 class PromptSupernet(PromptModel):
