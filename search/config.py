@@ -58,7 +58,9 @@ class TaskConfig:
         positive_label: the positive class for ``f1``.
         max_train, max_dev, max_test: keep at most this many examples (seeded sample).
         dev_fraction: share of train held out as dev when ``dev`` is null.
-        hf: ``{path: ..., name: ..., splits: {train: ..., dev: ..., test: ...}}`` for ``format: hf``.
+        hf: for ``format: hf``: ``{path: glue, name: sst2, splits: {train: train, dev: validation,
+            test: validation}}`` - a hub dataset, or a builder such as ``json``/``csv`` with
+            ``data_files: {train: ..., validation: ...}``.
     """
 
     name: str = "task"

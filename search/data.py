@@ -114,8 +114,9 @@ def _records_hf(task: TaskConfig, split: str, seed: int) -> Iterator[tuple[str, 
         raise UserError("task.format: 'hf' needs the datasets package: pip install datasets") from None
     hf = task.hf or {}
     split_name = (hf.get("splits") or {}).get(split, {"dev": "validation"}.get(split, split))
+    kwargs = {"data_files": hf["data_files"]} if hf.get("data_files") else {}
     try:
-        dataset = datasets.load_dataset(hf["path"], hf.get("name"), split=split_name)
+        dataset = datasets.load_dataset(hf["path"], hf.get("name"), split=split_name, **kwargs)
     except Exception as exc:  # the datasets library raises many types for a missing hub
         raise UserError(f"task.hf: cannot load {hf['path']}/{hf.get('name')} split {split_name!r} ({exc})") from None
     for index, record in enumerate(dataset):

@@ -123,3 +123,15 @@ def test_every_shipped_config_reads_its_data():
         data = load_task(config.task, config.seed)
         assert min(data.sizes().values()) > 0, path
         assert {e.label for e in data.train} == set(range(len(config.task.labels))), path
+
+
+def test_hugging_face_datasets_path_with_local_files(tmp_path):
+    pytest.importorskip("datasets")
+    for split, rows in {"train": [("good", 1), ("bad", 0)], "validation": [("fine", 1)]}.items():
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps({"sentence": t, "label": y}) + "\n" for t, y in rows))
+    hf = {"path": "json", "data_files": {"train": str(tmp_path / "train.jsonl"), "validation": str(tmp_path / "validation.jsonl")},
+          "splits": {"train": "train", "dev": "validation", "test": "validation"}}
+    task = TaskConfig(name="t", format="hf", hf=hf, labels=["0", "1"], text_a="sentence")
+    data = load_task(task, seed=0)
+    assert [(e.text_a, e.label) for e in data.train] == [("good", 1), ("bad", 0)]
+    assert [(e.text_a, e.label) for e in data.test] == [("fine", 1)]
