@@ -28,7 +28,7 @@ def median_seconds(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def parameter_table(backbone_names: list[str], k: int, length: int, bottleneck: int, labels: int) -> list[str]:
-    lines = ["| backbone | layers | d | PHM n | supernet params | K=%d sparse params | sparse / supernet |" % k, "|---|---|---|---|---|---|---|"]
+    lines = [f"| backbone | layers | d | PHM n | supernet params | K={k} sparse params | sparse / supernet |", "|---|---|---|---|---|---|---|"]
     names = [str(i) for i in range(labels)]
     for name in backbone_names:
         backbone = load_backbone(name)
