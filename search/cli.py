@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--mask", required=True, help="layer_mask.json from spt search / spt select")
 
+    p = sub.add_parser("compare", help="SPT against baselines on the same data and budget: table + plot")
+    _add_config_args(p)
+    p.add_argument("--strategies", nargs="+", metavar="NAME",
+                   help="strategies to compare (default: compare.strategies); see docs for the list")
+    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: compare.seeds)")
+    p.add_argument("--k", type=int, help="number of prompt layers (default: select.k)")
+
     p = sub.add_parser("plot", help="layer-importance heatmap or gate trajectories of one or more runs")
     p.add_argument("run_dirs", nargs="+", help="search or run directories")
     p.add_argument("--kind", choices=["heatmap", "trajectory"], default="heatmap")
@@ -185,6 +192,26 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .compare import run_compare
+    from .config import load_config
+    from .runs import setup_logging
+
+    extra = list(args.set)
+    if args.strategies:
+        extra.append("compare.strategies=[" + ", ".join(args.strategies) + "]")
+    if args.seeds:
+        extra.append("compare.seeds=[" + ", ".join(map(str, args.seeds)) + "]")
+    if args.k is not None:
+        extra += [f"select.k={args.k}", "select.budget=null"]
+    config = load_config(args.config, extra)
+    setup_logging(None, verbose=not args.quiet)
+    run, table = run_compare(config, args.out, force=args.force, progress=config.runtime.progress and not args.quiet)
+    print(table)
+    print(f"wrote {run.file('compare.csv')}, {run.file('compare.md')} and {run.file('compare.png')}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from analysis import plot
 
@@ -222,6 +249,7 @@ COMMANDS = {
     "search": cmd_search,
     "select": cmd_select,
     "retrain": cmd_retrain,
+    "compare": cmd_compare,
     "plot": cmd_plot,
     "models": cmd_models,
 }

@@ -158,6 +158,40 @@ class RetrainConfig:
 
 
 @dataclass
+class CompareConfig:
+    """Baselines and black-box searches run by ``spt compare`` and the quality benchmark.
+
+    Attributes:
+        strategies: strategies compared when ``--strategies`` is not given.
+        seeds: seeds when ``--seeds`` is not given.
+        random_draws: masks drawn per seed by ``random``.
+        exhaustive_limit: ``exhaustive`` refuses more K-subsets than this.
+        trial_epochs: epochs of the short sparse training that scores one subset for
+            ``exhaustive`` and ``optuna`` (null: ``retrain.epochs``).
+        optuna_trials: trials of the ``optuna`` strategy.
+        optuna_sampler: ``tpe``, ``random``, ``cmaes``, ``gp`` or ``qmc``.
+        optuna_pruner: ``median`` (prune trials below the running median) or ``none``.
+        peft_lr: learning rate of the PEFT baselines.
+        finetune_lr: learning rate of full fine-tuning.
+        lora_r: LoRA rank (null: matched to the sparse SPT model's generator parameters).
+        ptuning_hidden: P-tuning prompt-encoder width (null: matched likewise).
+    """
+
+    strategies: list[str] = field(default_factory=lambda: ["spt", "first", "all", "middle", "random"])
+    seeds: list[int] = field(default_factory=lambda: [42])
+    random_draws: int = 3
+    exhaustive_limit: int = 64
+    trial_epochs: int | None = None
+    optuna_trials: int = 10
+    optuna_sampler: str = "tpe"
+    optuna_pruner: str = "median"
+    peft_lr: float = 3e-3
+    finetune_lr: float = 2e-5
+    lora_r: int | None = None
+    ptuning_hidden: int | None = None
+
+
+@dataclass
 class RuntimeConfig:
     """Where and how to run (not part of a run's identity).
 
@@ -184,16 +218,15 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The fields that decide a run's result (runtime settings left out)."""
-        data = self.to_dict()
-        data.pop("runtime")
-        return data
+        """The fields that decide a run's result (see :func:`run_identity`)."""
+        return run_identity(self.to_dict())
 
     def validate(self) -> None:
         task = self.task
@@ -254,6 +287,14 @@ class RunConfig:
         _positive("retrain.batch_size", r.batch_size)
         if r.eval_every < 0:
             raise ConfigError("retrain.eval_every", f"must be >= 0, got {r.eval_every}")
+        c = self.compare
+        _positive("compare.random_draws", c.random_draws)
+        _positive("compare.exhaustive_limit", c.exhaustive_limit)
+        _positive("compare.optuna_trials", c.optuna_trials)
+        if c.trial_epochs is not None:
+            _positive("compare.trial_epochs", c.trial_epochs)
+        if c.optuna_pruner not in ("median", "none"):
+            raise ConfigError("compare.optuna_pruner", f"must be median or none, got {c.optuna_pruner!r}")
         self.prompt.validate()
         self.head.validate(task.labels)
 
@@ -279,6 +320,14 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(name, f"must be a positive integer, got {value!r}")
 
 
+NOT_IDENTITY = ("runtime", "compare")
+
+
+def run_identity(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the sections that do not change a search/retrain result."""
+    return {k: v for k, v in data.items() if k not in NOT_IDENTITY}
+
+
 SECTIONS = {
     "model": ModelConfig,
     "prompt": PromptConfig,
@@ -287,6 +336,7 @@ SECTIONS = {
     "search": SearchConfig,
     "select": SelectConfig,
     "retrain": RetrainConfig,
+    "compare": CompareConfig,
     "runtime": RuntimeConfig,
 }
 

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,7 +27,7 @@ from spt.serialization import load_prompt_model, save_prompt_model
 
 from .batches import EncodedSplit, collate, encode_split
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from .config import RunConfig
+from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
 from .runs import RunDir
 from .selection import (
@@ -278,11 +279,57 @@ class RetrainResult:
     best_step: int
 
 
+def train_and_evaluate(
+    prep: Prepared,
+    model: torch.nn.Module,
+    settings: RetrainConfig,
+    *,
+    progress: bool = True,
+    desc: str = "retrain",
+    evaluate_test: bool = True,
+    on_eval: Callable[[int, float], None] | None = None,
+) -> RetrainResult:
+    """Train ``model`` (a sparse prompt model or a baseline with the same interface) on all
+    of train, evaluate on dev as set by ``settings``, keep the dev-best weights, score test.
+
+    ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in here).
+    """
+    config, r = prep.config, settings
+    optim = OptimSettings(lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
+    trainer = Trainer(model, optim, config.seed, prep.device)
+    n_train = len(prep.train)
+    total = steps_per_epoch(n_train, r.batch_size) * r.epochs
+    metric = config.task.metric
+    best: dict[str, Any] = {"score": None, "state": None, "step": 0, "dev": None}
+    started = time.perf_counter()
+    bar = _progress(total, 0, desc, progress)
+    step_no, smooth, dev_score = 0, None, float("nan")
+    for step in iterate_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, TrainState()):
+        stats = trainer.omega_step(collate(prep.train, step.omega, prep.device), step_no)
+        step_no += 1
+        if (r.eval_every and step_no % r.eval_every == 0) or (not r.eval_every and step.last) or step_no == total:
+            dev = prep.evaluate(trainer, prep.dev)
+            dev_score = dev[metric]
+            if best["score"] is None or dev_score > best["score"]:
+                state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+                best.update(score=dev_score, step=step_no, dev=dev, state=state)
+            if on_eval is not None:
+                on_eval(step_no, dev_score)
+        smooth = stats["loss"] if smooth is None else 0.9 * smooth + 0.1 * stats["loss"]
+        bar.set_postfix_str(f"ep {step.epoch + 1}/{r.epochs} loss {smooth:.3f} dev {metric} {dev_score:.4f}")
+        bar.update(1)
+    bar.close()
+    model.load_state_dict(best["state"], strict=False)
+    test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
+    seconds = time.perf_counter() - started
+    return RetrainResult(best["dev"], test, model.num_trainable_parameters(), seconds, step_no, best["step"])
+
+
 def run_retrain(
     prep: Prepared, mask: LayerMask, run: RunDir, progress: bool = True, supernet_dir: Path | None = None
 ) -> RetrainResult:
     """Train the sparse model of ``mask`` on all of train; keep the best dev weights."""
-    config, r = prep.config, prep.config.retrain
+    r = prep.config.retrain
     model = build_sparse(prep, mask.selected_layers)
     if r.init_from_supernet:
         source = supernet_dir or run.file("supernet")
@@ -290,42 +337,14 @@ def run_retrain(
         if not isinstance(supernet, PromptSupernet):
             raise UserError(f"retrain.init_from_supernet: {source} holds no supernet")
         model.load_generators_from(supernet)
-    settings = OptimSettings(lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
-    trainer = Trainer(model, settings, config.seed, prep.device)
-    n_train = len(prep.train)
-    per_epoch = steps_per_epoch(n_train, r.batch_size)
-    total = per_epoch * r.epochs
-    metric = config.task.metric
-    best: dict[str, Any] = {"score": None, "state": None, "step": 0, "dev": None}
-
-    def consider(step: int) -> dict[str, float]:
-        dev = prep.evaluate(trainer, prep.dev)
-        if best["score"] is None or dev[metric] > best["score"]:
-            best.update(score=dev[metric], step=step, dev=dev,
-                        state={k: v.detach().clone() for k, v in model.trainable_state_dict().items()})
-        return dev
-
     logger.info(
         "retrain: layers %s of %s, %d trainable parameters, %d steps",
-        mask.selected_layers, prep.backbone.name, model.num_trainable_parameters(), total,
+        mask.selected_layers, prep.backbone.name, model.num_trainable_parameters(),
+        steps_per_epoch(len(prep.train), r.batch_size) * r.epochs,
     )
-    started = time.perf_counter()
-    bar = _progress(total, 0, "retrain", progress)
-    step_no, smooth, dev_score = 0, None, float("nan")
-    for step in iterate_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, TrainState()):
-        stats = trainer.omega_step(collate(prep.train, step.omega, prep.device), step_no)
-        step_no += 1
-        if (r.eval_every and step_no % r.eval_every == 0) or (not r.eval_every and step.last) or step_no == total:
-            dev_score = consider(step_no)[metric]
-        smooth = stats["loss"] if smooth is None else 0.9 * smooth + 0.1 * stats["loss"]
-        bar.set_postfix_str(f"ep {step.epoch + 1}/{r.epochs} loss {smooth:.3f} dev {metric} {dev_score:.4f}")
-        bar.update(1)
-    bar.close()
-    model.load_state_dict(best["state"], strict=False)
-    test = prep.evaluate(trainer, prep.test)
-    seconds = time.perf_counter() - started
+    result = train_and_evaluate(prep, model, r, progress=progress)
     save_prompt_model(model, run.file("sparse"))
-    return RetrainResult(best["dev"], test, model.num_trainable_parameters(), seconds, step_no, best["step"])
+    return result
 
 
 # ---------------------------------------------------------------------- reports

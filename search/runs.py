@@ -19,7 +19,7 @@ import yaml
 
 from spt.errors import UserError
 
-from .config import RunConfig, dump_config
+from .config import RunConfig, dump_config, run_identity
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
@@ -77,7 +77,8 @@ def default_run_path(task: str, root: Path = DEFAULT_ROOT) -> Path:
 
 
 def open_run_dir(
-    out: str | Path | None, config: RunConfig, stages: Iterable[str], force: bool = False, create: bool = True
+    out: str | Path | None, config: RunConfig, stages: Iterable[str], force: bool = False, create: bool = True,
+    with_compare: bool = False,
 ) -> RunDir:
     """The run directory for a job made of ``stages``: new, or reopened to resume.
 
@@ -100,8 +101,11 @@ def open_run_dir(
         if force:
             run.clear = True
         else:
-            recorded_identity = {k: v for k, v in recorded.items() if k != "runtime"}
-            diff = _first_difference(recorded_identity, config.identity())
+            if with_compare:  # a comparison's result depends on its strategies and seeds too
+                diff = _first_difference({k: v for k, v in recorded.items() if k != "runtime"},
+                                         {k: v for k, v in config.to_dict().items() if k != "runtime"})
+            else:
+                diff = _first_difference(run_identity(recorded), config.identity())
             if diff is not None:
                 raise UserError(
                     f"--out: {path} holds a run with a different config ({diff} differs); "

@@ -32,6 +32,8 @@ class _Family:
 
     mlm_head_attr: str  # attribute of the *ForMaskedLM model holding the MLM head
     relative_position_bias: bool = False  # MPNet: bias computed once per sequence length
+    attention_projections: tuple[str, str] = ("query", "value")  # LoRA targets (PEFT baselines)
+    peft_prefix: bool = True  # PEFT prefix tuning works with this family's attention
 
 
 FAMILIES: dict[str, _Family] = {
@@ -40,7 +42,9 @@ FAMILIES: dict[str, _Family] = {
     "xlm-roberta": _Family("lm_head"),
     "camembert": _Family("lm_head"),
     "electra": _Family("generator_predictions"),
-    "mpnet": _Family("lm_head", relative_position_bias=True),
+    # MPNet's attention adds its relative position bias, sized for the sequence alone, to
+    # scores that PEFT's prefix keys lengthen: PEFT prefix tuning cannot run on it.
+    "mpnet": _Family("lm_head", relative_position_bias=True, attention_projections=("q", "v"), peft_prefix=False),
 }
 
 
@@ -141,11 +145,12 @@ class Backbone(nn.Module):
         return self.mlm_head(hidden)
 
 
-def load_backbone(name: str, with_mlm_head: bool = False, dtype: torch.dtype = torch.float32) -> Backbone:
-    """Load a frozen backbone from a local directory, a packaged alias or a hub id.
+def load_hf_model(name: str, with_mlm_head: bool = False, dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Any]:
+    """A fresh Hugging Face model (base encoder or masked LM) and its tokenizer.
 
-    ``with_mlm_head`` loads the masked-LM model and refuses a checkpoint whose MLM head
-    weights are missing (they would be random, and a verbalizer on them meaningless).
+    Refuses unsupported families before loading weights, and (``with_mlm_head``) a
+    checkpoint whose MLM head weights are missing: they would be random, and a
+    verbalizer on them meaningless.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -159,21 +164,30 @@ def load_backbone(name: str, with_mlm_head: bool = False, dtype: torch.dtype = t
             f"model.backbone: cannot load {name!r} ({exc.__class__.__name__}: {str(exc).splitlines()[0]}). "
             "Give a local model directory, an alias (minilm-l6, mpnet-base), or a hub id this machine can reach."
         ) from None
-    check_supported(config.model_type)
+    family = check_supported(config.model_type)
     loader = AutoModelForMaskedLM if with_mlm_head else AutoModel
     # transformers prints load reports (unused pooler/MLM weights) to stdout: keep them in the log.
     captured = io.StringIO()
-    with contextlib.redirect_stdout(captured):
-        model, info = loader.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with contextlib.redirect_stdout(captured):
+            model, info = loader.from_pretrained(source, dtype=dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     if captured.getvalue().strip():
         logger.debug("loading %s: %s", name, captured.getvalue().strip())
     if with_mlm_head:
-        family = FAMILIES[config.model_type]
         missing = [k for k in info.get("missing_keys", []) if k.startswith(family.mlm_head_attr)]
         if missing:
             raise UserError(
                 f"head.type: 'mlm' needs a trained MLM head, but {name!r} has none "
                 f"({len(missing)} head weights missing, e.g. {missing[0]}). Use head.type: classifier."
             )
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    return model, AutoTokenizer.from_pretrained(source)
+
+
+def load_backbone(name: str, with_mlm_head: bool = False, dtype: torch.dtype = torch.float32) -> Backbone:
+    """Load a frozen backbone from a local directory, a packaged alias or a hub id."""
+    model, tokenizer = load_hf_model(name, with_mlm_head, dtype)
     return Backbone(model, name=name, tokenizer=tokenizer)

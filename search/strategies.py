@@ -1,0 +1,331 @@
+"""Search strategies behind one interface.
+
+A *mask strategy* proposes layer masks (and says what compute it spent finding them);
+the sparse model of each mask is then trained by the shared trainer. A *model strategy*
+(the PEFT methods, full fine-tuning) builds a model that the same trainer trains.
+
+| name | what it does |
+| --- | --- |
+| ``spt`` | the SPT-DARTS supernet search, top-K by gate |
+| ``first`` | a prompt at layer 0 only (prompt tuning) |
+| ``all`` | a prompt at every layer (P-tuning v2 style deep prompts) |
+| ``middle`` | one middle layer (LPT style) |
+| ``random`` | K layers drawn at random, ``compare.random_draws`` draws |
+| ``exhaustive`` | every K-subset trained briefly and scored on dev (the oracle) |
+| ``optuna`` | Optuna (TPE or another sampler) over K-subsets, weak trials pruned |
+| ``peft-prompt``, ``peft-prefix``, ``peft-ptuning``, ``peft-lora`` | Hugging Face PEFT methods |
+| ``finetune`` | every weight trained (the upper reference) |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spt.backbone import FAMILIES
+from spt.errors import UserError
+
+from .baselines import PEFT_METHODS, build_baseline
+from .config import RetrainConfig
+from .pipeline import Prepared, build_sparse, run_search, select_from_run, train_and_evaluate
+from .runs import RunDir
+from .selection import LayerMask, generator_parameters, select_layers
+from .trainer import steps_per_epoch
+
+logger = logging.getLogger("spt")
+
+
+@dataclass
+class Compute:
+    """What finding a mask cost: optimizer steps (generator and gate steps alike) and wall time."""
+
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add(self, steps: int, seconds: float) -> None:
+        self.steps += steps
+        self.seconds += seconds
+
+
+@dataclass
+class Proposal:
+    """A layer mask proposed by a strategy, its search compute, and strategy-specific details."""
+
+    mask: LayerMask
+    compute: Compute
+    label: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Context:
+    """What a strategy may use besides the prepared task."""
+
+    k: int
+    workdir: Path
+    progress: bool = False
+    score_test: bool = False  # exhaustive/optuna: also score test for each trial (the benchmark's oracle)
+
+
+def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None) -> LayerMask:
+    """A layer mask over the config's candidate layers holding exactly ``layers``."""
+    config, backbone = prep.config, prep.backbone
+    candidates = config.prompt.candidates(backbone.num_layers)
+    if scores is None:
+        scores = [1.0 if c in layers else 0.0 for c in candidates]
+    return select_layers(
+        backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates, scores=scores,
+        k=len(layers), budget=None,
+        per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
+        head_params=backbone.hidden_size * len(prep.data.labels) + len(prep.data.labels),
+        prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
+    )
+
+
+def trial_settings(prep: Prepared) -> RetrainConfig:
+    """The short sparse training that scores one subset (exhaustive, optuna)."""
+    epochs = prep.config.compare.trial_epochs or prep.config.retrain.epochs
+    return dataclasses.replace(prep.config.retrain, epochs=epochs)
+
+
+def score_subset(prep: Prepared, layers: list[int], ctx: Context, on_eval: Callable[[int, float], None] | None = None) -> dict[str, Any]:
+    """Train the sparse model of ``layers`` briefly; its dev (and optionally test) score."""
+    result = train_and_evaluate(prep, build_sparse(prep, layers), trial_settings(prep), progress=False,
+                                evaluate_test=ctx.score_test, on_eval=on_eval)
+    metric = prep.config.task.metric
+    return {"layers": layers, "dev": result.dev[metric], "test": result.test.get(metric), "steps": result.steps,
+            "seconds": result.seconds}
+
+
+class Strategy:
+    """Base class: ``propose`` for mask strategies, ``build_model`` for model strategies."""
+
+    name = ""
+    produces_mask = True
+
+    def check(self, prep: Prepared, ctx: Context) -> None:
+        """Refuse, before any work starts, a setting this strategy cannot run."""
+
+    def labels(self, prep: Prepared) -> list[str]:
+        """The labels of the results this strategy produces per seed (``random``: one per draw)."""
+        return [""]
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        raise NotImplementedError
+
+    def build_model(self, prep: Prepared, ctx: Context):
+        raise NotImplementedError
+
+    def train_settings(self, prep: Prepared) -> RetrainConfig:
+        return prep.config.retrain
+
+
+class SptStrategy(Strategy):
+    name = "spt"
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        run = RunDir(ctx.workdir / f"spt-seed{prep.config.seed}")
+        run.path.mkdir(parents=True, exist_ok=True)
+        result = run_search(prep, run, progress=ctx.progress)
+        mask = select_from_run(run, prep.config, k=ctx.k, backbone=prep.backbone)
+        # A search step is a generator step plus, after the warm-up epochs, a gate step.
+        s = prep.config.search
+        arch_steps = max(0, result.steps - s.warmup_epochs * steps_per_epoch(len(prep.train), s.batch_size))
+        return [Proposal(mask, Compute(result.steps + arch_steps, result.seconds), details={"alphas": result.alphas})]
+
+
+class FixedStrategy(Strategy):
+    """A hand-picked layer set: ``first``, ``all`` or ``middle``."""
+
+    def __init__(self, name: str, pick: Callable[[list[int], int], list[int]]) -> None:
+        self.name = name
+        self._pick = pick
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+        return [Proposal(_mask(prep, self._pick(candidates, prep.backbone.num_layers)), Compute())]
+
+
+class RandomStrategy(Strategy):
+    name = "random"
+
+    def labels(self, prep: Prepared) -> list[str]:
+        return [f"draw{d}" for d in range(prep.config.compare.random_draws)]
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+        proposals = []
+        for draw in range(prep.config.compare.random_draws):
+            rng = random.Random(prep.config.seed * 1_000 + draw)
+            proposals.append(Proposal(_mask(prep, sorted(rng.sample(candidates, ctx.k))), Compute(), label=self.labels(prep)[draw]))
+        return proposals
+
+
+class ExhaustiveStrategy(Strategy):
+    name = "exhaustive"
+
+    def check(self, prep: Prepared, ctx: Context) -> None:
+        candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+        count = math.comb(len(candidates), ctx.k)
+        limit = prep.config.compare.exhaustive_limit
+        if count > limit:
+            raise UserError(
+                f"strategy exhaustive: {count} subsets of {ctx.k} among {len(candidates)} layers exceed "
+                f"compare.exhaustive_limit={limit}; raise it with --set compare.exhaustive_limit={count}"
+            )
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        self.check(prep, ctx)
+        candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+        count = math.comb(len(candidates), ctx.k)
+        compute, trials = Compute(), []
+        for number, subset in enumerate(itertools.combinations(candidates, ctx.k), start=1):
+            trial = score_subset(prep, list(subset), ctx)
+            compute.add(trial["steps"], trial["seconds"])
+            trials.append(trial)
+            logger.info("exhaustive %d/%d: layers %s dev %.4f", number, count, list(subset), trial["dev"])
+        best = max(trials, key=lambda t: t["dev"])  # first (lowest layers) wins ties
+        scores = [max(t["dev"] for t in trials if c in t["layers"]) for c in candidates]
+        mask = _mask(prep, best["layers"])
+        mask.scores = [round(s, 6) for s in scores]
+        return [Proposal(mask, compute, details={"trials": trials})]
+
+
+def make_sampler(name: str, seed: int):
+    import optuna
+
+    samplers = {
+        "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+        "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
+        "gp": lambda: optuna.samplers.GPSampler(seed=seed),
+        "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
+    }
+    if name not in samplers:
+        raise UserError(f"compare.optuna_sampler: unknown sampler {name!r}; choose one of {', '.join(samplers)}")
+    return samplers[name]()
+
+
+class OptunaStrategy(Strategy):
+    """Black-box search over K-subsets: each trial scores one subset with a short training.
+
+    A trial suggests a weight per candidate layer and keeps the top-K: a relaxation every
+    sampler handles. Subsets already scored are answered from a cache, so no subset is
+    trained twice; intermediate dev scores feed the pruner.
+    """
+
+    name = "optuna"
+
+    def check(self, prep: Prepared, ctx: Context) -> None:
+        make_sampler(prep.config.compare.optuna_sampler, 0)
+
+    def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
+        import optuna
+
+        cfg = prep.config.compare
+        candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+        pruner = optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0) if cfg.optuna_pruner == "median" else optuna.pruners.NopPruner()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=make_sampler(cfg.optuna_sampler, prep.config.seed), pruner=pruner)
+        compute, scored, pruned = Compute(), {}, 0
+
+        def objective(trial: optuna.Trial) -> float:
+            nonlocal pruned
+            weights = [trial.suggest_float(f"layer_{c}", 0.0, 1.0) for c in candidates]
+            subset = tuple(sorted(c for _, c in sorted(zip(weights, candidates), key=lambda t: (-t[0], t[1]))[: ctx.k]))
+            trial.set_user_attr("layers", list(subset))
+            if subset in scored:
+                return scored[subset]["dev"]
+            started = time.perf_counter()
+            steps_done = {"n": 0}
+
+            def report(step: int, dev: float) -> None:
+                steps_done["n"] = step
+                trial.report(dev, step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+            try:
+                result = score_subset(prep, list(subset), ctx, on_eval=report)
+            except optuna.TrialPruned:
+                pruned += 1
+                compute.add(steps_done["n"], time.perf_counter() - started)
+                raise
+            compute.add(result["steps"], result["seconds"])
+            scored[subset] = result
+            return result["dev"]
+
+        study.optimize(objective, n_trials=cfg.optuna_trials)
+        if not scored:
+            raise UserError("strategy optuna: every trial was pruned; raise compare.optuna_trials or set compare.optuna_pruner: none")
+        best = max(scored.values(), key=lambda t: t["dev"])
+        mask = _mask(prep, best["layers"])
+        mask.scores = [round(max((t["dev"] for t in scored.values() if c in t["layers"]), default=0.0), 6) for c in candidates]
+        return [Proposal(mask, compute, details={"trials": list(scored.values()), "pruned": pruned})]
+
+
+class BaselineStrategy(Strategy):
+    """A PEFT method or full fine-tuning, trained like the sparse model."""
+
+    produces_mask = False
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def check(self, prep: Prepared, ctx: Context) -> None:
+        if prep.config.head.type != "classifier":
+            raise UserError(f"strategy {self.name}: baselines use the classifier head; set head.type: classifier")
+        if self.name == "peft-prefix" and not FAMILIES[prep.backbone.config.model_type].peft_prefix:
+            raise UserError(
+                f"strategy peft-prefix: PEFT prefix tuning cannot serve {prep.backbone.config.model_type} backbones "
+                f"({prep.backbone.name}): the attention's relative position bias does not cover prefix keys; "
+                "leave peft-prefix out for this backbone"
+            )
+        if self.name in PEFT_METHODS:
+            try:
+                import peft  # noqa: F401
+            except ImportError:
+                raise UserError(f"strategy {self.name}: needs the peft package: pip install 'spt-search[peft]'") from None
+
+    def build_model(self, prep: Prepared, ctx: Context):
+        config = prep.config
+        self.check(prep, ctx)
+        per_generator = generator_parameters(prep.backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
+        return build_baseline(
+            self.name, config.model.backbone, len(prep.data.labels), config.head.pooling, config.head.dropout,
+            config.prompt.length, target_params=ctx.k * per_generator,
+            lora_r=config.compare.lora_r, ptuning_hidden=config.compare.ptuning_hidden,
+        )
+
+    def train_settings(self, prep: Prepared) -> RetrainConfig:
+        lr = prep.config.compare.finetune_lr if self.name == "finetune" else prep.config.compare.peft_lr
+        return dataclasses.replace(prep.config.retrain, lr=lr)
+
+
+STRATEGIES: dict[str, Strategy] = {
+    s.name: s
+    for s in [
+        SptStrategy(),
+        FixedStrategy("first", lambda cands, L: [cands[0]]),
+        FixedStrategy("all", lambda cands, L: list(cands)),
+        FixedStrategy("middle", lambda cands, L: [min(cands, key=lambda c: (abs(c - L // 2), c))]),
+        RandomStrategy(),
+        ExhaustiveStrategy(),
+        OptunaStrategy(),
+        *[BaselineStrategy(name) for name in (*PEFT_METHODS, "finetune")],
+    ]
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    if name not in STRATEGIES:
+        raise UserError(f"--strategies: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+    return STRATEGIES[name]
