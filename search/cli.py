@@ -56,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: compare.seeds)")
     p.add_argument("--k", type=int, help="number of prompt layers (default: select.k)")
 
+    p = sub.add_parser("hpo", help="Optuna study over the search's hyperparameters; workers sharing --storage cooperate")
+    p.add_argument("config", help="YAML run config; its hpo section holds the search space")
+    p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
+    p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
+    p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, sqlite:///spt-hpo.db)")
+    p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
+    p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
+    p.add_argument("--export-best", metavar="FILE", help="write the best trial's config, runnable with spt run")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--force", action="store_true", help="overwrite the --export-best file")
+    p.add_argument("--quiet", action="store_true", help="only warnings and the final table")
+
     p = sub.add_parser("plot", help="layer-importance heatmap or gate trajectories of one or more runs")
     p.add_argument("run_dirs", nargs="+", help="search or run directories")
     p.add_argument("--kind", choices=["heatmap", "trajectory"], default="heatmap")
@@ -212,6 +224,27 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hpo(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .hpo import export_best, run_hpo, study_table
+    from .runs import setup_logging
+
+    if args.trials < 0:
+        raise UserError("--trials: must be 0 or more")
+    extra = list(args.set)
+    if args.storage:
+        extra.append(f"hpo.storage={args.storage}")
+    if args.study:
+        extra.append(f"hpo.study={args.study}")
+    config = load_config(args.config, extra)
+    setup_logging(None, verbose=not args.quiet)
+    study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out)
+    print(study_table(study))
+    if args.export_best:
+        print(f"wrote {export_best(config, study, args.export_best, force=args.force)}")
+    return 0
+
+
 def cmd_plot(args: argparse.Namespace) -> int:
     from analysis import plot
 
@@ -250,6 +283,7 @@ COMMANDS = {
     "select": cmd_select,
     "retrain": cmd_retrain,
     "compare": cmd_compare,
+    "hpo": cmd_hpo,
     "plot": cmd_plot,
     "models": cmd_models,
 }

@@ -191,6 +191,43 @@ class CompareConfig:
     ptuning_hidden: int | None = None
 
 
+def _default_space() -> dict[str, Any]:
+    return {
+        "search.lr": {"low": 3e-4, "high": 1e-2, "log": True},
+        "search.arch_lr": {"low": 5e-3, "high": 2e-1, "log": True},
+        "search.consistency_weight": {"low": 0.0, "high": 2.0},
+        "prompt.length": [5, 10, 20],
+        "prompt.bottleneck": [32, 64, 128],
+        "prompt.phm_n": [1, 2, 4],
+        "prompt.discard": [0, 1],
+        "select.k": [1, 2, 3, 4],
+    }
+
+
+@dataclass
+class HpoConfig:
+    """The Optuna study of ``spt hpo`` over the search's hyperparameters.
+
+    Attributes:
+        space: ``section.field`` -> a list of choices, or ``{low, high, log, step}`` for a
+            number (an int field gets an int). Each trial runs search, selection and
+            retraining with the suggested values; its objective is the retrained dev score.
+        sampler: ``tpe``, ``random``, ``cmaes``, ``gp`` or ``qmc``.
+        pruner: ``median`` (prune on the retraining's dev evaluations) or ``none``.
+        storage: an Optuna storage URL shared by the workers: ``sqlite:///file.db``,
+            ``postgresql://user@host/db``, or ``journal:/path/file.log`` (a journal file).
+        study: study name (null: ``<task>-<backbone>``).
+        out_dir: where trial run directories go (null: ``runs/hpo-<study>``).
+    """
+
+    space: dict[str, Any] = field(default_factory=_default_space)
+    sampler: str = "tpe"
+    pruner: str = "median"
+    storage: str = "sqlite:///spt-hpo.db"
+    study: str | None = None
+    out_dir: str | None = None
+
+
 @dataclass
 class RuntimeConfig:
     """Where and how to run (not part of a run's identity).
@@ -219,6 +256,7 @@ class RunConfig:
     select: SelectConfig = field(default_factory=SelectConfig)
     retrain: RetrainConfig = field(default_factory=RetrainConfig)
     compare: CompareConfig = field(default_factory=CompareConfig)
+    hpo: HpoConfig = field(default_factory=HpoConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -320,7 +358,7 @@ def _positive(name: str, value: int) -> None:
         raise ConfigError(name, f"must be a positive integer, got {value!r}")
 
 
-NOT_IDENTITY = ("runtime", "compare")
+NOT_IDENTITY = ("runtime", "compare", "hpo")
 
 
 def run_identity(data: dict[str, Any]) -> dict[str, Any]:
@@ -337,6 +375,7 @@ SECTIONS = {
     "select": SelectConfig,
     "retrain": RetrainConfig,
     "compare": CompareConfig,
+    "hpo": HpoConfig,
     "runtime": RuntimeConfig,
 }
 
@@ -365,7 +404,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "hf":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in ("hf", "space"):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value

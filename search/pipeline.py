@@ -326,7 +326,8 @@ def train_and_evaluate(
 
 
 def run_retrain(
-    prep: Prepared, mask: LayerMask, run: RunDir, progress: bool = True, supernet_dir: Path | None = None
+    prep: Prepared, mask: LayerMask, run: RunDir, progress: bool = True, supernet_dir: Path | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> RetrainResult:
     """Train the sparse model of ``mask`` on all of train; keep the best dev weights."""
     r = prep.config.retrain
@@ -342,7 +343,7 @@ def run_retrain(
         mask.selected_layers, prep.backbone.name, model.num_trainable_parameters(),
         steps_per_epoch(len(prep.train), r.batch_size) * r.epochs,
     )
-    result = train_and_evaluate(prep, model, r, progress=progress)
+    result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval)
     save_prompt_model(model, run.file("sparse"))
     return result
 
