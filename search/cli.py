@@ -104,62 +104,86 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _start(args: argparse.Namespace, stages: list[str]):
-    """Config, run directory checks, data and backbone - before anything is written."""
+    """Config, run directory checks, data and backbone - before anything is written.
+
+    Under ``torchrun`` every rank checks before rank 0 creates anything, so all ranks
+    take the same decision (new run or resume).
+    """
+    from . import distributed
     from .config import load_config
     from .pipeline import prepare
     from .runs import open_run_dir, setup_logging
 
+    world = distributed.init_from_env()
     config = load_config(args.config, args.set)
-    if args.quiet:
+    if args.quiet or not world.is_main:
         config.runtime.progress = False
+    if world.active and args.out is None:
+        raise UserError("--out: under torchrun give the run directory explicitly, so every rank uses the same one")
     run = open_run_dir(args.out, config, stages, force=args.force, create=False)
-    setup_logging(None, verbose=not args.quiet)
+    setup_logging(None, verbose=not args.quiet and world.is_main)
     prep = prepare(config)
     return config, run, prep
 
 
+def _create(run, config, quiet: bool) -> None:
+    """Rank 0 creates the run directory; every rank then logs (rank 0 to the file too)."""
+    from . import distributed
+    from .runs import create_run_dir, setup_logging
+
+    distributed.barrier()
+    if distributed.is_main():
+        create_run_dir(run, config)
+    distributed.barrier()
+    setup_logging(run if distributed.is_main() else None, verbose=not quiet and distributed.is_main())
+    logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+
+
 def _finish_search(config, run, prep, progress: bool):
+    from . import distributed
     from .pipeline import run_search, select_from_run
     from .selection import write_mask
 
     if not run.done("search"):
         run_search(prep, run, progress=progress)
     mask = select_from_run(run, config, backbone=prep.backbone)
-    write_mask(mask, run.file("layer_mask.json"), force=True)
+    if distributed.is_main():
+        write_mask(mask, run.file("layer_mask.json"), force=True)
     return mask
 
 
+def _report(run, table: str) -> None:
+    from . import distributed
+
+    if distributed.is_main():
+        run.file("summary.md").write_text(table + "\n")
+        print(table)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import distributed
     from .pipeline import run_retrain, summary_table, write_metrics
-    from .runs import create_run_dir, setup_logging
 
     config, run, prep = _start(args, ["search", "retrain"])
-    create_run_dir(run, config)
-    setup_logging(run, verbose=not args.quiet)
-    logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+    _create(run, config, args.quiet)
     mask = _finish_search(config, run, prep, config.runtime.progress)
     search = run.status().get("search", {})
     result = run_retrain(prep, mask, run, progress=config.runtime.progress)
-    metrics = write_metrics(run, config, mask, result, search.get("seconds"))
-    run.mark("retrain", seconds=round(result.seconds, 3))
-    table = summary_table(config, mask, metrics, search)
-    run.file("summary.md").write_text(table + "\n")
-    print(table)
+    metrics = None
+    if distributed.is_main():
+        metrics = write_metrics(run, config, mask, result, search.get("seconds"))
+        run.mark("retrain", seconds=round(result.seconds, 3))
+    _report(run, summary_table(config, mask, metrics, search))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
     from .pipeline import summary_table
-    from .runs import create_run_dir, setup_logging
 
     config, run, prep = _start(args, ["search"])
-    create_run_dir(run, config)
-    setup_logging(run, verbose=not args.quiet)
-    logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+    _create(run, config, args.quiet)
     mask = _finish_search(config, run, prep, config.runtime.progress)
-    table = summary_table(config, mask, None, run.status().get("search", {}))
-    run.file("summary.md").write_text(table + "\n")
-    print(table)
+    _report(run, summary_table(config, mask, None, run.status().get("search", {})))
     return 0
 
 
@@ -186,21 +210,21 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 
 def cmd_retrain(args: argparse.Namespace) -> int:
+    from . import distributed
     from .pipeline import run_retrain, summary_table, write_metrics
-    from .runs import create_run_dir, setup_logging
     from .selection import read_mask, write_mask
 
     config, run, prep = _start(args, ["retrain"])
     mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
-    create_run_dir(run, config)
-    setup_logging(run, verbose=not args.quiet)
-    write_mask(mask, run.file("layer_mask.json"), force=True)
+    _create(run, config, args.quiet)
+    if distributed.is_main():
+        write_mask(mask, run.file("layer_mask.json"), force=True)
     result = run_retrain(prep, mask, run, progress=config.runtime.progress, supernet_dir=Path(args.mask).parent / "supernet")
-    metrics = write_metrics(run, config, mask, result, None)
-    run.mark("retrain", seconds=round(result.seconds, 3))
-    table = summary_table(config, mask, metrics, None)
-    run.file("summary.md").write_text(table + "\n")
-    print(table)
+    metrics = None
+    if distributed.is_main():
+        metrics = write_metrics(run, config, mask, result, None)
+        run.mark("retrain", seconds=round(result.seconds, 3))
+    _report(run, summary_table(config, mask, metrics, None))
     return 0
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +26,8 @@ from spt.heads import build_head
 from spt.model import PromptSupernet, SparsePromptModel
 from spt.serialization import load_prompt_model, save_prompt_model
 
-from .batches import EncodedSplit, collate, encode_split
+from . import distributed
+from .batches import EncodedSplit, encode_split
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
@@ -89,7 +91,7 @@ def prepare(config: RunConfig) -> Prepared:
     """Load the backbone and the task data, tokenized once for every stage."""
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
-    device = resolve_device(config.runtime.device)
+    device = resolve_device(distributed.device_for(config.runtime.device))
     backbone = cached_backbone(config.model.backbone, config.head.type == "mlm")
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     # Refuse an impossible selection now, not after a search has run.
@@ -126,6 +128,13 @@ def build_sparse(prep: Prepared, layers: list[int]) -> SparsePromptModel:
 
 def _format_gates(alphas: torch.Tensor) -> str:
     return " ".join(f"{a:.2f}" for a in alphas.tolist())
+
+
+def _ema(previous: float, value: float) -> float:
+    """Smoothed loss for the progress bar (NaN values, from an empty shard, are skipped)."""
+    if math.isnan(value):
+        return previous
+    return value if math.isnan(previous) else 0.9 * previous + 0.1 * value
 
 
 def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
@@ -184,9 +193,10 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
         state, extra = load_checkpoint(ckpt_path, trainer)
         elapsed = float(extra.get("seconds", 0.0))
         logger.info("resuming the search from step %d (epoch %d) of %s", state.step, state.epoch, run.path)
-    gate_log = _GateLog(run.file("gates.csv"), state.step if ckpt_path.is_file() else None)
+    main = distributed.is_main()  # under torchrun only rank 0 writes
+    gate_log = _GateLog(run.file("gates.csv"), state.step if ckpt_path.is_file() else None) if main else None
     layers = model.candidate_layers
-    if state.step == 0:
+    if state.step == 0 and main:
         gate_log.write(0, 0, layers, model.alphas())
 
     n_train = len(prep.train)
@@ -203,34 +213,36 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
         prep.backbone.name, config.task.name, len(layers), n_train, total,
     )
     started = time.perf_counter()
-    bar = _progress(total, state.step, "search", progress)
-    smooth = None
+    bar = _progress(total, state.step, "search", progress and main)
+    smooth = float("nan")
     for step in iterate_from(schedule, s.epochs, state):
         if state.step >= total:
             break
-        stats = trainer.omega_step(collate(prep.train, step.omega, prep.device), state.step)
+        stats = trainer.train_omega(prep.train, step.omega, state.step)
         if step.arch is not None:
-            stats.update(trainer.arch_step(collate(prep.train, step.arch, prep.device), state.step))
+            stats.update(trainer.train_arch(prep.train, step.arch, state.step))
         state.step += 1
         state.batch_in_epoch = step.index + 1
         epoch_done = step.last
         if epoch_done:
             state.epoch, state.batch_in_epoch = step.epoch + 1, 0
         alphas = model.alphas()
-        if state.step % s.log_every == 0 or epoch_done or state.step == total:
+        if main and (state.step % s.log_every == 0 or epoch_done or state.step == total):
             gate_log.write(state.step, step.epoch, layers, alphas)
-        if state.step % s.checkpoint_every == 0 or epoch_done:
+        if main and (state.step % s.checkpoint_every == 0 or epoch_done):
             save_checkpoint(ckpt_path, trainer, state, {"seconds": elapsed + time.perf_counter() - started})
-        smooth = stats["loss"] if smooth is None else 0.9 * smooth + 0.1 * stats["loss"]
+        smooth = _ema(smooth, stats["loss"])
         bar.set_postfix_str(f"ep {step.epoch + 1}/{s.epochs} loss {smooth:.3f} α {_format_gates(alphas)}")
         bar.update(1)
     bar.close()
     seconds = elapsed + time.perf_counter() - started
-    save_prompt_model(model, run.file("supernet"))
     alphas = model.alphas().tolist()
-    run.mark("search", steps=state.step, seconds=round(seconds, 3), alphas=[round(a, 6) for a in alphas])
-    if ckpt_path.is_file():
-        ckpt_path.unlink()  # the finished supernet replaces it
+    if main:
+        save_prompt_model(model, run.file("supernet"))
+        run.mark("search", steps=state.step, seconds=round(seconds, 3), alphas=[round(a, 6) for a in alphas])
+        if ckpt_path.is_file():
+            ckpt_path.unlink()  # the finished supernet replaces it
+    distributed.barrier()
     logger.info("search done in %.1fs: gates %s", seconds, _format_gates(torch.tensor(alphas)))
     return SearchResult(alphas, state.step, seconds, n_train)
 
@@ -302,10 +314,10 @@ def train_and_evaluate(
     metric = config.task.metric
     best: dict[str, Any] = {"score": None, "state": None, "step": 0, "dev": None}
     started = time.perf_counter()
-    bar = _progress(total, 0, desc, progress)
-    step_no, smooth, dev_score = 0, None, float("nan")
+    bar = _progress(total, 0, desc, progress and distributed.is_main())
+    step_no, smooth, dev_score = 0, float("nan"), float("nan")
     for step in iterate_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, TrainState()):
-        stats = trainer.omega_step(collate(prep.train, step.omega, prep.device), step_no)
+        stats = trainer.train_omega(prep.train, step.omega, step_no)
         step_no += 1
         if (r.eval_every and step_no % r.eval_every == 0) or (not r.eval_every and step.last) or step_no == total:
             dev = prep.evaluate(trainer, prep.dev)
@@ -315,7 +327,7 @@ def train_and_evaluate(
                 best.update(score=dev_score, step=step_no, dev=dev, state=state)
             if on_eval is not None:
                 on_eval(step_no, dev_score)
-        smooth = stats["loss"] if smooth is None else 0.9 * smooth + 0.1 * stats["loss"]
+        smooth = _ema(smooth, stats["loss"])
         bar.set_postfix_str(f"ep {step.epoch + 1}/{r.epochs} loss {smooth:.3f} dev {metric} {dev_score:.4f}")
         bar.update(1)
     bar.close()
@@ -344,7 +356,8 @@ def run_retrain(
         steps_per_epoch(len(prep.train), r.batch_size) * r.epochs,
     )
     result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval)
-    save_prompt_model(model, run.file("sparse"))
+    if distributed.is_main():
+        save_prompt_model(model, run.file("sparse"))
     return result
 
 

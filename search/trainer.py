@@ -24,6 +24,7 @@ from torch import nn
 from spt.gates import sample_architecture_mask
 from spt.model import PromptModel, PromptSupernet
 
+from . import distributed
 from .batches import EncodedSplit, batch_indices, collate
 from .metrics import compute_metrics
 
@@ -80,6 +81,7 @@ class Trainer:
             if self.is_supernet
             else None
         )
+        distributed.broadcast_parameters(self.omega_params + self.arch_params)
 
     # ------------------------------------------------------------------ steps
 
@@ -97,6 +99,7 @@ class Trainer:
                 p.requires_grad_(True)
 
     def _clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+        distributed.average_gradients(params)  # no-op in a single process
         norm = 0.0
         if self.settings.grad_clip > 0:
             norm = float(nn.utils.clip_grad_norm_(params, self.settings.grad_clip))
@@ -104,16 +107,34 @@ class Trainer:
         optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def omega_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
-        """One generator/head update; the supernet's with the consistency loss."""
+    def train_omega(self, split: EncodedSplit, indices: list[int], step: int) -> dict[str, float]:
+        """An omega step on the global batch ``indices`` (this rank's share of it under torchrun)."""
+        local = distributed.shard(indices)
+        batch = collate(split, local, self.device) if local else None
+        return self.omega_step(batch, step, distributed.loss_scale(len(local), len(indices)))
+
+    def train_arch(self, split: EncodedSplit, indices: list[int], step: int) -> dict[str, float]:
+        """A gate step on the global batch ``indices`` (this rank's share of it under torchrun)."""
+        local = distributed.shard(indices)
+        batch = collate(split, local, self.device) if local else None
+        return self.arch_step(batch, step, distributed.loss_scale(len(local), len(indices)))
+
+    def omega_step(self, batch: dict[str, torch.Tensor] | None, step: int, scale: float = 1.0) -> dict[str, float]:
+        """One generator/head update; the supernet's with the consistency loss.
+
+        ``scale`` weights this process's loss by its share of the global batch; ``batch``
+        is None for a rank whose share of a small last batch is empty.
+        """
         torch.manual_seed(step_seed(self.seed, step, stream=1))
         self.model.train()
-        with self._only_train(self.omega_params):
-            stats = self._omega_loss(batch, step)
+        stats = {"loss": float("nan"), "task_loss": float("nan"), "consistency": float("nan")}
+        if batch is not None:
+            with self._only_train(self.omega_params):
+                stats = self._omega_loss(batch, step, scale)
         self._clip_and_step(self.omega_opt, self.omega_params)
         return stats
 
-    def _omega_loss(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def _omega_loss(self, batch: dict[str, torch.Tensor], step: int, scale: float) -> dict[str, float]:
         labels = batch["labels"]
         beta = self.settings.consistency_weight
         if self.is_supernet and beta > 0:
@@ -127,33 +148,37 @@ class Trainer:
             task_loss = nn.functional.cross_entropy(self.model(batch).logits, labels)
             consistency = torch.zeros(())
             loss = task_loss
-        loss.backward()
+        (loss * scale).backward()
         return {"loss": loss.item(), "task_loss": task_loss.item(), "consistency": consistency.item()}
 
-    def arch_step(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, float]:
+    def arch_step(self, batch: dict[str, torch.Tensor] | None, step: int, scale: float = 1.0) -> dict[str, float]:
         """One gate-logit update on a D2 batch, generators and head fixed."""
         torch.manual_seed(step_seed(self.seed, step, stream=3))
         self.model.train()
-        with self._only_train(self.arch_params):
-            loss = nn.functional.cross_entropy(self.model(batch).logits, batch["labels"])
-            loss.backward()
+        arch_loss = float("nan")
+        if batch is not None:
+            with self._only_train(self.arch_params):
+                loss = nn.functional.cross_entropy(self.model(batch).logits, batch["labels"])
+                (loss * scale).backward()
+            arch_loss = loss.item()
         self._clip_and_step(self.arch_opt, self.arch_params)
-        return {"arch_loss": loss.item()}
+        return {"arch_loss": arch_loss}
 
     # ------------------------------------------------------------------ evaluation
 
     @torch.inference_mode()
     def predict(self, split: EncodedSplit, batch_size: int) -> tuple[list[int], float]:
-        """Predicted label indices and mean cross-entropy over ``split``."""
+        """Predicted label indices and mean cross-entropy over ``split`` (shared out across ranks)."""
         self.model.eval()
-        predictions: list[int] = []
-        total_loss = 0.0
-        for indices in batch_indices(range(len(split)), batch_size):
+        mine = distributed.shard(range(len(split)))
+        local: list[tuple[int, int, float]] = []
+        for indices in batch_indices(mine, batch_size):
             batch = collate(split, indices, self.device)
             logits = self.model(batch).logits
-            total_loss += float(nn.functional.cross_entropy(logits, batch["labels"], reduction="sum"))
-            predictions.extend(logits.argmax(-1).tolist())
-        return predictions, total_loss / max(1, len(split))
+            losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
+            local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
+        results = sorted(distributed.gather_objects(local))
+        return [r[1] for r in results], sum(r[2] for r in results) / max(1, len(split))
 
     def evaluate(self, split: EncodedSplit, batch_size: int, metric: str, positive_index: int | None = None) -> dict[str, float]:
         predictions, loss = self.predict(split, batch_size)
