@@ -127,14 +127,49 @@ class Backbone(nn.Module):
             bias = self.base.encoder.compute_position_bias(hidden)
         return LayerContext(mask, bias)
 
-    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
-        """Apply transformer layer ``index`` to ``hidden`` (B, S, d)."""
+    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0) -> torch.Tensor:
+        """Apply transformer layer ``index`` to ``hidden`` (B, S, d).
+
+        With ``queries_from = p`` only positions ``p:`` are computed (the result has
+        ``S - p`` positions); positions ``:p`` still serve as keys and values. Prompt slots
+        whose outputs nobody reads need no queries and no feed-forward pass.
+        """
+        if queries_from:
+            return self._keys_values_only(self.layers[index], hidden, context, queries_from)
         layer = self.layers[index]
         if self.family.relative_position_bias:
             out = layer(hidden, context.attention_mask, context.position_bias)
         else:
             out = layer(hidden, context.attention_mask)
         return out[0] if isinstance(out, tuple) else out
+
+    def _keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
+        """The layer's outputs for positions ``start:`` (the same computation as the layer's own)."""
+        B, S, _ = hidden.shape
+        queries = hidden[:, start:]
+        mask = context.attention_mask
+        if mask is not None:
+            mask = mask[:, :, start:, :] if mask.shape[2] == S else mask
+        heads = self.config.num_attention_heads
+
+        def split(x: torch.Tensor) -> torch.Tensor:
+            return x.view(B, x.shape[1], heads, -1).transpose(1, 2)
+
+        if self.family.relative_position_bias:  # MPNet
+            attn = layer.attention.attn
+            bias = context.position_bias[:, :, start:, :]
+            if mask is not None:
+                bias = bias + mask
+            scores = nn.functional.scaled_dot_product_attention(split(attn.q(queries)), split(attn.k(hidden)), split(attn.v(hidden)), attn_mask=bias)
+            merged = attn.o(scores.transpose(1, 2).reshape(B, S - start, -1))
+            attention_output = layer.attention.LayerNorm(layer.attention.dropout(merged) + queries)
+            return layer.output(layer.intermediate(attention_output), attention_output)
+        attn = layer.attention.self
+        scores = nn.functional.scaled_dot_product_attention(
+            split(attn.query(queries)), split(attn.key(hidden)), split(attn.value(hidden)), attn_mask=mask, scale=attn.scaling
+        )
+        attention_output = layer.attention.output(scores.transpose(1, 2).reshape(B, S - start, -1), queries)
+        return layer.output(layer.intermediate(attention_output), attention_output)
 
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of the frozen MLM head for hidden states ``(..., d)``."""

@@ -94,9 +94,21 @@ def run_prompted_layers(
             key_mask = torch.cat([started.view(B, 1).expand(B, prompt_length).to(token_mask.dtype), token_mask], dim=1)
             context = backbone.layer_context(sequence, key_mask)
             started_before = started
-        out = backbone.run_layer(i, sequence, context)
-        slots, hidden = out[:, :prompt_length], out[:, prompt_length:]
+        if _slot_outputs_unused(i, num_layers, generators, gate, active, discard):
+            hidden = backbone.run_layer(i, sequence, context, queries_from=prompt_length)
+        else:
+            out = backbone.run_layer(i, sequence, context)
+            slots, hidden = out[:, :prompt_length], out[:, prompt_length:]
     return hidden
+
+
+def _slot_outputs_unused(i: int, num_layers: int, generators: dict, gate: torch.Tensor, active: torch.Tensor, discard: float) -> bool:
+    """Whether nothing reads what the slots hold after layer ``i``: after the last layer, or
+    when layer ``i+1`` replaces every example's slots outright (lambda = 1, gate exactly 1)."""
+    if i == num_layers - 1:
+        return True
+    nxt = i + 1
+    return discard == 1 and nxt in generators and bool(active[:, nxt].all()) and bool((gate[:, nxt] == 1).all())
 
 
 class PromptModel(nn.Module):

@@ -276,3 +276,22 @@ def test_candidate_layers_restrict_generators(tiny_bert):
     assert net.candidate_layers == [0, 2] and len(net.gates.logits) == 2
     with pytest.raises(ConfigError, match=r"prompt.candidate_layers: layers \[7\] do not exist"):
         make_supernet(tiny_bert, candidate_layers=[0, 7])
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "mpnet", "electra"])
+def test_keys_values_only_layer_equals_the_full_layer(tiny_models, family):
+    """Slots that nobody reads skip queries and feed-forward; the tokens' outputs stay the same."""
+    backbone = load_backbone(str(tiny_models[family]))
+    batch = encode(backbone.tokenizer, SENTENCES)
+    torch.manual_seed(0)
+    B, T = batch["input_ids"].shape
+    with torch.no_grad():
+        hidden = backbone.embed(batch["input_ids"], batch.get("token_type_ids"))
+        sequence = torch.cat([torch.randn(B, 3, hidden.shape[-1]), hidden], dim=1)
+        key_mask = torch.cat([torch.ones(B, 3, dtype=torch.long), batch["attention_mask"]], dim=1)
+        context = backbone.layer_context(sequence, key_mask)
+        for i in range(backbone.num_layers):
+            full = backbone.run_layer(i, sequence, context)[:, 3:]
+            partial = backbone.run_layer(i, sequence, context, queries_from=3)
+            real = batch["attention_mask"].bool()
+            torch.testing.assert_close(partial[real], full[real], atol=1e-5, rtol=0)
