@@ -236,11 +236,16 @@ class RuntimeConfig:
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         threads: torch CPU threads (null: torch's default).
         progress: show progress bars.
+        precision: ``fp32`` (default) or ``bf16`` (autocast for the forward passes; on
+            GPUs and on CPUs with bf16 support).
+        compile: ``torch.compile`` the backbone's layers (dynamic shapes).
     """
 
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
+    precision: str = "fp32"
+    compile: bool = False
 
 
 @dataclass
@@ -325,6 +330,8 @@ class RunConfig:
         _positive("retrain.batch_size", r.batch_size)
         if r.eval_every < 0:
             raise ConfigError("retrain.eval_every", f"must be >= 0, got {r.eval_every}")
+        if self.runtime.precision not in ("fp32", "bf16"):
+            raise ConfigError("runtime.precision", f"must be fp32 or bf16, got {self.runtime.precision!r}")
         c = self.compare
         _positive("compare.random_draws", c.random_draws)
         _positive("compare.exhaustive_limit", c.exhaustive_limit)

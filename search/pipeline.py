@@ -93,6 +93,8 @@ def prepare(config: RunConfig) -> Prepared:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
     backbone = cached_backbone(config.model.backbone, config.head.type == "mlm")
+    if config.runtime.compile:
+        backbone.compile_layers()
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     # Refuse an impossible selection now, not after a search has run.
     choose_k(
@@ -186,7 +188,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
         lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip, arch_lr=s.arch_lr,
         arch_weight_decay=s.arch_weight_decay, consistency_weight=s.consistency_weight, mask_prob=s.mask_prob,
     )
-    trainer = Trainer(model, settings, config.seed, prep.device)
+    trainer = Trainer(model, settings, config.seed, prep.device, config.runtime.precision)
     ckpt_path = run.file(CHECKPOINT_FILE)
     state, elapsed = TrainState(), 0.0
     if ckpt_path.is_file():
@@ -308,7 +310,7 @@ def train_and_evaluate(
     """
     config, r = prep.config, settings
     optim = OptimSettings(lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
-    trainer = Trainer(model, optim, config.seed, prep.device)
+    trainer = Trainer(model, optim, config.seed, prep.device, config.runtime.precision)
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
     metric = config.task.metric

@@ -67,11 +67,15 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 class Trainer:
     """Holds the model, its optimizers and the step functions."""
 
-    def __init__(self, model: PromptModel, settings: OptimSettings, seed: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, model: PromptModel, settings: OptimSettings, seed: int, device: torch.device | str = "cpu",
+        precision: str = "fp32",
+    ) -> None:
         self.model = model.to(device)
         self.settings = settings
         self.seed = seed
         self.device = torch.device(device)
+        self.precision = precision
         self.omega_params = model.weight_parameters()
         self.omega_opt = torch.optim.AdamW(self.omega_params, lr=settings.lr, weight_decay=settings.weight_decay)
         self.is_supernet = isinstance(model, PromptSupernet)
@@ -84,6 +88,10 @@ class Trainer:
         distributed.broadcast_parameters(self.omega_params + self.arch_params)
 
     # ------------------------------------------------------------------ steps
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for forward passes when asked; weights and optimizer stay fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     @contextlib.contextmanager
     def _only_train(self, params: list[nn.Parameter]) -> Iterator[None]:
@@ -129,7 +137,7 @@ class Trainer:
         self.model.train()
         stats = {"loss": float("nan"), "task_loss": float("nan"), "consistency": float("nan")}
         if batch is not None:
-            with self._only_train(self.omega_params):
+            with self._only_train(self.omega_params), self._autocast():
                 stats = self._omega_loss(batch, step, scale)
         self._clip_and_step(self.omega_opt, self.omega_params)
         return stats
@@ -141,11 +149,11 @@ class Trainer:
             gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
             mask = sample_architecture_mask(len(self.model.candidate_layers), self.settings.mask_prob, gen)
             full, masked = self.model.forward_consistency(batch, mask)
-            task_loss = nn.functional.cross_entropy(full.logits, labels)
-            consistency = nn.functional.mse_loss(masked.representation, full.representation)
+            task_loss = nn.functional.cross_entropy(full.logits.float(), labels)
+            consistency = nn.functional.mse_loss(masked.representation.float(), full.representation.float())
             loss = task_loss + beta * consistency
         else:
-            task_loss = nn.functional.cross_entropy(self.model(batch).logits, labels)
+            task_loss = nn.functional.cross_entropy(self.model(batch).logits.float(), labels)
             consistency = torch.zeros(())
             loss = task_loss
         (loss * scale).backward()
@@ -157,8 +165,8 @@ class Trainer:
         self.model.train()
         arch_loss = float("nan")
         if batch is not None:
-            with self._only_train(self.arch_params):
-                loss = nn.functional.cross_entropy(self.model(batch).logits, batch["labels"])
+            with self._only_train(self.arch_params), self._autocast():
+                loss = nn.functional.cross_entropy(self.model(batch).logits.float(), batch["labels"])
                 (loss * scale).backward()
             arch_loss = loss.item()
         self._clip_and_step(self.arch_opt, self.arch_params)
@@ -174,7 +182,8 @@ class Trainer:
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
             batch = collate(split, indices, self.device)
-            logits = self.model(batch).logits
+            with self._autocast():
+                logits = self.model(batch).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
             local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
         results = sorted(distributed.gather_objects(local))

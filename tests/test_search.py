@@ -188,3 +188,11 @@ def test_kill_and_resume_reaches_the_same_gates(tmp_path, tiny_bert):
     for a, b in zip(ref_rows, new_rows):
         assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
     assert read_mask(reference / "layer_mask.json").selected_layers == read_mask(interrupted / "layer_mask.json").selected_layers
+
+
+def test_bf16_autocast_run(tmp_path, tiny_bert):
+    config = tiny_config(tmp_path, tiny_bert, search={"epochs": 1}, runtime={"precision": "bf16", "progress": False})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["accuracy"] <= 1 and len(_gate_rows(run)) == 4 * 4
