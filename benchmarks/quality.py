@@ -117,7 +117,12 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=BASELINES)
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch, one seed, K=2 oracle, 4 strategies")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
+    parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 to run two tasks side by side)")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds, args.ks = [args.oracle_seed], [2]
         args.strategies = [s for s in args.strategies if s in ("spt", "first", "random", "peft-lora")]
@@ -171,8 +176,9 @@ def main() -> None:
         report.append("\n".join(lines))
         print("\n".join(lines), flush=True)
     report.append(f"\nWall time: {(time.time() - started) / 60:.1f} min (cached results reused where present).")
-    (out / "quality.md").write_text("\n\n".join(report) + "\n")
-    print(f"\nwrote {out / 'quality.md'}")
+    name = "quality.md" if args.tasks == list(TASKS) else f"quality-{'-'.join(args.tasks)}.md"
+    (out / name).write_text("\n\n".join(report) + "\n")
+    print(f"\nwrote {out / name}")
 
 
 if __name__ == "__main__":

@@ -180,7 +180,9 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
             trial.set_user_attr("invalid", str(exc))
             logger.info("trial %d: invalid combination (%s), pruned", trial.number, exc)
             raise optuna.TrialPruned() from None
-        run = create_run_dir(open_run_dir(root / f"trial-{trial.number:04d}", cfg, ["search", "retrain"], force=True, create=False), cfg)
+        # Trial numbers are unique within a study; a directory already there belongs to
+        # another study sharing this --out, and is refused rather than overwritten.
+        run = create_run_dir(open_run_dir(root / f"trial-{trial.number:04d}", cfg, ["search", "retrain"], create=False), cfg)
         trial.set_user_attr("run_dir", str(run.path))
         started = time.perf_counter()
         search = run_search(prep, run, progress=progress)
