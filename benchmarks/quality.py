@@ -139,11 +139,11 @@ def main() -> None:
         for seed in args.seeds:
             prep = prepare(load_config(REPO / path, [*extra, f"seed={seed}", f"select.k={args.k}"]))
             for name in args.strategies:
-                rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep: strategy_rows(p, n, args.k, cache / "work"))
+                rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep: strategy_rows(p, n, args.k, cache / "work" / task))
         metric = prep.config.task.metric
         # ---- the oracle, at one seed, and where SPT's picks for each K land in it
         prep = prepare(load_config(REPO / path, [*extra, f"seed={args.oracle_seed}", f"select.k={args.k}"]))
-        spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep: strategy_rows(p, "spt", args.k, cache / "work"))[0]
+        spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep: strategy_rows(p, "spt", args.k, cache / "work" / task))[0]
         scores, candidates = spt["scores"], prep.config.prompt.candidates(prep.backbone.num_layers)
         lines = [f"## {task}: SPT pick vs the exhaustive oracle (seed {args.oracle_seed})", "",
                  f"SPT gates (layer:alpha): {', '.join(f'{c}:{s:.3f}' for c, s in zip(candidates, scores))}", "",

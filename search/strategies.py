@@ -35,7 +35,7 @@ from spt.errors import UserError
 
 from .baselines import PEFT_METHODS, build_baseline
 from .config import RetrainConfig
-from .pipeline import Prepared, build_sparse, run_search, select_from_run, train_and_evaluate
+from .pipeline import Prepared, SearchResult, build_sparse, run_search, select_from_run, train_and_evaluate
 from .runs import RunDir
 from .selection import LayerMask, generator_parameters, select_layers
 from .trainer import steps_per_epoch
@@ -134,7 +134,11 @@ class SptStrategy(Strategy):
     def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
         run = RunDir(ctx.workdir / f"spt-seed{prep.config.seed}")
         run.path.mkdir(parents=True, exist_ok=True)
-        result = run_search(prep, run, progress=ctx.progress)
+        if run.done("search"):  # an interrupted comparison: the search itself had finished
+            done = run.status()["search"]
+            result = SearchResult(done["alphas"], done["steps"], done["seconds"], len(prep.train))
+        else:
+            result = run_search(prep, run, progress=ctx.progress)
         mask = select_from_run(run, prep.config, k=ctx.k, backbone=prep.backbone)
         # A search step is a generator step plus, after the warm-up epochs, a gate step.
         s = prep.config.search
