@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -101,6 +102,27 @@ def _full_trials(config):
     return dataclasses.replace(config, compare=dataclasses.replace(config.compare, trial_epochs=config.retrain.epochs))
 
 
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(x: list[float]) -> list[float]:
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(order):  # average ranks of ties
+            j = i
+            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for m in range(i, j + 1):
+                r[order[m]] = (i + j) / 2
+            i = j + 1
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 0.0
+
+
 def rank_of(subset: list[int], trials: list[dict]) -> tuple[int, dict]:
     ordered = sorted(trials, key=lambda t: (-t["test"], -t["dev"], t["layers"]))
     position = next(i for i, t in enumerate(ordered) if t["layers"] == subset)
@@ -139,11 +161,11 @@ def main() -> None:
         for seed in args.seeds:
             prep = prepare(load_config(REPO / path, [*extra, f"seed={seed}", f"select.k={args.k}"]))
             for name in args.strategies:
-                rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep: strategy_rows(p, n, args.k, cache / "work" / task))
+                rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep, w=cache / "work" / task: strategy_rows(p, n, args.k, w))
         metric = prep.config.task.metric
         # ---- the oracle, at one seed, and where SPT's picks for each K land in it
         prep = prepare(load_config(REPO / path, [*extra, f"seed={args.oracle_seed}", f"select.k={args.k}"]))
-        spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep: strategy_rows(p, "spt", args.k, cache / "work" / task))[0]
+        spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep, w=cache / "work" / task: strategy_rows(p, "spt", args.k, w))[0]
         scores, candidates = spt["scores"], prep.config.prompt.candidates(prep.backbone.num_layers)
         lines = [f"## {task}: SPT pick vs the exhaustive oracle (seed {args.oracle_seed})", "",
                  f"SPT gates (layer:alpha): {', '.join(f'{c}:{s:.3f}' for c, s in zip(candidates, scores))}", "",
@@ -162,6 +184,13 @@ def main() -> None:
                 f"{100 * spt['search_seconds'] / oracle_seconds:.1f}% | {100 * spt['search_steps'] / oracle_steps:.1f}% |"
             )
             ordered = sorted(trials, key=lambda t: -t["test"])
+            # Diagnostic: do the gates rank layers like the oracle does? A layer's oracle
+            # value is the mean test score of the subsets that contain it.
+            marginal = [statistics.fmean(t["test"] for t in trials if c in t["layers"]) for c in candidates]
+            lines.append("")
+            lines.append(f"K={k}: Spearman correlation between SPT gates and the layers' mean oracle test score: "
+                         f"{spearman(scores, marginal):+.2f} (oracle layer means: "
+                         + ", ".join(f"{c}:{100 * m:.1f}" for c, m in zip(candidates, marginal)) + ")")
             lines.append("")
             lines.append(f"K={k} subsets by test {metric}: " + ", ".join(
                 f"{t['layers']} {100 * t['test']:.1f}" for t in ordered))
