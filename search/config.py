@@ -388,7 +388,8 @@ SECTIONS = {
 
 
 def parse_overrides(items: list[str] | None) -> dict[str, Any]:
-    """``["search.epochs=2", "task.labels=[a, b]"]`` -> nested dict (values parsed as YAML)."""
+    """``["search.epochs=2", "task.labels=[a, b]"]`` -> nested dict (values parsed as YAML;
+    text that is not valid YAML is taken as a string)."""
     result: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
@@ -396,8 +397,8 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
-        except yaml.YAMLError as exc:
-            raise UserError(f"--set {key}: cannot parse value {raw!r} ({exc})") from None
+        except yaml.YAMLError:
+            value = raw  # not YAML (e.g. a template such as "{text_a} It was {mask}."): a plain string
         parts = key.strip().split(".")
         node = result
         for part in parts[:-1]:

@@ -71,3 +71,12 @@ def test_small_real_run_on_minilm_and_sst2(tmp_path, capsys):
     capsys.readouterr()
     assert main(["select", str(run), "--k", "3", "--out", str(tmp_path / "k3.json")]) == 0
     assert read_mask(tmp_path / "k3.json").selected_layers == mask.selected_layers
+
+
+def test_mlm_head_is_refused_for_minilm_without_trained_head(tmp_path, capsys):
+    args = ["run", str(DEMO), "--out", str(tmp_path / "r"), "--quiet", "--set", "head.type=mlm",
+            "--set", "head.template={text_a} It was {mask}.", "--set", "head.label_words={'0': bad, '1': good}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "head.type: 'mlm' needs a trained MLM head, but 'minilm-l6' has none" in err
+    assert not (tmp_path / "r").exists()

@@ -196,3 +196,15 @@ def test_bf16_autocast_run(tmp_path, tiny_bert):
     assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert 0 <= metrics["test"]["accuracy"] <= 1 and len(_gate_rows(run)) == 4 * 4
+
+
+def test_mlm_verbalizer_run_end_to_end(tmp_path, tiny_models):
+    head = {"type": "mlm", "template": "{text_a} it was {mask} .", "label_words": {"0": "bad", "1": "good"}}
+    config = tiny_config(tmp_path, tiny_models["roberta"], head=head, search={"epochs": 1})
+    run = tmp_path / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    mask = read_mask(run / "layer_mask.json")
+    assert metrics["trainable_params"] == mask.trainable_params  # generators only: the MLM head is frozen
+    per_generator = (8 + 32 * 8 // 2 + 8) + (8 + 8 * 32 // 2 + 32)
+    assert mask.trainable_params == 2 * per_generator
