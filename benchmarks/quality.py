@@ -41,8 +41,8 @@ from search.strategies import STRATEGIES, Context, score_subset  # noqa: E402
 TASKS = {
     # SST-2 sentence level: 300 training sentences (seeded sample), 300 dev, the full 1821 test.
     "sst2": ("configs/minilm/sst2.yaml", ["task.max_train=300", "task.max_dev=300", "model.max_length=64"]),
-    # RTE (glue_pretrain split): 300 training pairs, the 249 dev pairs, the 277 GLUE dev pairs as test.
-    "rte": ("configs/minilm/rte.yaml", ["task.max_train=300", "model.max_length=128"]),
+    # RTE (glue_pretrain split): 200 training pairs, the 249 dev pairs, the 277 GLUE dev pairs as test.
+    "rte": ("configs/minilm/rte.yaml", ["task.max_train=200", "model.max_length=96"]),
 }
 COMMON = ["search.epochs=3", "retrain.epochs=3", "search.checkpoint_every=1000", "compare.optuna_trials=10",
           "compare.trial_epochs=1", "compare.random_draws=3", "runtime.progress=false"]
