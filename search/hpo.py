@@ -46,12 +46,27 @@ def open_storage(url: str):
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if "://" not in url:
             raise UserError(f"--storage: {url!r} is not a storage URL; use sqlite:///file.db, postgresql://user@host/db or journal:/path/file.log")
-        return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        return _rdb_storage(url)
     except UserError:
         raise
     except Exception as exc:  # SQLAlchemy and drivers raise many types for an unreachable server
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {first})") from None
+
+
+def _rdb_storage(url: str, attempts: int = 6):
+    """An RDB storage; workers that start together on an empty database race to create its
+    tables, and the losers of that race retry once the winner's tables exist."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
