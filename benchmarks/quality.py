@@ -129,6 +129,45 @@ def rank_of(subset: list[int], trials: list[dict]) -> tuple[int, dict]:
     return position + 1, ordered[0]
 
 
+VARIANTS = {
+    "default": [],
+    "10 search epochs": ["search.epochs=10"],
+    "arch_lr 0.2": ["search.arch_lr=0.2"],
+    "D1 70%": ["search.d1_fraction=0.7"],
+    "no consistency loss": ["search.consistency_weight=0"],
+    "plain DARTS gates": ["prompt.reparam_gates=false"],
+    "gates averaged over last 10 logs": ["select.average_last=10"],
+}
+
+
+def investigate(task: str, extra: list[str], seed: int, ks: list[int], cache: Path) -> list[str]:
+    """Where the picks of SPT searches with other settings land in the (cached) oracle."""
+    from search.pipeline import run_search, select_from_run
+    from search.runs import RunDir
+
+    lines = [f"## {task}: search settings vs the oracle (seed {seed})", "",
+             "| variant | gates (layer:alpha) | " + " | ".join(f"K={k} pick, rank / test" for k in ks) + " | search s |",
+             "|---|---|" + "---|" * len(ks) + "---|"]
+    for name, overrides in VARIANTS.items():
+        prep = prepare(load_config(REPO / TASKS[task][0], [*extra, *overrides, f"seed={seed}"]))
+        run = RunDir(cache / "work" / task / f"variant-{name.replace(' ', '_')}")
+        run.path.mkdir(parents=True, exist_ok=True)
+        if not run.done("search"):
+            run_search(prep, run, progress=False)
+        seconds = run.status()["search"]["seconds"]
+        cells = []
+        for k in ks:
+            trials = oracle(prep, k, cache)
+            mask = select_from_run(run, prep.config, k=k, backbone=prep.backbone)
+            rank, _ = rank_of(mask.selected_layers, trials)
+            mine = next(t for t in trials if t["layers"] == mask.selected_layers)
+            cells.append(f"{mask.selected_layers}: {rank}/{len(trials)}, {100 * mine['test']:.1f}")
+        gates = ", ".join(f"{c}:{a:.2f}" for c, a in zip(mask.candidate_layers, mask.scores))
+        lines.append(f"| {name} | {gates} | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -140,6 +179,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch, one seed, K=2 oracle, 4 strategies")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
     parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 to run two tasks side by side)")
+    parser.add_argument("--investigate", action="store_true",
+                        help="also run SPT searches with other settings and place their picks in the oracle")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -202,6 +243,8 @@ def main() -> None:
         spt_test = next(s["test"] for s in summary if s["strategy"] == "spt")
         beaten = [s["strategy"] for s in summary if s["strategy"] in ("first", "all", "middle", "random") and spt_test > s["test"]]
         lines += ["", f"SPT beats: {', '.join(beaten) or 'none'} of first, all, middle, random (mean test {metric})."]
+        if args.investigate:
+            lines += [""] + investigate(task, extra, args.oracle_seed, args.ks, cache)
         report.append("\n".join(lines))
         print("\n".join(lines), flush=True)
     report.append(f"\nWall time: {(time.time() - started) / 60:.1f} min (cached results reused where present).")
