@@ -150,7 +150,8 @@ def investigate(task: str, extra: list[str], seed: int, ks: list[int], cache: Pa
              "|---|---|" + "---|" * len(ks) + "---|"]
     for name, overrides in VARIANTS.items():
         prep = prepare(load_config(REPO / TASKS[task][0], [*extra, *overrides, f"seed={seed}"]))
-        run = RunDir(cache / "work" / task / f"variant-{name.replace(' ', '_')}")
+        folder = f"spt-seed{seed}" if not overrides else f"variant-{name.replace(' ', '_')}"  # default: the benchmark's own search
+        run = RunDir(cache / "work" / task / folder)
         run.path.mkdir(parents=True, exist_ok=True)
         if not run.done("search"):
             run_search(prep, run, progress=False)
