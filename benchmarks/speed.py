@@ -152,8 +152,11 @@ def _step_functions(backbone, batch, sparse, sparse_trainer, sup_trainer, prompt
     return fns
 
 
-def grid_rows(name: str, batches: list[int], lengths: list[int], repeats: int, warmup: int, device, precision: str) -> list[str]:
+def grid_rows(name: str, batches: list[int], lengths: list[int], repeats: int, warmup: int, device, precision: str,
+              compile_layers: bool = False) -> list[str]:
     backbone = load_backbone(name).to(device)
+    if compile_layers:
+        backbone.compile_layers()  # the floor runs the same compiled layers
     supernet, sparse, sup_trainer, sparse_trainer = build_models(backbone, device)
     prefix = peft_step("peft-prefix", name, 10, device) if backbone.config.model_type != "mpnet" else None
     prompt = peft_step("peft-prompt", name, 10, device)
@@ -230,18 +233,21 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone layers (runtime.compile)")
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--no-scaling", action="store_true")
     args = parser.parse_args()
     if args.quick:
         args.backbones, args.batches, args.lengths, args.repeats, args.warmup = ["minilm-l6"], [16], [64], 3, 1
     device = torch.device(args.device)
-    print(f"# SPT speed on {device} ({torch.get_num_threads()} threads, {args.precision}); median of {args.repeats} after {args.warmup} warm-up\n")
+    compiled = ", torch.compile" if args.compile else ""
+    print(f"# SPT speed on {device} ({torch.get_num_threads()} threads, {args.precision}{compiled}); "
+          f"median of {args.repeats} after {args.warmup} warm-up\n")
     print("| backbone | batch | length | floor ms | sparse / floor | supernet / sparse | gate / sparse | sparse / PEFT prefix | "
           "sparse / PEFT prompt | sparse inference throughput / bare | memory MB floor / sparse / supernet / gate / prompt / prefix |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name in args.backbones:
-        grid_rows(name, args.batches, args.lengths, args.repeats, args.warmup, device, args.precision)
+        grid_rows(name, args.batches, args.lengths, args.repeats, args.warmup, device, args.precision, args.compile)
     if not args.no_scaling:
         print()
         print("\n".join(scaling_rows(args.repeats, args.warmup, device)))
