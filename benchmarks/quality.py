@@ -90,9 +90,20 @@ def oracle(prep, k: int, cache: Path) -> list[dict]:
 
     ctx = Context(k=k, workdir=cache, score_test=True)
     candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
+    task, seed = prep.config.task.name, prep.config.seed
+    # A strategy's K-subset trained at this seed is the very same training: reuse it.
+    known = {}
+    for row_file in cache.glob(f"{task}-s{seed}-*.json"):
+        for row in json.loads(row_file.read_text()):
+            if row["layers"] != "-" and len(row["layers"]) == k:
+                known[tuple(row["layers"])] = row
     trials = []
     for subset in itertools.combinations(candidates, k):
-        path = cache / f"oracle-{prep.config.task.name}-s{prep.config.seed}-{'-'.join(map(str, subset))}.json"
+        path = cache / f"oracle-{task}-s{seed}-{'-'.join(map(str, subset))}.json"
+        if not path.is_file() and subset in known:
+            row = known[subset]
+            path.write_text(json.dumps({"layers": list(subset), "dev": row["dev"], "test": row["test"],
+                                        "steps": row["train_steps"], "seconds": row["train_seconds"]}, indent=1))
         # trial_epochs = retrain.epochs: the oracle trains each subset exactly as retraining would.
         trials.append(cached(path, lambda s=subset: score_subset(dataclasses.replace(prep, config=_full_trials(prep.config)), list(s), ctx)))
     return trials
