@@ -24,6 +24,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -111,6 +112,12 @@ def oracle(prep, k: int, cache: Path) -> list[dict]:
 
 def _full_trials(config):
     return dataclasses.replace(config, compare=dataclasses.replace(config.compare, trial_epochs=config.retrain.epochs))
+
+
+def _seconds(cached_value) -> float:
+    """Seconds spent on one cache entry (a strategy's rows or one oracle trial)."""
+    rows = cached_value if isinstance(cached_value, list) else [cached_value]
+    return sum(r.get("seconds", 0.0) + r.get("search_seconds", 0.0) + r.get("train_seconds", 0.0) for r in rows)
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -209,7 +216,7 @@ def main() -> None:
     cache = out / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    report = [f"# Search quality on MiniLM-L6\n\nCommand: `python benchmarks/quality.py {' '.join(sys.argv[1:])}`\n"]
+    report = [f"# Search quality on MiniLM-L6\n\nCommand: `python benchmarks/quality.py {shlex.join(sys.argv[1:])}`\n"]
     for task in args.tasks:
         path, overrides = TASKS[task]
         extra = overrides + COMMON + (QUICK if args.quick else [])
@@ -263,7 +270,12 @@ def main() -> None:
             lines += [""] + investigate(task, extra, args.oracle_seed, args.ks, cache, args.variants)
         report.append("\n".join(lines))
         print("\n".join(lines), flush=True)
-    report.append(f"\nWall time: {(time.time() - started) / 60:.1f} min (cached results reused where present).")
+    entries = {f.name: json.loads(f.read_text()) for f in cache.glob("*.json")}
+    # Oracle entries copied from a strategy's identical training are not counted twice.
+    trained = {r["train_seconds"] for name, v in entries.items() if not name.startswith("oracle-") for r in v}
+    compute = sum(_seconds(v) for name, v in entries.items() if not (name.startswith("oracle-") and v["seconds"] in trained))
+    report.append(f"\nWall time of this invocation: {(time.time() - started) / 60:.1f} min. Training and search time behind "
+                  f"all cached results under {cache.name}/ (one process each): {compute / 3600:.1f} h.")
     name = "quality.md" if args.tasks == list(TASKS) else f"quality-{'-'.join(args.tasks)}.md"
     (out / name).write_text("\n\n".join(report) + "\n")
     print(f"\nwrote {out / name}")
