@@ -103,8 +103,8 @@ def oracle(prep, k: int, cache: Path) -> list[dict]:
         path = cache / f"oracle-{task}-s{seed}-{'-'.join(map(str, subset))}.json"
         if not path.is_file() and subset in known:
             row = known[subset]
-            path.write_text(json.dumps({"layers": list(subset), "dev": row["dev"], "test": row["test"],
-                                        "steps": row["train_steps"], "seconds": row["train_seconds"]}, indent=1))
+            path.write_text(json.dumps({"layers": list(subset), "dev": row["dev"], "test": row["test"], "steps": row["train_steps"],
+                                        "seconds": row["train_seconds"], "copied": True}, indent=1))
         # trial_epochs = retrain.epochs: the oracle trains each subset exactly as retraining would.
         trials.append(cached(path, lambda s=subset: score_subset(dataclasses.replace(prep, config=_full_trials(prep.config)), list(s), ctx)))
     return trials
@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
                         help="search settings that --investigate tries")
     args = parser.parse_args()
+    if args.investigate and not args.ks:
+        parser.error("--investigate places picks in the oracle: give --ks (e.g. --ks 2 3)")
     if args.threads:
         import torch
 
@@ -227,14 +229,13 @@ def main() -> None:
                 rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep, w=cache / "work" / task: strategy_rows(p, n, args.k, w))
         metric = prep.config.task.metric
         # ---- the oracle, at one seed, and where SPT's picks for each K land in it
-        lines = []
         prep = prepare(load_config(REPO / path, [*extra, f"seed={args.oracle_seed}", f"select.k={args.k}"]))
         spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep, w=cache / "work" / task: strategy_rows(p, "spt", args.k, w))[0]
         scores, candidates = spt["scores"], prep.config.prompt.candidates(prep.backbone.num_layers)
-        lines += [f"## {task}: SPT pick vs the exhaustive oracle (seed {args.oracle_seed})", "",
-                  f"SPT gates (layer:alpha): {', '.join(f'{c}:{s:.3f}' for c, s in zip(candidates, scores))}", "",
-                  f"| K | subsets | SPT pick | rank | top % | SPT test {metric} | oracle best | best test | gap (points) | SPT compute / oracle (time) | (steps) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"] if args.ks else []
+        lines = [f"## {task}: SPT pick vs the exhaustive oracle (seed {args.oracle_seed})", "",
+                 f"SPT gates (layer:alpha): {', '.join(f'{c}:{s:.3f}' for c, s in zip(candidates, scores))}", "",
+                 f"| K | subsets | SPT pick | rank | top % | SPT test {metric} | oracle best | best test | gap (points) | SPT compute / oracle (time) | (steps) |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"] if args.ks else []
         for k in args.ks:
             trials = oracle(prep, k, cache)
             pick = sorted(sorted(candidates, key=lambda c: (-scores[candidates.index(c)], c))[:k])
@@ -270,10 +271,9 @@ def main() -> None:
             lines += [""] + investigate(task, extra, args.oracle_seed, args.ks, cache, args.variants)
         report.append("\n".join(lines))
         print("\n".join(lines), flush=True)
-    entries = {f.name: json.loads(f.read_text()) for f in cache.glob("*.json")}
     # Oracle entries copied from a strategy's identical training are not counted twice.
-    trained = {r["train_seconds"] for name, v in entries.items() if not name.startswith("oracle-") for r in v}
-    compute = sum(_seconds(v) for name, v in entries.items() if not (name.startswith("oracle-") and v["seconds"] in trained))
+    values = (json.loads(f.read_text()) for f in cache.glob("*.json"))
+    compute = sum(_seconds(v) for v in values if isinstance(v, list) or not v.get("copied"))
     report.append(f"\nWall time of this invocation: {(time.time() - started) / 60:.1f} min. Training and search time behind "
                   f"all cached results under {cache.name}/ (one process each): {compute / 3600:.1f} h.")
     name = "quality.md" if args.tasks == list(TASKS) else f"quality-{'-'.join(args.tasks)}.md"
