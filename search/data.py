@@ -75,9 +75,9 @@ def _records_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}: not valid JSON ({exc.msg})") from None
+                raise DataError(f"{path} line {line_no}", f"not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_no}: expected a JSON object, got {type(record).__name__}")
+                raise DataError(f"{path} line {line_no}", f"expected a JSON object, got {type(record).__name__}")
             yield f"line {line_no}", record
 
 
@@ -85,13 +85,13 @@ def _records_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
         data = json.loads(path.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as exc:
-        raise DataError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise DataError(f"{path} line {exc.lineno}", f"not valid JSON ({exc.msg})") from None
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
     if items is None:
-        raise DataError(f"{path}: expected a JSON list of records or an id -> record mapping")
+        raise DataError(path, "expected a JSON list of records or an id -> record mapping")
     for key, record in items:
         if not isinstance(record, dict):
-            raise DataError(f"{path} record {key!r}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{path} record {key!r}", f"expected a JSON object, got {type(record).__name__}")
         yield f"record {key!r}", record
 
 
@@ -103,7 +103,7 @@ def _records_label_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
                 continue
             parts = line.split(None, 1)
             if len(parts) != 2:
-                raise DataError(f"{path} line {line_no}: expected 'label text', got {line[:60]!r}")
+                raise DataError(f"{path} line {line_no}", f"expected 'label text', got {line[:60]!r}")
             yield f"line {line_no}", {"label": parts[0], "text": parts[1]}
 
 
@@ -111,14 +111,14 @@ def _records_hf(task: TaskConfig, split: str, seed: int) -> Iterator[tuple[str, 
     try:
         import datasets
     except ImportError:
-        raise UserError("task.format: 'hf' needs the datasets package: pip install datasets") from None
+        raise UserError("task.format", "'hf' needs the datasets package: pip install datasets") from None
     hf = task.hf or {}
     split_name = (hf.get("splits") or {}).get(split, {"dev": "validation"}.get(split, split))
     kwargs = {"data_files": hf["data_files"]} if hf.get("data_files") else {}
     try:
         dataset = datasets.load_dataset(hf["path"], hf.get("name"), split=split_name, **kwargs)
     except Exception as exc:  # the datasets library raises many types for a missing hub
-        raise UserError(f"task.hf: cannot load {hf['path']}/{hf.get('name')} split {split_name!r} ({exc})") from None
+        raise UserError("task.hf", f"cannot load {hf['path']}/{hf.get('name')} split {split_name!r} ({exc})") from None
     for index, record in enumerate(dataset):
         yield f"record {index}", dict(record)
 
@@ -155,7 +155,7 @@ def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
     else:
         path = Path(split_path)
         if not path.is_file():
-            raise DataError(f"task.{split}: file {path} does not exist")
+            raise DataError(f"task.{split}", f"file {path} does not exist")
         source = str(path)
         readers = {
             "tsv": lambda: _records_tsv_csv(path, task, "\t"),
@@ -169,15 +169,15 @@ def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
     for position, record in records:
         where = f"{source} {position}"
         if task.label not in record:
-            raise DataError(f"{where}: no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
+            raise DataError(where, f"no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
         label = _label_value(record[task.label])
         if label not in label_index:
-            raise DataError(f"{where}: label {label!r} is not in task.labels {task.labels}")
+            raise DataError(where, f"label {label!r} is not in task.labels {task.labels}")
         text_a = _text(record, task.text_a, where, "text_a")
         text_b = _text(record, task.text_b, where, "text_b") if task.text_b else None
         examples.append(Example(text_a, text_b, label_index[label]))
     if not examples:
-        raise DataError(f"task.{split}: {source} has no examples")
+        raise DataError(f"task.{split}", f"{source} has no examples")
     return examples
 
 

@@ -24,9 +24,8 @@ import yaml
 from spt.errors import ConfigError, UserError
 
 from .config import RunConfig, config_from_run_dict, dump_config
-from .pipeline import prepare, run_retrain, run_search, select_from_run, write_metrics
+from .pipeline import prepare, run_job
 from .runs import create_run_dir, open_run_dir
-from .selection import write_mask
 from .strategies import make_sampler
 
 logger = logging.getLogger("spt")
@@ -42,16 +41,16 @@ def open_storage(url: str):
 
             path = Path(url[len("journal:") :]).expanduser()
             if not path.parent.is_dir():
-                raise UserError(f"--storage: folder {path.parent} of journal file {path.name} does not exist")
+                raise UserError("--storage", f"folder {path.parent} of journal file {path.name} does not exist")
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if "://" not in url:
-            raise UserError(f"--storage: {url!r} is not a storage URL; use sqlite:///file.db, postgresql://user@host/db or journal:/path/file.log")
+            raise UserError("--storage", f"{url!r} is not a storage URL; use sqlite:///file.db, postgresql://user@host/db or journal:/path/file.log")
         return _rdb_storage(url)
     except UserError:
         raise
     except Exception as exc:  # SQLAlchemy and drivers raise many types for an unreachable server
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"--storage: cannot open {url!r} ({type(exc).__name__}: {first})") from None
+        raise UserError("--storage", f"cannot open {url!r} ({type(exc).__name__}: {first})") from None
 
 
 def _rdb_storage(url: str, attempts: int = 6):
@@ -124,7 +123,7 @@ def open_study(config: RunConfig, storage):
     try:
         existing = optuna.study.get_all_study_names(storage)
     except Exception as exc:
-        raise UserError(f"--storage: cannot read studies ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError("--storage", f"cannot read studies ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     sampler = make_sampler(config.hpo.sampler, config.seed + os.getpid())
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.hpo.pruner == "median" else optuna.pruners.NopPruner()
     if name in existing:
@@ -177,6 +176,7 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
     from optuna.trial import TrialState
 
     check_space(config)
+    prepare(config)  # the base config's data and backbone: a problem there is the user's, not a trial's
     storage = open_storage(config.hpo.storage)
     study = open_study(config, storage)
     root = Path(out or config.hpo.out_dir or Path("runs") / f"hpo-{study.study_name}")
@@ -191,7 +191,10 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
         try:
             cfg = trial_config(config, params)
             prep = prepare(cfg)
-        except ConfigError as exc:  # e.g. phm_n not dividing the bottleneck: not a result, not a failure
+        except UserError as exc:
+            # The base config was checked before the study started, so what fails here is the
+            # combination (phm_n not dividing the bottleneck, K above the candidate layers...):
+            # not a result and not a failure.
             trial.set_user_attr("invalid", str(exc))
             logger.info("trial %d: invalid combination (%s), pruned", trial.number, exc)
             raise optuna.TrialPruned() from None
@@ -200,21 +203,16 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
         run = create_run_dir(open_run_dir(root / f"trial-{trial.number:04d}", cfg, ["search", "retrain"], create=False), cfg)
         trial.set_user_attr("run_dir", str(run.path))
         started = time.perf_counter()
-        search = run_search(prep, run, progress=progress)
-        mask = select_from_run(run, cfg, backbone=prep.backbone)
-        write_mask(mask, run.file("layer_mask.json"), force=True)
 
         def report(step: int, dev: float) -> None:
             trial.report(dev, step)
             if trial.should_prune():
                 raise optuna.TrialPruned()
 
-        result = run_retrain(prep, mask, run, progress=progress, on_eval=report)
-        write_metrics(run, cfg, mask, result, search.seconds)
-        run.mark("retrain", seconds=round(result.seconds, 3))
+        mask, metrics = run_job(prep, run, progress=progress, on_eval=report)
         trial.set_user_attr("selected_layers", mask.selected_layers)
-        trial.set_user_attr("test", result.test[metric])
-        score = result.dev[metric]
+        trial.set_user_attr("test", metrics["test"][metric])
+        score = metrics["dev"][metric]
         logger.info("trial %d (%s): %s -> layers %s, dev %s %.4f (%.0fs)", trial.number, worker,
                     ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
                     mask.selected_layers, metric, score, time.perf_counter() - started)
@@ -251,10 +249,10 @@ def export_best(config: RunConfig, study, path: str | Path, force: bool = False)
     from optuna.trial import TrialState
 
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
-        raise UserError(f"--export-best: study {study.study_name!r} has no completed trial yet")
+        raise UserError("--export-best", f"study {study.study_name!r} has no completed trial yet")
     path = Path(path)
     if path.exists() and not force:
-        raise UserError(f"--export-best: {path} already exists; pass --force to overwrite it")
+        raise UserError("--export-best", f"{path} already exists; pass --force to overwrite it")
     best = trial_config(config, study.best_trial.params)
     text = f"# Best trial {study.best_trial.number} of study {study.study_name!r} (dev {study.best_trial.value:.4f}).\n"
     path.write_text(text + dump_config(best))

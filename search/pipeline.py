@@ -5,12 +5,8 @@ Each stage reads and writes the run directory described in DESIGN.md §3.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -18,30 +14,34 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from spt.backbone import Backbone, load_backbone
 from spt.errors import UserError
-from spt.heads import build_head
+from spt.files import write_json_atomic
+from spt.heads import build_head, head_parameter_count
 from spt.model import PromptSupernet, SparsePromptModel
 from spt.serialization import load_prompt_model, save_prompt_model
+from spt.trainable import TrainableModel
 
 from . import distributed
 from .batches import EncodedSplit, encode_split
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from .callbacks import Checkpointer, DevEvaluator, GateHistory, Progress, StepLimit
+from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
+from .losses import search_loss
 from .runs import RunDir
+from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
 from .selection import (
-    GATES_HEADER,
     LayerMask,
     choose_k,
     final_scores,
     generator_parameters,
     read_gate_history,
     select_layers,
+    write_mask,
 )
-from .trainer import OptimSettings, Trainer, TrainState, iterate_from, plain_schedule, search_schedule, steps_per_epoch
+from .trainer import Callback, Trainer, TrainState
 
 logger = logging.getLogger("spt")
 
@@ -53,11 +53,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"runtime.device: {name!r} asked for, but CUDA is not available here; use cpu or auto")
+        raise UserError("runtime.device", f"{name!r} asked for, but CUDA is not available here; use cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"runtime.device: {name!r} is not a device; use auto, cpu or cuda[:N]") from None
+        raise UserError("runtime.device", f"{name!r} is not a device; use auto, cpu or cuda[:N]") from None
 
 
 @lru_cache(maxsize=2)
@@ -103,7 +103,7 @@ def prepare(config: RunConfig) -> Prepared:
     )
     data = load_task(config.task, config.seed)
     if len(data.train) < 2:
-        raise UserError(f"task.train: {len(data.train)} example(s); the search needs at least 2 (D1 and D2)")
+        raise UserError("task.train", f"{len(data.train)} example(s); the search needs at least 2 (D1 and D2)")
     tok, max_len, head = backbone.tokenizer, config.model.max_length, config.head
     return Prepared(
         config, backbone, data,
@@ -132,17 +132,6 @@ def _format_gates(alphas: torch.Tensor) -> str:
     return " ".join(f"{a:.2f}" for a in alphas.tolist())
 
 
-def _ema(previous: float, value: float) -> float:
-    """Smoothed loss for the progress bar (NaN values, from an empty shard, are skipped)."""
-    if math.isnan(value):
-        return previous
-    return value if math.isnan(previous) else 0.9 * previous + 0.1 * value
-
-
-def _progress(total: int, initial: int, desc: str, enabled: bool) -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", disable=not enabled, dynamic_ncols=True, leave=True)
-
-
 # ---------------------------------------------------------------------- search
 
 
@@ -154,99 +143,44 @@ class SearchResult:
     train_examples: int
 
 
-class _GateLog:
-    """``gates.csv``: one row per logged step and candidate layer, flushed as it goes."""
-
-    def __init__(self, path: Path, resume_step: int | None) -> None:
-        self.path = path
-        if resume_step is None or not path.is_file():
-            with open(path, "w", newline="") as handle:
-                csv.writer(handle).writerow(GATES_HEADER)
-        else:  # drop rows logged after the checkpoint: the resumed run logs them again
-            with open(path, newline="") as handle:
-                rows = [r for r in csv.reader(handle)][1:]
-            kept = [r for r in rows if r and int(r[0]) <= resume_step]
-            tmp = path.with_name(path.name + ".tmp")
-            with open(tmp, "w", newline="") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(GATES_HEADER)
-                writer.writerows(kept)
-            tmp.replace(path)
-
-    def write(self, step: int, epoch: int, layers: list[int], alphas: torch.Tensor) -> None:
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.writer(handle)
-            for layer, alpha in zip(layers, alphas.tolist()):
-                writer.writerow([step, epoch, layer, f"{alpha:.6f}"])
-
-
 def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResult:
     """SPT-DARTS search; resumes from ``run``'s checkpoint when there is one."""
     config, s = prep.config, prep.config.search
     model = build_supernet(prep)
-    settings = OptimSettings(
-        lr=s.lr, weight_decay=s.weight_decay, grad_clip=s.grad_clip, arch_lr=s.arch_lr,
-        arch_weight_decay=s.arch_weight_decay, consistency_weight=s.consistency_weight, mask_prob=s.mask_prob,
-    )
-    trainer = Trainer(model, settings, config.seed, prep.device, config.runtime.precision)
+    trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
+                      loss=search_loss(s.consistency_weight, s.mask_prob, config.seed))
     ckpt_path = run.file(CHECKPOINT_FILE)
-    state, elapsed = TrainState(), 0.0
+    state = TrainState()
     if ckpt_path.is_file():
-        state, extra = load_checkpoint(ckpt_path, trainer)
-        elapsed = float(extra.get("seconds", 0.0))
+        state = load_checkpoint(ckpt_path, trainer)
         logger.info("resuming the search from step %d (epoch %d) of %s", state.step, state.epoch, run.path)
-    main = distributed.is_main()  # under torchrun only rank 0 writes
-    gate_log = _GateLog(run.file("gates.csv"), state.step if ckpt_path.is_file() else None) if main else None
-    layers = model.candidate_layers
-    if state.step == 0 and main:
-        gate_log.write(0, 0, layers, model.alphas())
-
     n_train = len(prep.train)
-    per_search_epoch = steps_per_epoch(n_train, s.batch_size, s.d1_fraction)
-    total = s.warmup_epochs * steps_per_epoch(n_train, s.batch_size) + (s.epochs - s.warmup_epochs) * per_search_epoch
-    if s.max_steps is not None:
-        total = min(total, s.max_steps)
+    total = search_steps(n_train, s.epochs, s.warmup_epochs, s.batch_size, s.d1_fraction, s.max_steps)
+    layers = model.candidate_layers
+    logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
+                prep.backbone.name, config.task.name, len(layers), n_train, total)
+
+    def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
+        return f"ep {step.epoch + 1}/{s.epochs} loss {loss:.3f} α {_format_gates(model.alphas())}"
+
+    callbacks: list[Callback] = [StepLimit(total)]
+    if distributed.is_main():  # under torchrun only rank 0 writes
+        callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every)]
+    callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
 
     def schedule(epoch: int):
-        return search_schedule(n_train, s.epochs, s.warmup_epochs, s.batch_size, s.d1_fraction, config.seed, epoch)
+        return search_schedule(n_train, s.warmup_epochs, s.batch_size, s.d1_fraction, config.seed, epoch)
 
-    logger.info(
-        "search: %s on %s, %d candidate layers, %d train examples, %d steps",
-        prep.backbone.name, config.task.name, len(layers), n_train, total,
-    )
-    started = time.perf_counter()
-    bar = _progress(total, state.step, "search", progress and main)
-    smooth = float("nan")
-    for step in iterate_from(schedule, s.epochs, state):
-        if state.step >= total:
-            break
-        stats = trainer.train_omega(prep.train, step.omega, state.step)
-        if step.arch is not None:
-            stats.update(trainer.train_arch(prep.train, step.arch, state.step))
-        state.step += 1
-        state.batch_in_epoch = step.index + 1
-        epoch_done = step.last
-        if epoch_done:
-            state.epoch, state.batch_in_epoch = step.epoch + 1, 0
-        alphas = model.alphas()
-        if main and (state.step % s.log_every == 0 or epoch_done or state.step == total):
-            gate_log.write(state.step, step.epoch, layers, alphas)
-        if main and (state.step % s.checkpoint_every == 0 or epoch_done):
-            save_checkpoint(ckpt_path, trainer, state, {"seconds": elapsed + time.perf_counter() - started})
-        smooth = _ema(smooth, stats["loss"])
-        bar.set_postfix_str(f"ep {step.epoch + 1}/{s.epochs} loss {smooth:.3f} α {_format_gates(alphas)}")
-        bar.update(1)
-    bar.close()
-    seconds = elapsed + time.perf_counter() - started
+    state = trainer.fit(steps_from(schedule, s.epochs, state.epoch, state.batch_in_epoch), callbacks, state)
     alphas = model.alphas().tolist()
-    if main:
+    if distributed.is_main():
         save_prompt_model(model, run.file("supernet"))
-        run.mark("search", steps=state.step, seconds=round(seconds, 3), alphas=[round(a, 6) for a in alphas])
+        run.mark("search", steps=state.step, seconds=round(state.seconds, 3), alphas=[round(a, 6) for a in alphas])
         if ckpt_path.is_file():
             ckpt_path.unlink()  # the finished supernet replaces it
     distributed.barrier()
-    logger.info("search done in %.1fs: gates %s", seconds, _format_gates(torch.tensor(alphas)))
-    return SearchResult(alphas, state.step, seconds, n_train)
+    logger.info("search done in %.1fs: gates %s", state.seconds, _format_gates(torch.tensor(alphas)))
+    return SearchResult(alphas, state.step, state.seconds, n_train)
 
 
 # ---------------------------------------------------------------------- selection
@@ -259,32 +193,30 @@ def select_from_run(
     if k is None and budget is None:
         k, budget = config.select.k, config.select.budget
     rows = read_gate_history(run.file("gates.csv"))
-    model_config = json.loads(run.file("supernet/prompt_config.json").read_text()) if run.file("supernet/prompt_config.json").is_file() else None
-    if model_config is not None:
+    saved = run.file("supernet/prompt_config.json")
+    if saved.is_file():
+        model_config = json.loads(saved.read_text())
         num_layers, hidden, candidates = model_config["num_layers"], model_config["hidden_size"], model_config["layers"]
-        head_params = _head_params(model_config["head"]["type"], hidden, len(model_config["labels"]))
     else:  # a search still running: read the model facts from the backbone
         backbone = backbone or cached_backbone(config.model.backbone, config.head.type == "mlm")
         num_layers, hidden = backbone.num_layers, backbone.hidden_size
         candidates = config.prompt.candidates(num_layers)
-        head_params = _head_params(config.head.type, hidden, len(config.task.labels))
     scores = final_scores(rows, candidates, config.select.average_last)
     return select_layers(
         backbone=config.model.backbone, num_layers=num_layers, candidates=candidates, scores=scores, k=k, budget=budget,
         per_generator=generator_parameters(hidden, config.prompt.bottleneck, config.prompt.phm_n),
-        head_params=head_params, prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
+        head_params=head_parameter_count(config.head.type, hidden, len(config.task.labels)),
+        prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )
 
 
-def _head_params(head_type: str, hidden: int, num_labels: int) -> int:
-    return 0 if head_type == "mlm" else hidden * num_labels + num_labels
-
-
-# ---------------------------------------------------------------------- retraining
+# ---------------------------------------------------------------------- training a model
 
 
 @dataclass
-class RetrainResult:
+class TrainResult:
+    """What training one model gave: dev (best) and test scores, size and cost."""
+
     dev: dict[str, float]
     test: dict[str, float]
     trainable_params: int
@@ -295,54 +227,40 @@ class RetrainResult:
 
 def train_and_evaluate(
     prep: Prepared,
-    model: torch.nn.Module,
+    model: TrainableModel,
     settings: RetrainConfig,
     *,
     progress: bool = True,
     desc: str = "retrain",
     evaluate_test: bool = True,
     on_eval: Callable[[int, float], None] | None = None,
-) -> RetrainResult:
-    """Train ``model`` (a sparse prompt model or a baseline with the same interface) on all
-    of train, evaluate on dev as set by ``settings``, keep the dev-best weights, score test.
+) -> TrainResult:
+    """Train ``model`` (a sparse prompt model or a baseline) on all of train, evaluate on
+    dev as ``settings`` say, keep the dev-best weights and score them on test.
 
     ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in here).
     """
     config, r = prep.config, settings
-    optim = OptimSettings(lr=r.lr, weight_decay=r.weight_decay, grad_clip=r.grad_clip)
-    trainer = Trainer(model, optim, config.seed, prep.device, config.runtime.precision)
+    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision)
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
     metric = config.task.metric
-    best: dict[str, Any] = {"score": None, "state": None, "step": 0, "dev": None}
-    started = time.perf_counter()
-    bar = _progress(total, 0, desc, progress and distributed.is_main())
-    step_no, smooth, dev_score = 0, float("nan"), float("nan")
-    for step in iterate_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, TrainState()):
-        stats = trainer.train_omega(prep.train, step.omega, step_no)
-        step_no += 1
-        if (r.eval_every and step_no % r.eval_every == 0) or (not r.eval_every and step.last) or step_no == total:
-            dev = prep.evaluate(trainer, prep.dev)
-            dev_score = dev[metric]
-            if best["score"] is None or dev_score > best["score"]:
-                state = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
-                best.update(score=dev_score, step=step_no, dev=dev, state=state)
-            if on_eval is not None:
-                on_eval(step_no, dev_score)
-        smooth = _ema(smooth, stats["loss"])
-        bar.set_postfix_str(f"ep {step.epoch + 1}/{r.epochs} loss {smooth:.3f} dev {metric} {dev_score:.4f}")
-        bar.update(1)
-    bar.close()
-    model.load_state_dict(best["state"], strict=False)
+    dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval)
+
+    def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
+        return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
+
+    progress_bar = Progress(total, desc, describe, enabled=progress and distributed.is_main())
+    state = trainer.fit(steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs),
+                        [dev, progress_bar])
     test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
-    seconds = time.perf_counter() - started
-    return RetrainResult(best["dev"], test, model.num_trainable_parameters(), seconds, step_no, best["step"])
+    return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
 
 
 def run_retrain(
     prep: Prepared, mask: LayerMask, run: RunDir, progress: bool = True, supernet_dir: Path | None = None,
     on_eval: Callable[[int, float], None] | None = None,
-) -> RetrainResult:
+) -> TrainResult:
     """Train the sparse model of ``mask`` on all of train; keep the best dev weights."""
     r = prep.config.retrain
     model = build_sparse(prep, mask.selected_layers)
@@ -350,7 +268,7 @@ def run_retrain(
         source = supernet_dir or run.file("supernet")
         supernet = load_prompt_model(source, backbone=prep.backbone)
         if not isinstance(supernet, PromptSupernet):
-            raise UserError(f"retrain.init_from_supernet: {source} holds no supernet")
+            raise UserError("retrain.init_from_supernet", f"{source} holds no supernet")
         model.load_generators_from(supernet)
     logger.info(
         "retrain: layers %s of %s, %d trainable parameters, %d steps",
@@ -363,10 +281,36 @@ def run_retrain(
     return result
 
 
+# ---------------------------------------------------------------------- the whole job
+
+
+def search_and_select(prep: Prepared, run: RunDir, progress: bool = True) -> LayerMask:
+    """Search (unless ``run`` holds a finished search), then select and write ``layer_mask.json``."""
+    if not run.done("search"):
+        run_search(prep, run, progress=progress)
+    mask = select_from_run(run, prep.config, backbone=prep.backbone)
+    if distributed.is_main():
+        write_mask(mask, run.file("layer_mask.json"), force=True)
+    return mask
+
+
+def run_job(prep: Prepared, run: RunDir, progress: bool = True,
+            on_eval: Callable[[int, float], None] | None = None) -> tuple[LayerMask, dict[str, Any] | None]:
+    """``spt run`` (and each ``spt hpo`` trial): search, select, retrain, write ``metrics.json``."""
+    mask = search_and_select(prep, run, progress)
+    search = run.status().get("search", {})
+    result = run_retrain(prep, mask, run, progress=progress, on_eval=on_eval)
+    metrics = None
+    if distributed.is_main():
+        metrics = write_metrics(run, prep.config, mask, result, search.get("seconds"))
+        run.mark("retrain", seconds=round(result.seconds, 3))
+    return mask, metrics
+
+
 # ---------------------------------------------------------------------- reports
 
 
-def write_metrics(run: RunDir, config: RunConfig, mask: LayerMask, result: RetrainResult, search_seconds: float | None) -> dict[str, Any]:
+def write_metrics(run: RunDir, config: RunConfig, mask: LayerMask, result: TrainResult, search_seconds: float | None) -> dict[str, Any]:
     metrics = {
         "task": config.task.name,
         "metric": config.task.metric,
@@ -379,9 +323,7 @@ def write_metrics(run: RunDir, config: RunConfig, mask: LayerMask, result: Retra
         "retrain_steps": result.steps,
         "best_dev_step": result.best_step,
     }
-    tmp = run.file("metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, run.file("metrics.json"))
+    write_json_atomic(run.file("metrics.json"), metrics)
     return metrics
 
 

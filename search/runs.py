@@ -93,11 +93,11 @@ def open_run_dir(
     path = Path(out) if out is not None else default_run_path(config.task.name)
     run = RunDir(path)
     if path.exists() and not path.is_dir():
-        raise UserError(f"--out: {path} is a file, not a directory")
+        raise UserError("--out", f"{path} is a file, not a directory")
     if path.is_dir() and any(path.iterdir()):
         recorded = run.recorded_config()
         if recorded is None:
-            raise UserError(f"--out: {path} is not empty and is not an spt run directory; choose a new or empty directory")
+            raise UserError("--out", f"{path} is not empty and is not an spt run directory; choose a new or empty directory")
         if force:
             run.clear = True
         else:
@@ -112,7 +112,7 @@ def open_run_dir(
                     "choose another --out, or pass --force to replace that run"
                 )
             if all(run.done(stage) for stage in stages):
-                raise UserError(f"--out: {path} already holds this finished run; pass --force to run it again")
+                raise UserError("--out", f"{path} already holds this finished run; pass --force to run it again")
             run.resume = True
     return create_run_dir(run, config) if create else run
 

@@ -60,7 +60,7 @@ def choose_k(num_candidates: int, k: int | None, budget: int | None, per_generat
     """How many layers to keep: ``k`` itself, or the most generators that fit ``budget``."""
     if k is not None:
         if k > num_candidates:
-            raise UserError(f"select.k: K={k} is larger than the {num_candidates} candidate layers")
+            raise UserError("select.k", f"K={k} is larger than the {num_candidates} candidate layers")
         return k
     assert budget is not None
     fit = min(num_candidates, budget // per_generator)
@@ -106,7 +106,7 @@ def select_layers(
 
 def write_mask(mask: LayerMask, path: Path, force: bool = False) -> None:
     if path.exists() and not force:
-        raise UserError(f"--out: {path} already exists; pass --force to overwrite it")
+        raise UserError("--out", f"{path} already exists; pass --force to overwrite it")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(mask.to_json(), indent=2) + "\n")
     tmp.replace(path)
@@ -117,45 +117,45 @@ def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | N
     path = Path(path)
     where = f"mask {path}"
     if not path.is_file():
-        raise UserError(f"{where}: file does not exist")
+        raise UserError(where, "file does not exist")
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{where}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        raise UserError(where, f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict) or data.get("format") != MASK_FORMAT:
-        raise UserError(f"{where}: field format must be {MASK_FORMAT!r}; is this a layer mask?")
+        raise UserError(where, f"field format must be {MASK_FORMAT!r}; is this a layer mask?")
     if data.get("version") != MASK_VERSION:
-        raise UserError(f"{where}: field version is {data.get('version')!r}; this spt-search reads version {MASK_VERSION}")
+        raise UserError(where, f"field version is {data.get('version')!r}; this spt-search reads version {MASK_VERSION}")
     required = [f for f in LayerMask.__dataclass_fields__ if f not in ("format", "version")]
     missing = [f for f in required if f not in data]
     if missing:
-        raise UserError(f"{where}: missing field {missing[0]!r}")
+        raise UserError(where, f"missing field {missing[0]!r}")
     unknown = sorted(set(data) - set(LayerMask.__dataclass_fields__))
     if unknown:
-        raise UserError(f"{where}: unknown field {unknown[0]!r}")
+        raise UserError(where, f"unknown field {unknown[0]!r}")
     mask = LayerMask(**data)
     n = mask.num_layers
     if not isinstance(n, int) or n < 1:
-        raise UserError(f"{where}: field num_layers must be a positive integer, got {n!r}")
+        raise UserError(where, f"field num_layers must be a positive integer, got {n!r}")
     if len(mask.mask) != n or any(v not in (0, 1) for v in mask.mask):
-        raise UserError(f"{where}: field mask must be {n} values of 0/1, got {mask.mask}")
+        raise UserError(where, f"field mask must be {n} values of 0/1, got {mask.mask}")
     if sorted(i for i, v in enumerate(mask.mask) if v) != sorted(mask.selected_layers):
-        raise UserError(f"{where}: fields mask and selected_layers disagree ({mask.mask} vs {mask.selected_layers})")
+        raise UserError(where, f"fields mask and selected_layers disagree ({mask.mask} vs {mask.selected_layers})")
     if not mask.selected_layers:
-        raise UserError(f"{where}: field selected_layers is empty")
+        raise UserError(where, "field selected_layers is empty")
     if not set(mask.selected_layers) <= set(mask.candidate_layers):
-        raise UserError(f"{where}: selected_layers {mask.selected_layers} are not all in candidate_layers {mask.candidate_layers}")
+        raise UserError(where, f"selected_layers {mask.selected_layers} are not all in candidate_layers {mask.candidate_layers}")
     if len(mask.scores) != len(mask.candidate_layers):
-        raise UserError(f"{where}: field scores has {len(mask.scores)} values for {len(mask.candidate_layers)} candidate layers")
+        raise UserError(where, f"field scores has {len(mask.scores)} values for {len(mask.candidate_layers)} candidate layers")
     if mask.k != len(mask.selected_layers):
-        raise UserError(f"{where}: field k={mask.k} but {len(mask.selected_layers)} layers are selected")
+        raise UserError(where, f"field k={mask.k} but {len(mask.selected_layers)} layers are selected")
     if backbone is not None and mask.backbone != backbone:
         raise UserError(
             f"{where}: made for backbone {mask.backbone!r}, but the config uses {backbone!r}; "
             f"retrain with --set model.backbone={mask.backbone} or search again for this backbone"
         )
     if num_layers is not None and n != num_layers:
-        raise UserError(f"{where}: made for {n} layers, but the backbone has {num_layers}")
+        raise UserError(where, f"made for {n} layers, but the backbone has {num_layers}")
     return mask
 
 
@@ -168,19 +168,19 @@ GATES_HEADER = ["step", "epoch", "layer", "alpha"]
 def read_gate_history(path: Path) -> list[dict[str, Any]]:
     """Rows of ``gates.csv`` as dicts with typed values."""
     if not path.is_file():
-        raise UserError(f"{path.parent}: no gate history ({path.name}); is it a finished or running search directory?")
+        raise UserError(path.parent, f"no gate history ({path.name}); is it a finished or running search directory?")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames != GATES_HEADER:
-            raise UserError(f"{path}: header must be {','.join(GATES_HEADER)}, got {reader.fieldnames}")
+            raise UserError(path, f"header must be {','.join(GATES_HEADER)}, got {reader.fieldnames}")
         rows = []
         for line_no, row in enumerate(reader, start=2):
             try:
                 rows.append({"step": int(row["step"]), "epoch": int(row["epoch"]), "layer": int(row["layer"]), "alpha": float(row["alpha"])})
             except (TypeError, ValueError):
-                raise UserError(f"{path} line {line_no}: not a valid gate row: {row}") from None
+                raise UserError(f"{path} line {line_no}", f"not a valid gate row: {row}") from None
     if not rows:
-        raise UserError(f"{path}: the gate history is empty; the search logged no step")
+        raise UserError(path, "the gate history is empty; the search logged no step")
     return rows
 
 
@@ -194,5 +194,5 @@ def final_scores(rows: list[dict[str, Any]], candidates: list[int], average_last
             by_layer[r["layer"]].append(r["alpha"])
     missing = [c for c, v in by_layer.items() if not v]
     if missing:
-        raise UserError(f"gates.csv: no gate values for layers {missing} in the last {average_last} logged steps")
+        raise UserError("gates.csv", f"no gate values for layers {missing} in the last {average_last} logged steps")
     return [sum(v) / len(v) for v in (by_layer[c] for c in candidates)]

@@ -25,20 +25,21 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from spt.backbone import FAMILIES
 from spt.errors import UserError
+from spt.heads import head_parameter_count
 
 from .baselines import PEFT_METHODS, build_baseline
 from .config import RetrainConfig
 from .pipeline import Prepared, SearchResult, build_sparse, run_search, select_from_run, train_and_evaluate
 from .runs import RunDir
+from .schedule import steps_per_epoch
 from .selection import LayerMask, generator_parameters, select_layers
-from .trainer import steps_per_epoch
 
 logger = logging.getLogger("spt")
 
@@ -85,8 +86,67 @@ def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None) 
         backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates, scores=scores,
         k=len(layers), budget=None,
         per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
-        head_params=backbone.hidden_size * len(prep.data.labels) + len(prep.data.labels),
+        head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(prep.data.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
+    )
+
+
+@dataclass
+class ResultRow:
+    """One trained result of a strategy at one seed: a row of ``compare.csv`` and of the benchmarks."""
+
+    strategy: str
+    seed: int
+    draw: str
+    layers: list[int] | str  # the selected layers, or "-" for a baseline without a layer mask
+    dev: float
+    test: float
+    trainable_params: int
+    search_steps: int
+    search_seconds: float
+    train_steps: int
+    train_seconds: float
+    note: str = ""
+    scores: list[float] | None = None  # the strategy's per-layer scores (gates for spt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def strategy_results(strategy: Strategy, prep: Prepared, ctx: Context, done: set[str] = frozenset(),
+                     on_proposal: Callable[[Proposal], None] | None = None) -> Iterator[ResultRow]:
+    """Train every result of ``strategy`` at ``prep``'s seed the same way and yield one row each.
+
+    Mask strategies propose layer masks whose sparse models are trained with the
+    ``retrain`` settings; model strategies (PEFT, fine-tuning) build a model trained with
+    their own learning rate. Results whose label is in ``done`` are skipped (a resumed
+    comparison); ``on_proposal`` sees each mask before its model is trained.
+    """
+    metric, seed = prep.config.task.metric, prep.config.seed
+    if strategy.produces_mask:
+        for proposal in strategy.propose(prep, ctx):
+            if proposal.label in done:
+                continue
+            if on_proposal is not None:
+                on_proposal(proposal)
+            model = build_sparse(prep, proposal.mask.selected_layers)
+            result = train_and_evaluate(prep, model, prep.config.retrain, progress=ctx.progress, desc=f"{strategy.name} s{seed}")
+            yield _row(strategy.name, seed, proposal.label, proposal.mask.selected_layers, result, metric, proposal.compute,
+                       scores=proposal.mask.scores)
+    elif "" not in done:
+        model = strategy.build_model(prep, ctx)
+        head = sum(p.numel() for p in model.head.parameters())
+        result = train_and_evaluate(prep, model, strategy.train_settings(prep), progress=ctx.progress, desc=f"{strategy.name} s{seed}")
+        yield _row(strategy.name, seed, "", "-", result, metric, Compute(), note=f"{result.trainable_params - head:,} method params")
+
+
+def _row(strategy: str, seed: int, label: str, layers: list[int] | str, result, metric: str, compute: Compute,
+         note: str = "", scores: list[float] | None = None) -> ResultRow:
+    return ResultRow(
+        strategy=strategy, seed=seed, draw=label, layers=layers, dev=round(result.dev[metric], 6),
+        test=round(result.test[metric], 6), trainable_params=result.trainable_params, search_steps=compute.steps,
+        search_seconds=round(compute.seconds, 3), train_steps=result.steps, train_seconds=round(result.seconds, 3),
+        note=note, scores=scores,
     )
 
 
@@ -214,7 +274,7 @@ def make_sampler(name: str, seed: int):
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
     }
     if name not in samplers:
-        raise UserError(f"compare.optuna_sampler: unknown sampler {name!r}; choose one of {', '.join(samplers)}")
+        raise UserError("compare.optuna_sampler", f"unknown sampler {name!r}; choose one of {', '.join(samplers)}")
     return samplers[name]()
 
 
@@ -269,7 +329,7 @@ class OptunaStrategy(Strategy):
 
         study.optimize(objective, n_trials=cfg.optuna_trials)
         if not scored:
-            raise UserError("strategy optuna: every trial was pruned; raise compare.optuna_trials or set compare.optuna_pruner: none")
+            raise UserError("strategy optuna", "every trial was pruned; raise compare.optuna_trials or set compare.optuna_pruner: none")
         best = max(scored.values(), key=lambda t: t["dev"])
         mask = _mask(prep, best["layers"])
         mask.scores = [round(max((t["dev"] for t in scored.values() if c in t["layers"]), default=0.0), 6) for c in candidates]
@@ -286,7 +346,7 @@ class BaselineStrategy(Strategy):
 
     def check(self, prep: Prepared, ctx: Context) -> None:
         if prep.config.head.type != "classifier":
-            raise UserError(f"strategy {self.name}: baselines use the classifier head; set head.type: classifier")
+            raise UserError(f"strategy {self.name}", "baselines use the classifier head; set head.type: classifier")
         if self.name == "peft-prefix" and not FAMILIES[prep.backbone.config.model_type].peft_prefix:
             raise UserError(
                 f"strategy peft-prefix: PEFT prefix tuning cannot serve {prep.backbone.config.model_type} backbones "
@@ -297,7 +357,7 @@ class BaselineStrategy(Strategy):
             try:
                 import peft  # noqa: F401
             except ImportError:
-                raise UserError(f"strategy {self.name}: needs the peft package: pip install 'spt-search[peft]'") from None
+                raise UserError(f"strategy {self.name}", "needs the peft package: pip install 'spt-search[peft]'") from None
 
     def build_model(self, prep: Prepared, ctx: Context):
         config = prep.config
@@ -331,5 +391,5 @@ STRATEGIES: dict[str, Strategy] = {
 
 def get_strategy(name: str) -> Strategy:
     if name not in STRATEGIES:
-        raise UserError(f"--strategies: unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+        raise UserError("--strategies", f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
     return STRATEGIES[name]

@@ -1,45 +1,36 @@
-"""One trainer for the supernet search and for sparse-model training.
+"""One trainer for the supernet search, the sparse model and every baseline.
 
-* ``omega`` steps train generators and head (the supernet's with the architecture-
-  consistency loss: a sampled Bernoulli mask, a masked and a full pass of the same batch,
-  ``beta * MSE`` between their representations);
-* ``arch`` steps train the gate logits on D2 batches with ``omega`` fixed.
+:meth:`Trainer.fit` runs a schedule of steps. Each step updates the weights ``omega``
+(generators and head, or a baseline's parameters) on a D1 batch; in search epochs the
+model's :class:`~search.architect.Architect` then updates the gate logits on a D2 batch.
+What happens around the steps (gate history, checkpoints, dev evaluation and best
+weights, progress, metric history, stopping) is done by callbacks
+(:mod:`search.callbacks`).
 
-Every step reseeds torch from ``(seed, step)`` and every epoch's order comes from
-``(seed, epoch)``, so a run resumed from a checkpoint takes exactly the steps an
-uninterrupted run takes.
+Every step reseeds torch from ``(seed, step)`` (see :mod:`search.schedule`), so a run
+resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-import random
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
 
-from spt.gates import sample_architecture_mask
-from spt.model import PromptModel, PromptSupernet
+from spt.trainable import TrainableModel
 
 from . import distributed
-from .batches import EncodedSplit, batch_indices, collate
+from .architect import Architect
+from .batches import EncodedSplit, collate
+from .config import RetrainConfig, SearchConfig
+from .losses import TrainingLoss, task_loss
 from .metrics import compute_metrics
-
-
-@dataclass
-class OptimSettings:
-    """Optimisation settings shared by the search and retraining."""
-
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    grad_clip: float = 1.0
-    arch_lr: float = 5e-2
-    arch_weight_decay: float = 0.0
-    consistency_weight: float = 1.0
-    mask_prob: float = 0.5
+from .schedule import ScheduledStep, batch_indices, step_seed
 
 
 @dataclass
@@ -49,128 +40,126 @@ class TrainState:
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    best_score: float | None = None
-    extra: dict = field(default_factory=dict)
+    seconds: float = 0.0  # training time so far, across resumptions
+    stop: bool = False  # set by a callback to end training early
+
+    def advance(self, step: ScheduledStep) -> None:
+        self.step += 1
+        self.batch_in_epoch = step.index + 1
+        if step.last:
+            self.epoch, self.batch_in_epoch = step.epoch + 1, 0
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
 
 
-def step_seed(seed: int, step: int, stream: int = 0) -> int:
-    """A distinct, reproducible seed for each (seed, step, stream)."""
-    return (seed * 1_000_003 + step * 7_919 + stream * 104_729) % (2**63 - 1)
+class Callback:
+    """Hooks around :meth:`Trainer.fit`; ``stats`` hold detached tensors (read them only when needed)."""
 
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None: ...
 
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    order = list(range(n))
-    random.Random(step_seed(seed, epoch, stream=17)).shuffle(order)
-    return order
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict[str, torch.Tensor]) -> None: ...
+
+    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None: ...
 
 
 class Trainer:
-    """Holds the model, its optimizers and the step functions."""
+    """The model, its weight optimizer, its architect (supernets) and the step functions.
+
+    ``settings`` is the config section that trains the model (``search`` or ``retrain``,
+    or a copy with another learning rate for a baseline): ``lr``, ``weight_decay`` and
+    ``grad_clip`` are read from it, and a supernet's architect reads the ``arch_*`` fields.
+    """
 
     def __init__(
-        self, model: PromptModel, settings: OptimSettings, seed: int, device: torch.device | str = "cpu",
-        precision: str = "fp32",
+        self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
+        device: torch.device | str = "cpu", precision: str = "fp32", loss: TrainingLoss = task_loss,
     ) -> None:
-        self.model = model.to(device)
-        self.settings = settings
-        self.seed = seed
         self.device = torch.device(device)
+        self.model = model.to(self.device)
+        self.settings = settings
+        self.train_split = train
+        self.seed = seed
         self.precision = precision
-        self.omega_params = model.weight_parameters()
-        self.omega_opt = torch.optim.AdamW(self.omega_params, lr=settings.lr, weight_decay=settings.weight_decay)
-        self.is_supernet = isinstance(model, PromptSupernet)
-        self.arch_params: list[nn.Parameter] = model.architecture_parameters() if self.is_supernet else []
-        self.arch_opt = (
-            torch.optim.Adam(self.arch_params, lr=settings.arch_lr, betas=(0.5, 0.999), weight_decay=settings.arch_weight_decay)
-            if self.is_supernet
-            else None
-        )
-        distributed.broadcast_parameters(self.omega_params + self.arch_params)
+        self.loss = loss
+        self.weights = model.weight_parameters()
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
+        self.architect = Architect(self, settings) if model.architecture_parameters() else None
+        distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self, steps: Iterable[ScheduledStep], callbacks: list[Callback], state: TrainState | None = None) -> TrainState:
+        """Run ``steps`` from ``state`` (a fresh start by default); the bi-level loop of SPT-DARTS."""
+        state = state or TrainState()
+        for callback in callbacks:
+            callback.on_fit_start(self, state)
+        for step in steps:
+            if state.stop:
+                break
+            started = time.perf_counter()
+            stats = self.weight_step(step.omega, state.step)
+            if step.arch is not None and self.architect is not None:
+                stats.update(self.architect.step(step.arch, state.step))
+            state.advance(step)
+            state.seconds += time.perf_counter() - started
+            for callback in callbacks:
+                callback.on_step_end(self, state, step, stats)
+        for callback in callbacks:
+            callback.on_fit_end(self, state)
+        return state
 
     # ------------------------------------------------------------------ steps
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast for forward passes when asked; weights and optimizer stay fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+    def weight_step(self, indices: list[int], step: int) -> dict[str, torch.Tensor]:
+        """One update of ``omega`` on the global batch ``indices`` (this rank's share under torchrun)."""
+        torch.manual_seed(step_seed(self.seed, step, stream=1))
+        self.model.train()
+        batch, scale = self.local_batch(indices)
+        stats: dict[str, torch.Tensor] = {}
+        if batch is not None:  # a rank whose share of a small last batch is empty only joins the all-reduce
+            with self.training(self.weights):
+                terms = self.loss(self, batch, step)
+                (terms["loss"] * scale).backward()
+            stats = {k: v.detach() for k, v in terms.items()}
+        self.clip_and_step(self.optimizer, self.weights)
+        return stats
+
+    def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
+        """This rank's share of a global batch, and the loss weight of that share."""
+        local = distributed.shard(indices)
+        batch = collate(self.train_split, local, self.device) if local else None
+        return batch, distributed.loss_scale(len(local), len(indices))
 
     @contextlib.contextmanager
-    def _only_train(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Let autograd compute weight gradients only for ``params`` (inputs still get theirs)."""
+    def training(self, params: list[nn.Parameter]) -> Iterator[None]:
+        """Autocast (bf16 when asked) with weight gradients computed for ``params`` only."""
         chosen = {id(p) for p in params}
-        others = [p for p in self.omega_params + self.arch_params if id(p) not in chosen]
+        others = [p for p in self.weights + (self.architect.params if self.architect else []) if id(p) not in chosen]
         for p in others:
             p.requires_grad_(False)
         try:
-            yield
+            with self.autocast():
+                yield
         finally:
             for p in others:
                 p.requires_grad_(True)
 
-    def _clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> float:
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast when ``precision`` is bf16; otherwise nothing (an outer autocast stays in force)."""
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
         distributed.average_gradients(params)  # no-op in a single process
-        norm = 0.0
         if self.settings.grad_clip > 0:
-            norm = float(nn.utils.clip_grad_norm_(params, self.settings.grad_clip))
+            nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return norm
-
-    def train_omega(self, split: EncodedSplit, indices: list[int], step: int) -> dict[str, float]:
-        """An omega step on the global batch ``indices`` (this rank's share of it under torchrun)."""
-        local = distributed.shard(indices)
-        batch = collate(split, local, self.device) if local else None
-        return self.omega_step(batch, step, distributed.loss_scale(len(local), len(indices)))
-
-    def train_arch(self, split: EncodedSplit, indices: list[int], step: int) -> dict[str, float]:
-        """A gate step on the global batch ``indices`` (this rank's share of it under torchrun)."""
-        local = distributed.shard(indices)
-        batch = collate(split, local, self.device) if local else None
-        return self.arch_step(batch, step, distributed.loss_scale(len(local), len(indices)))
-
-    def omega_step(self, batch: dict[str, torch.Tensor] | None, step: int, scale: float = 1.0) -> dict[str, float]:
-        """One generator/head update; the supernet's with the consistency loss.
-
-        ``scale`` weights this process's loss by its share of the global batch; ``batch``
-        is None for a rank whose share of a small last batch is empty.
-        """
-        torch.manual_seed(step_seed(self.seed, step, stream=1))
-        self.model.train()
-        stats = {"loss": float("nan"), "task_loss": float("nan"), "consistency": float("nan")}
-        if batch is not None:
-            with self._only_train(self.omega_params), self._autocast():
-                stats = self._omega_loss(batch, step, scale)
-        self._clip_and_step(self.omega_opt, self.omega_params)
-        return stats
-
-    def _omega_loss(self, batch: dict[str, torch.Tensor], step: int, scale: float) -> dict[str, float]:
-        labels = batch["labels"]
-        beta = self.settings.consistency_weight
-        if self.is_supernet and beta > 0:
-            gen = torch.Generator().manual_seed(step_seed(self.seed, step, stream=2))
-            mask = sample_architecture_mask(len(self.model.candidate_layers), self.settings.mask_prob, gen)
-            full, masked = self.model.forward_consistency(batch, mask)
-            task_loss = nn.functional.cross_entropy(full.logits.float(), labels)
-            consistency = nn.functional.mse_loss(masked.representation.float(), full.representation.float())
-            loss = task_loss + beta * consistency
-        else:
-            task_loss = nn.functional.cross_entropy(self.model(batch).logits.float(), labels)
-            consistency = torch.zeros(())
-            loss = task_loss
-        (loss * scale).backward()
-        return {"loss": loss.item(), "task_loss": task_loss.item(), "consistency": consistency.item()}
-
-    def arch_step(self, batch: dict[str, torch.Tensor] | None, step: int, scale: float = 1.0) -> dict[str, float]:
-        """One gate-logit update on a D2 batch, generators and head fixed."""
-        torch.manual_seed(step_seed(self.seed, step, stream=3))
-        self.model.train()
-        arch_loss = float("nan")
-        if batch is not None:
-            with self._only_train(self.arch_params), self._autocast():
-                loss = nn.functional.cross_entropy(self.model(batch).logits.float(), batch["labels"])
-                (loss * scale).backward()
-            arch_loss = loss.item()
-        self._clip_and_step(self.arch_opt, self.arch_params)
-        return {"arch_loss": arch_loss}
 
     # ------------------------------------------------------------------ evaluation
 
@@ -182,7 +171,7 @@ class Trainer:
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
             batch = collate(split, indices, self.device)
-            with self._autocast():
+            with self.autocast():
                 logits = self.model(batch).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
             local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
@@ -199,61 +188,8 @@ class Trainer:
     # ------------------------------------------------------------------ state
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
-        opts = {"omega": self.omega_opt}
-        if self.arch_opt is not None:
-            opts["arch"] = self.arch_opt
+        """The optimizers a checkpoint saves, by name."""
+        opts = {"omega": self.optimizer}
+        if self.architect is not None:
+            opts["arch"] = self.architect.optimizer
         return opts
-
-
-# ---------------------------------------------------------------------- schedules
-
-
-@dataclass(frozen=True)
-class ScheduledStep:
-    """One step of a schedule: a D1 (omega) batch and, in search epochs, a D2 (arch) batch."""
-
-    epoch: int
-    index: int  # position within the epoch
-    omega: list[int]
-    arch: list[int] | None
-    last: bool  # the epoch's final step
-
-
-def search_schedule(n_train: int, epochs: int, warmup_epochs: int, batch_size: int, d1_fraction: float, seed: int, epoch: int) -> list[ScheduledStep]:
-    """The steps of one search epoch: warm-up epochs use all of train for omega only;
-    later epochs split a fresh shuffle into D1 (omega) and D2 (arch), cycling D2 as needed."""
-    order = epoch_order(n_train, seed, epoch)
-    if epoch < warmup_epochs:
-        return _steps(epoch, list(batch_indices(order, batch_size)))
-    n1 = min(n_train - 1, max(1, round(d1_fraction * n_train)))
-    d1, d2 = order[:n1], order[n1:]
-    d1_batches = list(batch_indices(d1, batch_size))
-    d2_batches = list(batch_indices(d2, batch_size))
-    return _steps(epoch, d1_batches, [d2_batches[i % len(d2_batches)] for i in range(len(d1_batches))])
-
-
-def plain_schedule(n_train: int, batch_size: int, seed: int, epoch: int) -> list[ScheduledStep]:
-    """The steps of one retraining epoch over the whole training set."""
-    return _steps(epoch, list(batch_indices(epoch_order(n_train, seed, epoch), batch_size)))
-
-
-def _steps(epoch: int, omega: list[list[int]], arch: list[list[int]] | None = None) -> list[ScheduledStep]:
-    last = len(omega) - 1
-    return [ScheduledStep(epoch, i, b, arch[i] if arch else None, i == last) for i, b in enumerate(omega)]
-
-
-def steps_per_epoch(n_train: int, batch_size: int, d1_fraction: float | None = None) -> int:
-    if d1_fraction is None:
-        return math.ceil(n_train / batch_size)
-    n1 = min(n_train - 1, max(1, round(d1_fraction * n_train)))
-    return math.ceil(n1 / batch_size)
-
-
-def iterate_from(
-    schedule_for_epoch: Callable[[int], list[ScheduledStep]], epochs: int, state: TrainState
-) -> Iterator[ScheduledStep]:
-    """The remaining steps from ``state`` on (skipping what a checkpoint already covers)."""
-    for epoch in range(state.epoch, epochs):
-        steps = schedule_for_epoch(epoch)
-        start = state.batch_in_epoch if epoch == state.epoch else 0
-        yield from steps[start:]

@@ -181,7 +181,7 @@ class Backbone(nn.Module):
     def mlm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits of the frozen MLM head for hidden states ``(..., d)``."""
         if self.mlm_head is None:
-            raise UserError(f"head.type: backbone {self.name!r} was loaded without an MLM head")
+            raise UserError("head.type", f"backbone {self.name!r} was loaded without an MLM head")
         if self._electra_mlm_decoder is not None:
             return self._electra_mlm_decoder(self.mlm_head(hidden))
         return self.mlm_head(hidden)

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from .errors import ConfigError
 from .generator import ACTIVATIONS
+from .typed import Section
 
 
 @dataclass
-class PromptConfig:
+class PromptConfig(Section):
     """How prompts are generated and inserted.
 
     Attributes:
@@ -38,23 +39,23 @@ class PromptConfig:
     gate_init: float = 0.0
     candidate_layers: list[int] | None = None
 
-    def validate(self, num_layers: int | None = None, hidden_size: int | None = None) -> None:
-        """Raise :class:`ConfigError` naming the first bad field."""
-        if self.length < 1:
-            raise ConfigError("prompt.length", f"must be at least 1, got {self.length}")
-        if self.bottleneck < 1:
-            raise ConfigError("prompt.bottleneck", f"must be at least 1, got {self.bottleneck}")
-        if self.activation not in ACTIVATIONS:
-            raise ConfigError("prompt.activation", f"unknown {self.activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("prompt.dropout", f"must be in [0, 1), got {self.dropout}")
-        if self.discard not in (0, 1):
-            raise ConfigError("prompt.discard", f"must be 0 (add) or 1 (replace), got {self.discard}")
+    SECTION: ClassVar[str] = "prompt"
+
+    def check(self) -> None:
+        self.positive("length", "bottleneck", "phm_n")
+        self.one_of("activation", tuple(sorted(ACTIVATIONS)))
+        self.require("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+        self.require("discard", self.discard in (0, 1), "0 (add) or 1 (replace)")
         if self.candidate_layers is not None:
             if not self.candidate_layers:
                 raise ConfigError("prompt.candidate_layers", "is empty; give at least one layer or null for all")
             if len(set(self.candidate_layers)) != len(self.candidate_layers):
                 raise ConfigError("prompt.candidate_layers", f"has duplicates: {self.candidate_layers}")
+
+    def validate(self, num_layers: int | None = None, hidden_size: int | None = None) -> None:
+        """Check the fields against a backbone with ``num_layers`` layers of width ``hidden_size``."""
+        self.check()
+        if self.candidate_layers is not None:
             if num_layers is not None:
                 bad = [i for i in self.candidate_layers if not 0 <= i < num_layers]
                 if bad:
@@ -73,7 +74,7 @@ class PromptConfig:
 
 
 @dataclass
-class HeadConfig:
+class HeadConfig(Section):
     """The trainable (classifier) or frozen (MLM verbalizer) head.
 
     Attributes:
@@ -88,18 +89,20 @@ class HeadConfig:
     """
 
     type: str = "classifier"
-    pooling: str = "cls"
+    pooling: str = "mean"
     dropout: float = 0.1
     template: str | None = None
     label_words: dict[str, str] | None = None
 
+    SECTION: ClassVar[str] = "head"
+
+    def check(self) -> None:
+        self.one_of("type", ("classifier", "mlm"))
+        self.one_of("pooling", ("cls", "mean"))
+        self.require("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
+
     def validate(self, labels: list[str] | None = None) -> None:
-        if self.type not in ("classifier", "mlm"):
-            raise ConfigError("head.type", f"must be 'classifier' or 'mlm', got {self.type!r}")
-        if self.pooling not in ("cls", "mean"):
-            raise ConfigError("head.pooling", f"must be 'cls' or 'mean', got {self.pooling!r}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError("head.dropout", f"must be in [0, 1), got {self.dropout}")
+        """Check the MLM settings (template, one label word per label)."""
         if self.type == "mlm":
             if not self.template or "{mask}" not in self.template or "{text_a}" not in self.template:
                 raise ConfigError("head.template", "an mlm head needs a template with {text_a} and {mask}, e.g. '{text_a} It was {mask}.'")
@@ -113,6 +116,8 @@ class HeadConfig:
 
 def config_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:
     """Build dataclass ``cls`` from a mapping, naming unknown keys as errors."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(section, f"must be a mapping of fields, got {type(data).__name__}")
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)

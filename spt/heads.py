@@ -71,6 +71,11 @@ def label_word_ids(tokenizer, label_words: dict[str, str], labels: list[str]) ->
     return ids
 
 
+def head_parameter_count(head_type: str, hidden_size: int, num_labels: int) -> int:
+    """Trainable parameters of a head: a classifier's linear layer; none for the frozen MLM head."""
+    return 0 if head_type == "mlm" else hidden_size * num_labels + num_labels
+
+
 def build_head(backbone: Backbone, config: HeadConfig, labels: list[str]) -> nn.Module:
     """The head described by ``config`` for ``labels``."""
     config.validate(labels)

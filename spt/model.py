@@ -16,8 +16,6 @@ consistency passes (masked and full) run as one batch of ``2B``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -26,14 +24,7 @@ from .config import HeadConfig, PromptConfig
 from .errors import ConfigError
 from .gates import LayerGates
 from .generator import PromptGenerator, adaptive_pool_weights
-
-
-@dataclass
-class PromptOutput:
-    """Label scores and the representation ``h`` they were computed from."""
-
-    logits: torch.Tensor
-    representation: torch.Tensor
+from .trainable import PromptOutput, TrainableMixin
 
 
 def run_prompted_layers(
@@ -111,7 +102,7 @@ def _slot_outputs_unused(i: int, num_layers: int, generators: dict, gate: torch.
     return discard == 1 and nxt in generators and bool(active[:, nxt].all()) and bool((gate[:, nxt] == 1).all())
 
 
-class PromptModel(nn.Module):
+class PromptModel(TrainableMixin, nn.Module):
     """Shared part of the supernet and the sparse model: backbone, generators, head."""
 
     def __init__(
@@ -162,17 +153,6 @@ class PromptModel(nn.Module):
         super().train(mode)
         self.backbone.train(False)
         return self
-
-    def trainable_parameters(self) -> dict[str, nn.Parameter]:
-        """Generators, gates and head: every parameter outside the frozen backbone."""
-        return {n: p for n, p in self.named_parameters() if not n.startswith("backbone.")}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """Only the trainable tensors: what gets saved."""
-        return {n: p.detach() for n, p in self.trainable_parameters().items()}
-
-    def num_trainable_parameters(self) -> int:
-        return sum(p.numel() for p in self.trainable_parameters().values())
 
     def weight_parameters(self) -> list[nn.Parameter]:
         """``omega``: generator and head parameters."""

@@ -14,11 +14,12 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import UserError
+from .files import save_tensors_atomic, write_json_atomic
 from .heads import build_head
 from .model import PromptModel, PromptSupernet, SparsePromptModel
 
@@ -28,27 +29,14 @@ CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_weights.safetensors"
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON through a temporary file so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 def load_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """Read a safetensors file; a missing or corrupt file is a :class:`UserError`."""
     if not path.is_file():
-        raise UserError(f"{what}: {path} does not exist")
+        raise UserError(what, f"{path} does not exist")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(f"{what}: {path} is corrupt or not a safetensors file ({exc})") from None
+        raise UserError(what, f"{path} is corrupt or not a safetensors file ({exc})") from None
 
 
 def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
@@ -79,13 +67,13 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"model: {path} does not exist; is {directory} a saved prompt model?") from None
+        raise UserError("model", f"{path} does not exist; is {directory} a saved prompt model?") from None
     except json.JSONDecodeError as exc:
-        raise UserError(f"model: {path} is not valid JSON ({exc})") from None
+        raise UserError("model", f"{path} is not valid JSON ({exc})") from None
     if config.get("format") != FORMAT:
-        raise UserError(f"model: {path} has format {config.get('format')!r}, expected {FORMAT!r}")
+        raise UserError("model", f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
     if config.get("version") != VERSION:
-        raise UserError(f"model: {path} has version {config.get('version')!r}; this spt-search reads version {VERSION}")
+        raise UserError("model", f"{path} has version {config.get('version')!r}; this spt-search reads version {VERSION}")
     return config
 
 
@@ -124,5 +112,5 @@ def load_trainable_state(model: PromptModel, tensors: dict[str, torch.Tensor], s
         )
     for name, tensor in tensors.items():
         if tensor.shape != expected[name].shape:
-            raise UserError(f"checkpoint: {source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
+            raise UserError("checkpoint", f"{source}: {name} has shape {tuple(tensor.shape)}, expected {tuple(expected[name].shape)}")
     model.load_state_dict(tensors, strict=False)

@@ -19,7 +19,9 @@ from search.cli import main
 from search.config import load_config
 from search.pipeline import build_supernet, prepare
 from search.selection import read_gate_history, read_mask, select_layers
-from search.trainer import OptimSettings, Trainer, search_schedule
+from search.config import SearchConfig
+from search.schedule import search_schedule
+from search.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -38,21 +40,19 @@ def test_gate_steps_change_only_gates_and_omega_steps_only_generators_and_head(t
     config = load_config(tiny_config(tmp_path, tiny_bert))
     prep = prepare(config)
     model = build_supernet(prep)
-    trainer = Trainer(model, OptimSettings(lr=0.05, arch_lr=0.5), seed=1)
-    from search.batches import collate
-
-    batch = collate(prep.train, list(range(4)))
+    trainer = Trainer(model, SearchConfig(lr=0.05, arch_lr=0.5), prep.train, seed=1)
+    batch = list(range(4))
 
     def snapshot():
         return {n: p.detach().clone() for n, p in model.named_parameters()}
 
     before = snapshot()
-    trainer.arch_step(batch, step=0)
+    trainer.architect.step(batch, step=0)
     after = snapshot()
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == {"gates.logits"}
 
-    trainer.omega_step(batch, step=1)
+    trainer.weight_step(batch, step=1)
     final = snapshot()
     changed = {n for n in after if not torch.equal(after[n], final[n])}
     assert changed and all(n.startswith(("generators.", "head.")) for n in changed)
@@ -60,15 +60,15 @@ def test_gate_steps_change_only_gates_and_omega_steps_only_generators_and_head(t
 
 
 def test_search_schedule_splits_d1_d2_freshly_each_epoch():
-    steps0 = search_schedule(20, epochs=3, warmup_epochs=1, batch_size=4, d1_fraction=0.5, seed=3, epoch=0)
+    steps0 = search_schedule(20, warmup_epochs=1, batch_size=4, d1_fraction=0.5, seed=3, epoch=0)
     assert all(s.arch is None for s in steps0) and sum(len(s.omega) for s in steps0) == 20  # warm-up: all of train
-    steps1 = search_schedule(20, 3, 1, 4, 0.5, 3, epoch=1)
+    steps1 = search_schedule(20, 1, 4, 0.5, 3, epoch=1)
     d1 = {i for s in steps1 for i in s.omega}
     d2 = {i for s in steps1 for i in s.arch}
     assert len(d1) == 10 and len(d2) == 10 and not d1 & d2
-    steps2 = search_schedule(20, 3, 1, 4, 0.5, 3, epoch=2)
+    steps2 = search_schedule(20, 1, 4, 0.5, 3, epoch=2)
     assert {i for s in steps2 for i in s.omega} != d1
-    assert steps1 == search_schedule(20, 3, 1, 4, 0.5, 3, epoch=1)  # the seed fixes the split
+    assert steps1 == search_schedule(20, 1, 4, 0.5, 3, epoch=1)  # the seed fixes the split
     assert [s.last for s in steps1] == [False, False, True]
 
 

@@ -1,0 +1,44 @@
+"""The architecture step of SPT-DARTS (first order), as DARTS's ``architect.py``.
+
+The :class:`Architect` owns the gate logits' optimizer and updates them on a D2 batch with
+the generators and the head fixed, minimising the task loss of the full supernet.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .config import SearchConfig
+from .schedule import step_seed
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+
+class Architect:
+    """Adam on the architecture parameters (betas ``search.arch_betas``, default (0.5, 0.999) as in DARTS)."""
+
+    def __init__(self, trainer: Trainer, settings: SearchConfig) -> None:
+        self.trainer = trainer
+        self.params = trainer.model.architecture_parameters()
+        self.optimizer = torch.optim.Adam(
+            self.params, lr=settings.arch_lr, betas=tuple(settings.arch_betas), weight_decay=settings.arch_weight_decay
+        )
+
+    def step(self, indices: list[int], step: int) -> dict[str, torch.Tensor]:
+        """One gate-logit update on the D2 batch ``indices``."""
+        trainer, model = self.trainer, self.trainer.model
+        torch.manual_seed(step_seed(trainer.seed, step, stream=3))
+        model.train()
+        batch, scale = trainer.local_batch(indices)
+        stats: dict[str, torch.Tensor] = {}
+        if batch is not None:
+            with trainer.training(self.params):
+                loss = nn.functional.cross_entropy(model(batch).logits.float(), batch["labels"])
+                (loss * scale).backward()
+            stats["arch_loss"] = loss.detach()
+        trainer.clip_and_step(self.optimizer, self.params)
+        return stats

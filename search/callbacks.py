@@ -1,0 +1,174 @@
+"""What happens around the training steps, as :class:`~search.trainer.Callback` objects.
+
+* :class:`StepLimit` - stop after a number of steps;
+* :class:`GateHistory` - ``gates.csv``, one row per logged step and candidate layer;
+* :class:`Checkpointer` - the resumable checkpoint;
+* :class:`DevEvaluator` - dev evaluations, the dev-best weights, early stopping, pruning hooks;
+* :class:`Progress` - a progress bar on a terminal, a line per 10% otherwise.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from spt.files import write_text_atomic
+
+from .checkpoint import save_checkpoint
+from .schedule import ScheduledStep
+from .selection import GATES_HEADER
+from .trainer import Callback, Trainer, TrainState
+
+logger = logging.getLogger("spt")
+
+
+class StepLimit(Callback):
+    """Stop once ``total`` steps are done (a resumed run past it takes no step)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        state.stop = state.step >= self.total
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        if state.step >= self.total:
+            state.stop = True
+
+
+class GateHistory(Callback):
+    """``gates.csv`` (step, epoch, layer, alpha), written as it goes; step 0 holds the initial gates.
+
+    On resume the rows logged after the checkpoint's step are dropped: the resumed run
+    logs them again.
+    """
+
+    def __init__(self, path: Path, layers: list[int], log_every: int, total: int) -> None:
+        self.path, self.layers, self.log_every, self.total = path, layers, log_every, total
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        if state.step == 0 or not self.path.is_file():
+            write_text_atomic(self.path, ",".join(GATES_HEADER) + "\n")
+            if state.step == 0:
+                self._write(0, 0, trainer.model.alphas())
+            return
+        with open(self.path, newline="", encoding="utf-8") as handle:
+            rows = [r for r in csv.reader(handle)][1:]
+        kept = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= state.step]
+        write_text_atomic(self.path, "".join(",".join(r) + "\n" for r in [GATES_HEADER, *kept]))
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        if state.step % self.log_every == 0 or step.last or state.step == self.total:
+            self._write(state.step, step.epoch, trainer.model.alphas())
+
+    def _write(self, step: int, epoch: int, alphas: torch.Tensor) -> None:
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            for layer, alpha in zip(self.layers, alphas.tolist()):
+                writer.writerow([step, epoch, layer, f"{alpha:.6f}"])
+
+
+class Checkpointer(Callback):
+    """Save a resumable checkpoint every ``every`` steps and at each epoch end."""
+
+    def __init__(self, path: Path, every: int) -> None:
+        self.path, self.every = path, every
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        if state.step % self.every == 0 or step.last:
+            save_checkpoint(self.path, trainer, state)
+
+
+class DevEvaluator(Callback):
+    """Evaluate on dev every ``every`` steps (0: at each epoch end) and at the last step;
+    keep the dev-best weights and put them back at the end.
+
+    ``on_eval(step, score)`` is called after each evaluation (Optuna pruning hooks in
+    here); with ``patience`` set, training stops after that many evaluations without a
+    better score.
+    """
+
+    def __init__(
+        self, evaluate: Callable[[Trainer], dict[str, float]], metric: str, every: int, total: int,
+        on_eval: Callable[[int, float], None] | None = None, patience: int | None = None,
+    ) -> None:
+        self.evaluate, self.metric, self.every, self.total = evaluate, metric, every, total
+        self.on_eval, self.patience = on_eval, patience
+        self.best: dict[str, Any] = {"score": None, "step": 0, "dev": None, "state": None}
+        self.last_score = float("nan")
+        self.stale = 0
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        due = state.step % self.every == 0 if self.every else step.last
+        if not (due or state.step == self.total):
+            return
+        dev = self.evaluate(trainer)
+        score = self.last_score = dev[self.metric]
+        if self.best["score"] is None or score > self.best["score"]:
+            weights = {k: v.detach().clone() for k, v in trainer.model.trainable_state_dict().items()}
+            self.best.update(score=score, step=state.step, dev=dev, state=weights)
+            self.stale = 0
+        else:
+            self.stale += 1
+        if self.on_eval is not None:
+            self.on_eval(state.step, score)
+        if self.patience is not None and self.stale >= self.patience:
+            logger.info("early stop at step %d: no better dev %s in %d evaluations", state.step, self.metric, self.stale)
+            state.stop = True
+
+    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
+        if self.best["state"] is not None:
+            trainer.model.load_state_dict(self.best["state"], strict=False)
+
+
+class Progress(Callback):
+    """A tqdm bar on a terminal; with output redirected, one line per 10% (no bar frames).
+
+    ``describe(trainer, state, step, loss)`` gives the text after the bar; ``loss`` is the
+    smoothed weight-step loss. Values are read from the device only when the text is shown.
+    """
+
+    def __init__(self, total: int, desc: str, describe: Callable[[Trainer, TrainState, ScheduledStep, float], str],
+                 enabled: bool = True, refresh: int = 1) -> None:
+        self.total, self.desc, self.describe, self.enabled, self.refresh = total, desc, describe, enabled, refresh
+        self.smooth: torch.Tensor | None = None
+        self.bar: tqdm | None = None
+        self.interactive = sys.stderr.isatty()
+        self.next_line = 0
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        if self.enabled and self.interactive:
+            self.bar = tqdm(total=self.total, initial=state.step, desc=self.desc, unit="step", dynamic_ncols=True, leave=True)
+        self.next_line = (state.step * 10 // max(1, self.total) + 1) * self.total / 10
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        loss = stats.get("loss")  # absent on a rank whose share of the batch was empty
+        if loss is not None:
+            self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
+        if not self.enabled:
+            return
+        shown = state.step % self.refresh == 0 or step.last or state.step == self.total
+        if self.bar is not None:
+            if shown:
+                self.bar.set_postfix_str(self.describe(trainer, state, step, self._loss()), refresh=False)
+            self.bar.update(1)
+        elif state.step >= self.next_line or state.step == self.total:
+            self.next_line += self.total / 10
+            percent = 100 * state.step / max(1, self.total)
+            logger.info("%s %3.0f%% (%d/%d steps, %.0fs) %s", self.desc, percent, state.step, self.total, state.seconds,
+                        self.describe(trainer, state, step, self._loss()))
+
+    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def _loss(self) -> float:
+        return math.nan if self.smooth is None else float(self.smooth)

@@ -1,0 +1,41 @@
+"""Same options, same numbers: today's code against values stored before the refactor and
+speed work (``tests/reference/``, made by ``tests/reference/make_reference.py`` at 0c9a67b)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from search.cli import main
+from search.selection import read_gate_history
+
+REFERENCE = Path(__file__).resolve().parent / "reference"
+sys.path.insert(0, str(REFERENCE))
+
+from make_reference import model_cases, write_search_inputs  # noqa: E402
+
+
+@pytest.mark.parametrize("dropout, stored", [(0.1, "search-gates.csv"), (0.0, "search-gates-nodropout.csv")])
+def test_a_seeded_search_reaches_the_stored_gates(tmp_path, tiny_bert, dropout, stored):
+    config = write_search_inputs(tmp_path, tiny_bert, dropout)
+    assert yaml.safe_load(config.read_text())["search"]["lr"] == 1e-3  # every setting spelled out
+    run = tmp_path / "run"
+    assert main(["search", str(config), "--out", str(run), "--quiet"]) == 0
+    expected, got = read_gate_history(REFERENCE / stored), read_gate_history(run / "gates.csv")
+    assert [(r["step"], r["epoch"], r["layer"]) for r in got] == [(r["step"], r["epoch"], r["layer"]) for r in expected]
+    assert len({r["step"] for r in got}) == 19  # step 0 and 18 search steps
+    for a, b in zip(expected, got):
+        assert b["alpha"] == pytest.approx(a["alpha"], abs=2e-6), (a, b)
+
+
+def test_logits_and_gradients_equal_the_stored_reference(tiny_bert):
+    stored = load_file(str(REFERENCE / "model-reference.safetensors"))
+    now = model_cases(tiny_bert)
+    assert set(now) == set(stored)
+    for name, value in stored.items():
+        torch.testing.assert_close(now[name], value, atol=1e-5, rtol=1e-5, msg=name)
