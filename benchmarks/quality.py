@@ -1,123 +1,251 @@
-"""Search quality: SPT's layer pick against the exhaustive oracle and against baselines.
+"""Search quality: SPT's layer pick against a multi-seed exhaustive oracle and the baselines.
 
-On MiniLM-L6 (6 candidate layers) every K-subset can be trained. For each task this
-script trains the oracle (all K-subsets, K = 2 and 3, trained and scored exactly like a
-retrained sparse model) and reports side by side, in one run:
+MiniLM-L6, K=3 of 6 candidate layers. For each task and seed (seed = the LM-BFF split seed
+where the task has them, else the seed of a k-shot sample; always the initialisation seed):
 
-* the SPT pick's rank among all subsets (by test score), its gap to the oracle's best,
-  and SPT's compute (search steps and wall time) as a fraction of the oracle's;
-* SPT against ``first``, ``all``, ``middle``, ``random``, ``optuna`` and the PEFT methods
-  at (as near as they allow) equal trainable parameters, mean +- std over seeds.
+* the oracle: every one of the 20 K=3 subsets, its sparse model trained with the task's
+  retraining recipe and scored on dev and test;
+* the baselines, trained the same way: ``first`` (layer 0, prompt tuning), ``middle``
+  (layer 3, LPT style), ``all`` (6 layers, P-tuning v2 style), PEFT LoRA and prefix tuning
+  at the parameters of K=3 generators; ``random`` is the exact expectation of a uniformly
+  drawn K=3 subset (the mean of the oracle at that seed);
+* SPT's search under each variant in ``SPT_VARIANTS``; its pick is scored by the oracle's
+  entry for the same subset and seed (the identical training).
 
-Targets (DESIGN.md §5): SPT's pick in the oracle's top 15%, within 0.5 points of its best,
-at <= 15% of its compute, and ahead of first / all / middle / random.
+The oracle ranks subsets by their mean test score over the seeds. Reported per task: the
+majority-class score, the oracle's best / median / spread and the seed noise (a task whose
+best-minus-median is below two standard errors of a 3-seed mean is marked
+layer-insensitive), each strategy's mean +- std, the pick's oracle rank and gap, the
+Spearman correlation between SPT's layer scores and each layer's marginal oracle value,
+and the search's compute against the oracle's; then the mean over tasks.
 
-    python benchmarks/quality.py                      # SST-2 and RTE, 3 seeds (about 2 h on 2 CPU cores)
-    python benchmarks/quality.py --quick              # smoke run, a few minutes
+    python benchmarks/quality.py run --shard 0/2 --threads 1 &     # two workers side by side
+    python benchmarks/quality.py run --shard 1/2 --threads 1
+    python benchmarks/quality.py report                             # tables -> results/quality/quality.md
+    python benchmarks/quality.py run --tasks sst2-16shot --seeds 13 --quick   # smoke run
 
-Results are cached per (task, seed, strategy) under --out, so an interrupted run resumes.
+Every training is appended to ``results/quality/results.jsonl`` as it finishes (keyed by
+task, seed, what was trained and a hash of the settings that decide it), so runs resume
+and a later session reuses what is there. Uses a GPU when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import fcntl
+import hashlib
+import itertools
 import json
 import os
-import shlex
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from analysis.comparison import aggregate, markdown_table  # noqa: E402
-from search.config import load_config  # noqa: E402
-from search.pipeline import build_sparse, prepare, train_and_evaluate  # noqa: E402
-from search.strategies import STRATEGIES, Context, score_subset  # noqa: E402
+from search.config import RunConfig, load_config  # noqa: E402
+from search.metrics import compute_metrics  # noqa: E402
+from search.pipeline import Prepared, prepare, run_search, select_from_run  # noqa: E402
+from search.runs import RunDir  # noqa: E402
+from search.strategies import STRATEGIES, Context, fixed_proposal, strategy_results, train_proposal  # noqa: E402
 
-TASKS = {
-    # SST-2 sentence level: 300 training sentences (seeded sample), 300 dev, the full 1821 test.
-    "sst2": ("configs/minilm/sst2.yaml", ["task.max_train=300", "task.max_dev=300", "model.max_length=64"]),
-    # RTE (glue_pretrain split): 200 training pairs, the 249 dev pairs, the 277 GLUE dev pairs as test.
-    "rte": ("configs/minilm/rte.yaml", ["task.max_train=200", "model.max_length=96"]),
+OUT = REPO / "benchmarks" / "results" / "quality"
+SEEDS = [13, 21, 42]
+K = 3
+FEW_SHOT = ["search.epochs=20", "retrain.epochs=20", "search.batch_size=8", "retrain.batch_size=8", "task.max_test=500"]
+
+
+@dataclass(frozen=True)
+class Task:
+    """A benchmark task: a config, overrides, and overrides that depend on the seed."""
+
+    config: str
+    overrides: list[str]
+    per_seed: str = ""  # a format string over {seed} adding overrides, e.g. the LM-BFF split paths
+    note: str = ""
+
+    def seed_overrides(self, seed: int) -> list[str]:
+        return [o.format(seed=seed) for o in self.per_seed.split()] if self.per_seed else []
+
+
+def _lmbff(folder: str) -> str:
+    return f"task.train={folder}/16-{{seed}}/train.tsv task.dev={folder}/16-{{seed}}/dev.tsv"
+
+
+TASKS: dict[str, Task] = {
+    "sst2-16shot": Task("configs/minilm/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
+                        "LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE dev sentences"),
+    "agnews-16shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=16", "model.max_length=64"], "",
+                          "16 per label drawn by the seed from the 1000-article pool, dev another 16 per label; test: 500 of 1000"),
+    "sst2-2k": Task("configs/minilm/sst2.yaml", ["task.max_train=2000", "task.max_dev=200", "task.max_test=500", "model.max_length=64",
+                                                 "search.epochs=2", "retrain.epochs=2", "retrain.eval_every=50"], "",
+                    "2000 training sentences drawn by the seed from 6920; dev 200 of 872, test 500 of 1821"),
+    "mrpc-16shot": Task("configs/minilm/mrpc-16shot.yaml", FEW_SHOT, _lmbff("MRPC/lmbff_k-shot"),
+                        "LM-BFF 16-shot splits; F1 of the paraphrase class; test: the 408 GLUE dev pairs"),
+    "qnli-16shot": Task("configs/minilm/qnli-16shot.yaml", FEW_SHOT, _lmbff("QNLI/lmbff_k-shot"),
+                        "LM-BFF 16-shot splits; test: 500 of the 5463 GLUE dev pairs"),
+    "rte-16shot": Task("configs/minilm/rte-16shot.yaml", FEW_SHOT, _lmbff("RTE/lmbff_k-shot"),
+                       "LM-BFF 16-shot splits; test: the 277 GLUE dev pairs"),
+    "cb-8shot": Task("configs/minilm/cb.yaml", [*FEW_SHOT, "task.train=CB/superglue_full/train.jsonl", "task.dev=null",
+                                                "task.shots_per_label=8"], "",
+                     "8 per label drawn by the seed from the 250 SuperGLUE training pairs (only 16 are neutral, so 16 per "
+                     "label cannot give a dev set too), dev another 8 per label; test: the 56 validation pairs; macro-F1"),
 }
-COMMON = ["search.epochs=3", "retrain.epochs=3", "search.checkpoint_every=1000", "compare.optuna_trials=10",
-          "compare.trial_epochs=1", "compare.random_draws=3", "runtime.progress=false"]
-QUICK = ["task.max_train=24", "task.max_dev=16", "task.max_test=32", "search.epochs=1", "retrain.epochs=1",
-         "compare.optuna_trials=3", "compare.random_draws=1", "runtime.progress=false"]
-BASELINES = ["spt", "first", "all", "middle", "random", "optuna", "peft-prompt", "peft-prefix", "peft-ptuning", "peft-lora"]
+
+# SPT search settings compared by the benchmark: name -> (overrides, selection method).
+SPT_VARIANTS: dict[str, tuple[list[str], str]] = {
+    "spt": ([], "gates"),
+}
+BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix"]
+LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
+QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
 
 
-def cached(path: Path, compute):
-    if path.is_file():
-        return json.loads(path.read_text())
-    value = compute()
-    path.write_text(json.dumps(value, indent=1))
-    return value
+# ---------------------------------------------------------------------- the results store
 
 
-def strategy_rows(prep, name: str, k: int, workdir: Path) -> list[dict]:
-    """Train the strategy's result(s) like a retrained model; one row per result."""
-    strategy = STRATEGIES[name]
-    ctx = Context(k=k, workdir=workdir)
-    metric = prep.config.task.metric
-    rows = []
-    if strategy.produces_mask:
-        for proposal in strategy.propose(prep, ctx):
-            result = train_and_evaluate(prep, build_sparse(prep, proposal.mask.selected_layers), prep.config.retrain, progress=False)
-            rows.append({"strategy": name, "seed": prep.config.seed, "draw": proposal.label,
-                         "layers": proposal.mask.selected_layers, "scores": proposal.mask.scores,
-                         "dev": result.dev[metric], "test": result.test[metric], "trainable_params": result.trainable_params,
-                         "search_steps": proposal.compute.steps, "search_seconds": proposal.compute.seconds,
-                         "train_steps": result.steps, "train_seconds": result.seconds, "note": ""})
+def _hash(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def training_recipe(config: RunConfig) -> str:
+    """What decides a sparse model's training: data, backbone, prompt shape, head, retraining."""
+    d = config.to_dict()
+    prompt = {k: d["prompt"][k] for k in ("length", "bottleneck", "phm_n", "activation", "dropout", "discard")}
+    return _hash([d["seed"], d["model"], prompt, d["head"], d["task"], d["retrain"]])
+
+
+def search_recipe(config: RunConfig) -> str:
+    d = config.to_dict()
+    return _hash([d["seed"], d["model"], d["prompt"], d["head"], d["task"], d["search"], d["select"], d["retrain"]])
+
+
+class Store:
+    """``results.jsonl``: one JSON line per finished training or search, appended under a lock."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                if line.strip():
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        if key not in self.rows:
+            self.__init__(self.path)  # another worker may have added it
+        return self.rows.get(key)
+
+    def add(self, row: dict[str, Any]) -> dict[str, Any]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handle.write(json.dumps(row) + "\n")
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        self.rows[row["key"]] = row
+        return row
+
+
+# ---------------------------------------------------------------------- jobs
+
+
+@dataclass
+class Job:
+    task: str
+    seed: int
+    kind: str  # subset | baseline | search
+    name: str  # "0-2-4", "peft-lora", a variant name
+
+    def key(self, recipe: str) -> str:
+        return f"{self.task}|{self.seed}|{self.kind}|{self.name}|{recipe}"
+
+
+def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> RunConfig:
+    spec = TASKS[task]
+    overrides = [*spec.overrides, *spec.seed_overrides(seed), *(QUICK if quick else []), *extra,
+                 f"seed={seed}", f"select.k={K}", "select.budget=null", "runtime.progress=false",
+                 "search.checkpoint_every=100000"]
+    return load_config(REPO / spec.config, overrides)
+
+
+def jobs_for(task: str, seed: int, what: list[str]) -> list[Job]:
+    jobs = []
+    if "oracle" in what:
+        jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for s in itertools.combinations(range(6), K)]
+    if "baselines" in what:
+        jobs += [Job(task, seed, "baseline", name) for name in BASELINES]
+    if "spt" in what:
+        jobs += [Job(task, seed, "search", name) for name in SPT_VARIANTS]
+    return jobs
+
+
+def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
+    overrides = SPT_VARIANTS[job.name][0] if job.kind == "search" else []
+    config = task_config(job.task, job.seed, overrides, quick)
+    recipe = search_recipe(config) if job.kind == "search" else training_recipe(config)
+    key = job.key(recipe)
+    if store.get(key) is not None:
+        return
+    prep = prepare(config)
+    started = time.time()
+    ctx = Context(k=K, workdir=work / job.task / job.name)
+    base = {"key": key, "task": job.task, "seed": job.seed, "kind": job.kind, "name": job.name, "recipe": recipe,
+            "metric": config.task.metric}
+    if job.kind == "search":
+        row = {**base, **search_entry(prep, job, ctx)}
     else:
-        model = strategy.build_model(prep, ctx)
-        result = train_and_evaluate(prep, model, strategy.train_settings(prep), progress=False)
-        head = sum(p.numel() for p in model.head.parameters())
-        rows.append({"strategy": name, "seed": prep.config.seed, "draw": "", "layers": "-", "scores": None,
-                     "dev": result.dev[metric], "test": result.test[metric], "trainable_params": result.trainable_params,
-                     "search_steps": 0, "search_seconds": 0.0, "train_steps": result.steps, "train_seconds": result.seconds,
-                     "note": f"{result.trainable_params - head:,} method params"})
-    return rows
+        row = {**base, **train_entry(prep, job, ctx)}
+    row["wall_seconds"] = round(time.time() - started, 1)
+    store.add(row)
+    print(f"{job.task} seed {job.seed} {job.kind} {job.name}: "
+          + (f"pick {row['layers']}" if job.kind == "search" else f"dev {row['dev']:.3f} test {row['test']:.3f}")
+          + f" ({row['wall_seconds']:.0f}s)", flush=True)
 
 
-def oracle(prep, k: int, cache: Path) -> list[dict]:
-    """Every K-subset trained with the retraining settings, scored on dev and test."""
-    import itertools
-
-    ctx = Context(k=k, workdir=cache, score_test=True)
-    candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
-    task, seed = prep.config.task.name, prep.config.seed
-    # A strategy's K-subset trained at this seed is the very same training: reuse it.
-    known = {}
-    for row_file in cache.glob(f"{task}-s{seed}-*.json"):
-        for row in json.loads(row_file.read_text()):
-            if row["layers"] != "-" and len(row["layers"]) == k:
-                known[tuple(row["layers"])] = row
-    trials = []
-    for subset in itertools.combinations(candidates, k):
-        path = cache / f"oracle-{task}-s{seed}-{'-'.join(map(str, subset))}.json"
-        if not path.is_file() and subset in known:
-            row = known[subset]
-            path.write_text(json.dumps({"layers": list(subset), "dev": row["dev"], "test": row["test"], "steps": row["train_steps"],
-                                        "seconds": row["train_seconds"], "copied": True}, indent=1))
-        # trial_epochs = retrain.epochs: the oracle trains each subset exactly as retraining would.
-        trials.append(cached(path, lambda s=subset: score_subset(dataclasses.replace(prep, config=_full_trials(prep.config)), list(s), ctx)))
-    return trials
+def train_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
+    if job.kind == "subset" or job.name in LAYER_SETS:
+        layers = [int(x) for x in job.name.split("-")] if job.kind == "subset" else LAYER_SETS[job.name]
+        row = train_proposal(prep, job.name, fixed_proposal(prep, layers), ctx)
+    else:
+        (row,) = strategy_results(STRATEGIES[job.name], prep, ctx)
+    return {"layers": row.layers, "dev": row.dev, "test": row.test, "trainable_params": row.trainable_params,
+            "steps": row.train_steps, "seconds": row.train_seconds, "note": row.note}
 
 
-def _full_trials(config):
-    return dataclasses.replace(config, compare=dataclasses.replace(config.compare, trial_epochs=config.retrain.epochs))
+def search_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
+    run = RunDir(ctx.workdir / f"seed{job.seed}")
+    run.path.mkdir(parents=True, exist_ok=True)
+    result = run_search(prep, run, progress=False)
+    mask = select_from_run(run, prep.config, k=K, backbone=prep.backbone)
+    s = prep.config.search
+    arch_steps = result.steps - s.warmup_epochs * -(-len(prep.train) // s.batch_size)
+    return {"layers": mask.selected_layers, "scores": mask.scores, "steps": result.steps + max(0, arch_steps),
+            "seconds": result.seconds, "selection": SPT_VARIANTS[job.name][1]}
 
 
-def _seconds(cached_value) -> float:
-    """Seconds spent on one cache entry (a strategy's rows or one oracle trial)."""
-    rows = cached_value if isinstance(cached_value, list) else [cached_value]
-    return sum(r.get("seconds", 0.0) + r.get("search_seconds", 0.0) + r.get("train_seconds", 0.0) for r in rows)
+def majority_score(config: RunConfig) -> float:
+    prep = prepare(config)
+    labels = prep.test.labels
+    top = max(set(labels), key=labels.count)
+    positive = config.task.labels.index(config.task.positive_label) if config.task.positive_label is not None else None
+    return compute_metrics(labels, [top] * len(labels), config.task.metric, positive)[config.task.metric]
+
+
+# ---------------------------------------------------------------------- the report
+
+
+def _mean(values: list[float]) -> float:
+    return statistics.fmean(values) if values else float("nan")
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -125,7 +253,7 @@ def spearman(a: list[float], b: list[float]) -> float:
         order = sorted(range(len(x)), key=lambda i: x[i])
         r = [0.0] * len(x)
         i = 0
-        while i < len(order):  # average ranks of ties
+        while i < len(order):  # ties share their average rank
             j = i
             while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
                 j += 1
@@ -135,150 +263,187 @@ def spearman(a: list[float], b: list[float]) -> float:
         return r
 
     ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.fmean(ra), statistics.fmean(rb)
+    ma, mb = _mean(ra), _mean(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
     return cov / var if var else 0.0
 
 
-def rank_of(subset: list[int], trials: list[dict]) -> tuple[int, dict]:
-    ordered = sorted(trials, key=lambda t: (-t["test"], -t["dev"], t["layers"]))
-    position = next(i for i, t in enumerate(ordered) if t["layers"] == subset)
-    return position + 1, ordered[0]
+@dataclass
+class TaskReport:
+    task: str
+    metric: str
+    seeds: list[int]
+    majority: float
+    oracle: dict[str, dict[int, float]]  # subset -> seed -> test
+    oracle_cost: dict[int, tuple[int, float]]  # seed -> (steps, seconds)
+    strategies: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> seed -> test
+    picks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # variant -> seed -> search entry
+
+    def subset_means(self) -> dict[str, float]:
+        return {s: _mean([v[seed] for seed in self.seeds]) for s, v in self.oracle.items()}
+
+    def ranking(self) -> list[str]:
+        means = self.subset_means()
+        return sorted(means, key=lambda s: (-means[s], s))
+
+    def noise(self) -> float:
+        """Mean over subsets of the seed-to-seed standard deviation of the test score."""
+        return _mean([_std([v[seed] for seed in self.seeds]) for v in self.oracle.values()])
+
+    def insensitive(self) -> bool:
+        means = sorted(self.subset_means().values(), reverse=True)
+        return (means[0] - statistics.median(means)) < 2 * self.noise() / len(self.seeds) ** 0.5
+
+    def marginal(self) -> list[float]:
+        means = self.subset_means()
+        return [_mean([m for s, m in means.items() if str(layer) in s.split("-")]) for layer in range(6)]
 
 
-VARIANTS = {
-    "default": [],
-    "10 search epochs": ["search.epochs=10"],
-    "arch_lr 0.2": ["search.arch_lr=0.2"],
-    "D1 70%": ["search.d1_fraction=0.7"],
-    "no consistency loss": ["search.consistency_weight=0"],
-    "plain DARTS gates": ["prompt.reparam_gates=false"],
-    "gates averaged over last 10 logs": ["select.average_last=10"],
-}
+def load_reports(store: Store, tasks: list[str], seeds: list[int], quick: bool) -> list[TaskReport]:
+    reports = []
+    for task in tasks:
+        configs = {seed: task_config(task, seed, [], quick) for seed in seeds}
+        recipes = {seed: training_recipe(c) for seed, c in configs.items()}
+        oracle: dict[str, dict[int, float]] = {}
+        cost: dict[int, tuple[int, float]] = {}
+        for seed in seeds:
+            for job in jobs_for(task, seed, ["oracle"]):
+                row = store.get(job.key(recipes[seed]))
+                if row is not None:
+                    oracle.setdefault(job.name, {})[seed] = row["test"]
+                    steps, seconds = cost.get(seed, (0, 0.0))
+                    cost[seed] = (steps + row["steps"], seconds + row["seconds"])
+        complete = {s: v for s, v in oracle.items() if len(v) == len(seeds)}
+        if len(complete) < 20:
+            print(f"{task}: oracle incomplete ({len(complete)}/20 subsets on all seeds); skipped in the report")
+            continue
+        report = TaskReport(task, configs[seeds[0]].task.metric, seeds, majority_score(configs[seeds[0]]), complete, cost)
+        for seed in seeds:
+            report.strategies.setdefault("random (expectation)", {})[seed] = _mean([v[seed] for v in complete.values()])
+            for job in jobs_for(task, seed, ["baselines"]):
+                row = store.get(job.key(recipes[seed]))
+                if row is not None:
+                    report.strategies.setdefault(job.name, {})[seed] = row["test"]
+            for job in jobs_for(task, seed, ["spt"]):
+                config = task_config(task, seed, SPT_VARIANTS[job.name][0], quick)
+                row = store.get(job.key(search_recipe(config)))
+                if row is not None:
+                    pick = "-".join(map(str, row["layers"]))
+                    report.picks.setdefault(job.name, {})[seed] = row
+                    report.strategies.setdefault(job.name, {})[seed] = complete[pick][seed]
+        reports.append(report)
+    return reports
 
 
-def investigate(task: str, extra: list[str], seed: int, ks: list[int], cache: Path, variants: list[str]) -> list[str]:
-    """Where the picks of SPT searches with other settings land in the (cached) oracle."""
-    from search.pipeline import run_search, select_from_run
-    from search.runs import RunDir
+def _fmt(x: float) -> str:
+    return f"{100 * x:.1f}"
 
-    lines = [f"## {task}: search settings vs the oracle (seed {seed})", "",
-             "| variant | gates (layer:alpha) | " + " | ".join(f"K={k} pick, rank / test" for k in ks) + " | search s |",
-             "|---|---|" + "---|" * len(ks) + "---|"]
-    for name in variants:
-        overrides = VARIANTS[name]
-        prep = prepare(load_config(REPO / TASKS[task][0], [*extra, *overrides, f"seed={seed}"]))
-        folder = f"spt-seed{seed}" if not overrides else f"variant-{name.replace(' ', '_')}"  # default: the benchmark's own search
-        run = RunDir(cache / "work" / task / folder)
-        run.path.mkdir(parents=True, exist_ok=True)
-        if not run.done("search"):
-            run_search(prep, run, progress=False)
-        seconds = run.status()["search"]["seconds"]
-        cells = []
-        for k in ks:
-            trials = oracle(prep, k, cache)
-            mask = select_from_run(run, prep.config, k=k, backbone=prep.backbone)
-            rank, _ = rank_of(mask.selected_layers, trials)
-            mine = next(t for t in trials if t["layers"] == mask.selected_layers)
-            cells.append(f"{mask.selected_layers}: {rank}/{len(trials)}, {100 * mine['test']:.1f}")
-        gates = ", ".join(f"{c}:{a:.2f}" for c, a in zip(mask.candidate_layers, mask.scores))
-        lines.append(f"| {name} | {gates} | " + " | ".join(cells) + f" | {seconds:.0f} |")
-        print(lines[-1], flush=True)
+
+def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]:
+    """The Markdown of one task and its numbers for the summary."""
+    ranking, means = r.ranking(), r.subset_means()
+    best, median = means[ranking[0]], statistics.median(means.values())
+    lines = [f"## {r.task} ({r.metric}; {TASKS[r.task].note})", "",
+             f"Majority class: {_fmt(r.majority)}. Oracle (20 subsets x {len(r.seeds)} seeds, ranked by the mean test score): "
+             f"best [{ranking[0].replace('-', ', ')}] {_fmt(best)}, median {_fmt(median)}, worst {_fmt(means[ranking[-1]])}; "
+             f"seed-to-seed std of one subset {_fmt(r.noise())} (mean over subsets). "
+             + ("**Layer-insensitive**: best minus median is within two standard errors of a 3-seed mean."
+                if r.insensitive() else "Layer choice matters beyond seed noise.")
+             + (" **Near chance**: the best subset does not clear the majority class by 2 points."
+                if best - r.majority < 0.02 else ""), "",
+             f"| strategy | test {r.metric} (mean ± std) | minus random | picks (per seed) | mean oracle rank | gap to oracle best | Spearman(scores, layer marginals) | search compute / oracle (steps, time) |",
+             "|---|---|---|---|---|---|---|---|"]
+    numbers: dict[str, dict[str, float]] = {}
+    random_mean = _mean(list(r.strategies["random (expectation)"].values()))
+    for name, by_seed in r.strategies.items():
+        values = [by_seed[s] for s in r.seeds if s in by_seed]
+        mean = _mean(values)
+        entry = {"test": mean}
+        picks = r.picks.get(name)
+        cells = ["", "", "", "", ""]
+        if picks:
+            ranks = [ranking.index("-".join(map(str, picks[s]["layers"]))) + 1 for s in picks]
+            gaps = [best - means["-".join(map(str, picks[s]["layers"]))] for s in picks]
+            rho = _mean([spearman(picks[s]["scores"], r.marginal()) for s in picks])
+            steps = _mean([picks[s]["steps"] / r.oracle_cost[s][0] for s in picks])
+            secs = _mean([picks[s]["seconds"] / r.oracle_cost[s][1] for s in picks])
+            entry.update(rank=_mean(ranks), gap=_mean(gaps), rho=rho, steps=steps, seconds=secs)
+            cells = ["; ".join(str(picks[s]["layers"]) for s in r.seeds if s in picks), f"{_mean(ranks):.1f}",
+                     _fmt(_mean(gaps)), f"{rho:+.2f}", f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
+        numbers[name] = entry
+        lines.append(f"| {name} | {_fmt(mean)} ± {_fmt(_std(values))} ({len(values)} seeds) | {100 * (mean - random_mean):+.1f} | " + " | ".join(cells) + " |")
+    lines += ["", "Oracle subsets by mean test score (± std over seeds): " + ", ".join(
+        f"[{s.replace('-', ', ')}] {_fmt(means[s])}±{_fmt(_std(list(r.oracle[s].values())))}" for s in ranking), "",
+        "Layer marginals (mean over the subsets that hold the layer): "
+        + ", ".join(f"{layer}: {_fmt(m)}" for layer, m in enumerate(r.marginal())), ""]
+    return lines, numbers
+
+
+def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["## Mean over tasks", ""]
+    for title, chosen in (("all tasks", reports), ("tasks where layer choice matters and the best subset clears the majority class",
+                                                   [r for r in reports if not r.insensitive() and max(r.subset_means().values()) - r.majority >= 0.02])):
+        names = [n for n in numbers[reports[0].task]] if reports else []
+        lines += [f"### {title}: {', '.join(r.task for r in chosen) or 'none'}", "",
+                  "| strategy | mean test | minus random | minus all | mean oracle rank (of 20) | gap to oracle best | search compute / oracle (time) |",
+                  "|---|---|---|---|---|---|---|"]
+        if not chosen:
+            lines.append("")
+            continue
+        for name in names:
+            rows = [numbers[r.task].get(name, {}) for r in chosen]
+            if any("test" not in row for row in rows):
+                continue
+            mean = _mean([row["test"] for row in rows])
+            rnd = _mean([numbers[r.task]["random (expectation)"]["test"] for r in chosen])
+            alls = [numbers[r.task].get("all", {}).get("test") for r in chosen]
+            minus_all = f"{100 * (mean - _mean(alls)):+.1f}" if None not in alls else ""
+            rank = f"{_mean([row['rank'] for row in rows]):.1f}" if all("rank" in row for row in rows) else ""
+            gap = _fmt(_mean([row["gap"] for row in rows])) if all("gap" in row for row in rows) else ""
+            secs = f"{100 * _mean([row['seconds'] for row in rows]):.1f}%" if all("seconds" in row for row in rows) else ""
+            lines.append(f"| {name} | {_fmt(mean)} | {100 * (mean - rnd):+.1f} | {minus_all} | {rank} | {gap} | {secs} |")
+        lines.append("")
     return lines
+
+
+def report(store: Store, tasks: list[str], seeds: list[int], quick: bool, out: Path) -> str:
+    reports = load_reports(store, tasks, seeds, quick)
+    text = ["# Search quality on MiniLM-L6 (K=3 of 6), against a multi-seed oracle", "",
+            f"Made by `python benchmarks/quality.py report` from {len(store.rows)} results in `results.jsonl` "
+            f"({sum(r.get('wall_seconds', 0) for r in store.rows.values()) / 3600:.1f} h of single-thread training and search).", ""]
+    numbers = {}
+    for r in reports:
+        lines, numbers[r.task] = task_section(r)
+        text += lines
+    text += summary_section(reports, numbers)
+    out.write_text("\n".join(text) + "\n")
+    return "\n".join(text)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=["run", "report"])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[42, 43, 44])
-    parser.add_argument("--oracle-seed", type=int, default=42)
-    parser.add_argument("--ks", nargs="*", type=int, default=[2, 3], help="oracle K values; none skips the oracle")
-    parser.add_argument("--k", type=int, default=3, help="K of the baseline comparison")
-    parser.add_argument("--strategies", nargs="+", default=BASELINES)
-    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, one epoch, one seed, K=2 oracle, 4 strategies")
-    parser.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "quality"))
-    parser.add_argument("--threads", type=int, help="torch CPU threads (e.g. 1 to run two tasks side by side)")
-    parser.add_argument("--investigate", action="store_true",
-                        help="also run SPT searches with other settings and place their picks in the oracle")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS),
-                        help="search settings that --investigate tries")
+    parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser.add_argument("--what", nargs="+", default=["oracle", "baselines", "spt"], choices=["oracle", "baselines", "spt"])
+    parser.add_argument("--shard", default="0/1", help="i/n: this worker takes every n-th job starting at i")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (1 when two workers share two cores)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, two epochs (results go to results-quick.jsonl)")
     args = parser.parse_args()
-    if args.investigate and not args.ks:
-        parser.error("--investigate places picks in the oracle: give --ks (e.g. --ks 2 3)")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    if args.quick:
-        args.seeds, args.ks = [args.oracle_seed], [2]
-        args.strategies = [s for s in args.strategies if s in ("spt", "first", "random", "peft-lora")]
-        args.out = args.out.rstrip("/") + "-quick"
-    out = Path(args.out)
-    cache = out / "cache"
-    cache.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    report = [f"# Search quality on MiniLM-L6\n\nCommand: `python benchmarks/quality.py {shlex.join(sys.argv[1:])}`\n"]
-    for task in args.tasks:
-        path, overrides = TASKS[task]
-        extra = overrides + COMMON + (QUICK if args.quick else [])
-        rows = []
-        for seed in args.seeds:
-            prep = prepare(load_config(REPO / path, [*extra, f"seed={seed}", f"select.k={args.k}"]))
-            for name in args.strategies:
-                rows += cached(cache / f"{task}-s{seed}-{name}.json", lambda n=name, p=prep, w=cache / "work" / task: strategy_rows(p, n, args.k, w))
-        metric = prep.config.task.metric
-        # ---- the oracle, at one seed, and where SPT's picks for each K land in it
-        prep = prepare(load_config(REPO / path, [*extra, f"seed={args.oracle_seed}", f"select.k={args.k}"]))
-        spt = cached(cache / f"{task}-s{args.oracle_seed}-spt.json", lambda p=prep, w=cache / "work" / task: strategy_rows(p, "spt", args.k, w))[0]
-        scores, candidates = spt["scores"], prep.config.prompt.candidates(prep.backbone.num_layers)
-        lines = [f"## {task}: SPT pick vs the exhaustive oracle (seed {args.oracle_seed})", "",
-                 f"SPT gates (layer:alpha): {', '.join(f'{c}:{s:.3f}' for c, s in zip(candidates, scores))}", "",
-                 f"| K | subsets | SPT pick | rank | top % | SPT test {metric} | oracle best | best test | gap (points) | SPT compute / oracle (time) | (steps) |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"] if args.ks else []
-        for k in args.ks:
-            trials = oracle(prep, k, cache)
-            pick = sorted(sorted(candidates, key=lambda c: (-scores[candidates.index(c)], c))[:k])
-            rank, best = rank_of(pick, trials)
-            mine = next(t for t in trials if t["layers"] == pick)
-            oracle_seconds = sum(t["seconds"] for t in trials)
-            oracle_steps = sum(t["steps"] for t in trials)
-            lines.append(
-                f"| {k} | {len(trials)} | {pick} | {rank} | {100 * rank / len(trials):.0f}% | {100 * mine['test']:.1f} | "
-                f"{best['layers']} | {100 * best['test']:.1f} | {100 * (best['test'] - mine['test']):.1f} | "
-                f"{100 * spt['search_seconds'] / oracle_seconds:.1f}% | {100 * spt['search_steps'] / oracle_steps:.1f}% |"
-            )
-            ordered = sorted(trials, key=lambda t: -t["test"])
-            # Diagnostic: do the gates rank layers like the oracle does? A layer's oracle
-            # value is the mean test score of the subsets that contain it.
-            marginal = [statistics.fmean(t["test"] for t in trials if c in t["layers"]) for c in candidates]
-            lines.append("")
-            lines.append(f"K={k}: Spearman correlation between SPT gates and the layers' mean oracle test score: "
-                         f"{spearman(scores, marginal):+.2f} (oracle layer means: "
-                         + ", ".join(f"{c}:{100 * m:.1f}" for c, m in zip(candidates, marginal)) + ")")
-            lines.append("")
-            lines.append(f"K={k} subsets by test {metric}: " + ", ".join(
-                f"{t['layers']} {100 * t['test']:.1f}" for t in ordered))
-            lines.append("")
-        # ---- baselines at equal K / parameters, mean over seeds
-        summary = aggregate([{**r, "layers": str(r["layers"])} for r in rows])
-        lines += ["", f"## {task}: strategies at K={args.k}, mean ± std over seeds {args.seeds}", "",
-                  markdown_table(summary, metric)]
-        spt_test = next(s["test"] for s in summary if s["strategy"] == "spt")
-        diffs = [f"{s['strategy']} {100 * (spt_test - s['test']):+.1f}" for s in summary if s["strategy"] != "spt"]
-        lines += ["", f"SPT's mean test {metric} minus each strategy's (points): {', '.join(diffs)}."]
-        if args.investigate:
-            lines += [""] + investigate(task, extra, args.oracle_seed, args.ks, cache, args.variants)
-        report.append("\n".join(lines))
-        print("\n".join(lines), flush=True)
-    # Oracle entries copied from a strategy's identical training are not counted twice.
-    values = (json.loads(f.read_text()) for f in cache.glob("*.json"))
-    compute = sum(_seconds(v) for v in values if isinstance(v, list) or not v.get("copied"))
-    report.append(f"\nWall time of this invocation: {(time.time() - started) / 60:.1f} min. Training and search time behind "
-                  f"all cached results under {cache.name}/ (one process each): {compute / 3600:.1f} h.")
-    name = "quality.md" if args.tasks == list(TASKS) else f"quality-{'-'.join(args.tasks)}.md"
-    (out / name).write_text("\n\n".join(report) + "\n")
-    print(f"\nwrote {out / name}")
+    store = Store(OUT / ("results-quick.jsonl" if args.quick else "results.jsonl"))
+    if args.action == "report":
+        print(report(store, args.tasks, args.seeds, args.quick, OUT / ("quality-quick.md" if args.quick else "quality.md")))
+        return
+    index, count = (int(x) for x in args.shard.split("/"))
+    jobs = [job for task in args.tasks for seed in args.seeds for job in jobs_for(task, seed, args.what)]
+    for number, job in enumerate(jobs):
+        if number % count == index:
+            run_job(job, store, args.quick, OUT / "work")
 
 
 if __name__ == "__main__":

@@ -63,7 +63,9 @@ class TaskConfig(Section):
         metric: ``accuracy``, ``macro_f1``, ``f1`` (of ``positive_label``) or ``mcc``.
         positive_label: the positive class for ``f1``.
         max_train, max_dev, max_test: keep at most this many examples (seeded sample).
-        dev_fraction: share of train held out as dev when ``dev`` is null.
+        shots_per_label: a seeded k-shot training set: this many examples of each label
+            (null: all); with ``dev`` null the dev set is another k per label from the rest.
+        dev_fraction: share of train held out as dev when ``dev`` is null (and no ``shots_per_label``).
         hf: for ``format: hf``: ``{path: glue, name: sst2, splits: {train: train, dev: validation,
             test: validation}}`` - a hub dataset, or a builder such as ``json``/``csv`` with
             ``data_files: {train: ..., validation: ...}``.
@@ -86,6 +88,7 @@ class TaskConfig(Section):
     max_train: int | None = None
     max_dev: int | None = None
     max_test: int | None = None
+    shots_per_label: int | None = None
     dev_fraction: float = 0.1
     hf: dict[str, Any] | None = None
 
@@ -94,7 +97,7 @@ class TaskConfig(Section):
     def check(self) -> None:
         self.one_of("metric", METRICS, "metric")
         self.require("dev_fraction", 0 < self.dev_fraction < 1, "in (0, 1)")
-        self.positive("max_train", "max_dev", "max_test")
+        self.positive("max_train", "max_dev", "max_test", "shots_per_label")
         if len(set(self.labels)) != len(self.labels):
             raise ConfigError("task.labels", f"has duplicates: {self.labels}")
 

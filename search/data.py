@@ -188,13 +188,31 @@ def _subsample(examples: list[Example], limit: int | None, seed: int) -> list[Ex
     return [examples[i] for i in keep]
 
 
+def _per_label(examples: list[Example], shots: int, seed: int) -> tuple[list[Example], list[Example]]:
+    """``shots`` examples of each label (seeded; all of a label that has fewer), and the rest."""
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    for label in sorted({ex.label for ex in examples}):
+        rows = [i for i, ex in enumerate(examples) if ex.label == label]
+        chosen.update(rng.sample(rows, min(shots, len(rows))))
+    return [examples[i] for i in sorted(chosen)], [ex for i, ex in enumerate(examples) if i not in chosen]
+
+
 def load_task(task: TaskConfig, seed: int) -> TaskData:
-    """All splits of ``task``; ``seed`` fixes subsampling and a held-out dev split."""
+    """All splits of ``task``; ``seed`` fixes subsampling and a held-out dev split.
+
+    With ``shots_per_label`` the training set is a seeded k-shot sample (k per label) and,
+    when no dev file is given, the dev set is another k per label from what remains (as
+    LM-BFF draws its few-shot splits).
+    """
     train = read_split(task, "train", seed)
     has_dev = task.dev is not None or (task.format == "hf" and "dev" in ((task.hf or {}).get("splits") or {"dev": 1}))
-    if has_dev:
-        dev = read_split(task, "dev", seed)
-    else:
+    dev = read_split(task, "dev", seed) if has_dev else None
+    if task.shots_per_label is not None:
+        train, rest = _per_label(train, task.shots_per_label, seed)
+        if dev is None:
+            dev, _ = _per_label(rest, task.shots_per_label, seed + 1)
+    elif dev is None:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
         n_dev = max(1, round(task.dev_fraction * len(train)))

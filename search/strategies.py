@@ -122,22 +122,33 @@ def strategy_results(strategy: Strategy, prep: Prepared, ctx: Context, done: set
     their own learning rate. Results whose label is in ``done`` are skipped (a resumed
     comparison); ``on_proposal`` sees each mask before its model is trained.
     """
-    metric, seed = prep.config.task.metric, prep.config.seed
     if strategy.produces_mask:
         for proposal in strategy.propose(prep, ctx):
             if proposal.label in done:
                 continue
             if on_proposal is not None:
                 on_proposal(proposal)
-            model = build_sparse(prep, proposal.mask.selected_layers)
-            result = train_and_evaluate(prep, model, prep.config.retrain, progress=ctx.progress, desc=f"{strategy.name} s{seed}")
-            yield _row(strategy.name, seed, proposal.label, proposal.mask.selected_layers, result, metric, proposal.compute,
-                       scores=proposal.mask.scores)
+            yield train_proposal(prep, strategy.name, proposal, ctx)
     elif "" not in done:
         model = strategy.build_model(prep, ctx)
         head = sum(p.numel() for p in model.head.parameters())
-        result = train_and_evaluate(prep, model, strategy.train_settings(prep), progress=ctx.progress, desc=f"{strategy.name} s{seed}")
-        yield _row(strategy.name, seed, "", "-", result, metric, Compute(), note=f"{result.trainable_params - head:,} method params")
+        result = train_and_evaluate(prep, model, strategy.train_settings(prep), progress=ctx.progress,
+                                    desc=f"{strategy.name} s{prep.config.seed}")
+        yield _row(strategy.name, prep.config.seed, "", "-", result, prep.config.task.metric, Compute(),
+                   note=f"{result.trainable_params - head:,} method params")
+
+
+def train_proposal(prep: Prepared, strategy: str, proposal: Proposal, ctx: Context) -> ResultRow:
+    """Train the sparse model of ``proposal``'s mask with the ``retrain`` settings; its row."""
+    model = build_sparse(prep, proposal.mask.selected_layers)
+    result = train_and_evaluate(prep, model, prep.config.retrain, progress=ctx.progress, desc=f"{strategy} s{prep.config.seed}")
+    return _row(strategy, prep.config.seed, proposal.label, proposal.mask.selected_layers, result, prep.config.task.metric,
+                proposal.compute, scores=proposal.mask.scores)
+
+
+def fixed_proposal(prep: Prepared, layers: list[int], label: str = "") -> Proposal:
+    """A proposal of exactly ``layers`` that cost no search."""
+    return Proposal(_mask(prep, layers), Compute(), label=label)
 
 
 def _row(strategy: str, seed: int, label: str, layers: list[int] | str, result, metric: str, compute: Compute,
@@ -215,7 +226,7 @@ class FixedStrategy(Strategy):
 
     def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
         candidates = prep.config.prompt.candidates(prep.backbone.num_layers)
-        return [Proposal(_mask(prep, self._pick(candidates, prep.backbone.num_layers)), Compute())]
+        return [fixed_proposal(prep, self._pick(candidates, prep.backbone.num_layers))]
 
 
 class RandomStrategy(Strategy):
@@ -229,7 +240,7 @@ class RandomStrategy(Strategy):
         proposals = []
         for draw in range(prep.config.compare.random_draws):
             rng = random.Random(prep.config.seed * 1_000 + draw)
-            proposals.append(Proposal(_mask(prep, sorted(rng.sample(candidates, ctx.k))), Compute(), label=self.labels(prep)[draw]))
+            proposals.append(fixed_proposal(prep, sorted(rng.sample(candidates, ctx.k)), label=self.labels(prep)[draw]))
         return proposals
 
 
