@@ -1,4 +1,4 @@
-"""Comparison reports: per-strategy mean +- std over seeds (Markdown, CSV) and a bar plot."""
+"""Comparison reports: per-strategy mean +- std over seeds (Markdown, CSV) and a plot of points with error bars."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from .style import PALETTE, FigureStyle, new_figure, save_figure, styled
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 COLUMNS = [
     "strategy", "seed", "draw", "layers", "dev", "test", "trainable_params",
@@ -80,28 +85,41 @@ def markdown_table(summary: Sequence[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot_comparison(summary: Sequence[dict[str, Any]], metric: str, path: Path, title: str | None = None) -> None:
-    """Test score (mean +- std over runs) per strategy, trainable parameters on the bars."""
-    import matplotlib
+def plot_comparison(
+    summary: Sequence[dict[str, Any]], metric: str, path: Path | str | None = None, title: str | None = None,
+    style: FigureStyle | None = None,
+) -> Figure:
+    """Dev and test score per strategy as points with error bars (mean +- std over runs).
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    Points, not bars: the y-axis can then zoom on the scores without bars that start
+    above 0. Tick labels carry each strategy's trainable parameters; ``spt`` is bold.
+    Writes the figure to ``path`` when given and returns it.
+    """
+    style = style or FigureStyle()
     names = [s["strategy"] for s in summary]
-    means = [100 * s["test"] for s in summary]
-    stds = [100 * s["test_std"] for s in summary]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(names), 3.6), constrained_layout=True)
-    colors = ["tab:red" if n == "spt" else "tab:blue" for n in names]
-    bars = ax.bar(range(len(names)), means, yerr=stds, color=colors, capsize=3)
-    for bar, s in zip(bars, summary):
-        ax.annotate(f"{s['trainable_params'] / 1000:.0f}k", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    xytext=(0, 2), textcoords="offset points", ha="center", fontsize=7)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(f"test {metric} (%)")
-    finite = [m for m in means if not math.isnan(m)]
-    if finite:
-        ax.set_ylim(max(0.0, min(finite) - 10), min(100.0, max(finite) + 8))
-    ax.set_title(title or "Strategies (mean ± std over runs; labels: trainable params)", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    x = list(range(len(names)))
+    with styled(style):
+        fig = new_figure(style, (1.6 + 0.9 * len(names), 4.0))
+        ax = fig.add_subplot()
+        series = (("dev", "o", PALETTE[4], -0.12), ("test", "s", PALETTE[5], 0.12))
+        for split, marker, color, shift in series:
+            means = [100 * float(s[split]) for s in summary]
+            stds = [100 * float(s[f"{split}_std"]) for s in summary]
+            ax.errorbar([i + shift for i in x], means, yerr=stds, fmt=marker, color=color, ecolor=color,
+                        capsize=3, markersize=5, linestyle="none", label=f"{split} (mean ± std)")
+        labels = [f"{name}\n{s['trainable_params'] / 1000:,.0f}k params" for name, s in zip(names, summary)]
+        ax.set_xticks(x, labels, rotation=30 if len(names) > 4 else 0, ha="right" if len(names) > 4 else "center",
+                      fontsize="small")
+        for tick, name in zip(ax.get_xticklabels(), names):
+            if name == "spt":
+                tick.set_fontweight("bold")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel(f"{metric} (%)")
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small", frameon=False)
+        runs = sorted({int(s["runs"]) for s in summary if "runs" in s})
+        per = f"{runs[0]} runs" if len(runs) == 1 else "runs"
+        ax.set_title(title or f"Strategies: dev and test {metric}, mean ± std over {per}", fontsize="medium")
+        if path is not None:
+            save_figure(fig, path, style)
+    return fig

