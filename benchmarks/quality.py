@@ -32,6 +32,7 @@ and a later session reuses what is there. Uses a GPU when there is one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -113,16 +114,29 @@ def _hash(data: Any) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _settings(config: RunConfig, sections: list[str], prompt_fields: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """The fields of ``sections`` that differ from their defaults: options added later with a
+    default that keeps today's behaviour leave the hash, and so the stored results, valid."""
+    out: dict[str, Any] = {"seed": config.seed}
+    for name in sections:
+        section = getattr(config, name)
+        default = type(section)()
+        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+                  if getattr(section, f.name) != getattr(default, f.name)}
+        if name == "prompt" and prompt_fields is not None:
+            values = {k: v for k, v in values.items() if k in prompt_fields}
+        out[name] = values
+    return out
+
+
 def training_recipe(config: RunConfig) -> str:
     """What decides a sparse model's training: data, backbone, prompt shape, head, retraining."""
-    d = config.to_dict()
-    prompt = {k: d["prompt"][k] for k in ("length", "bottleneck", "phm_n", "activation", "dropout", "discard")}
-    return _hash([d["seed"], d["model"], prompt, d["head"], d["task"], d["retrain"]])
+    shape = ("length", "bottleneck", "phm_n", "activation", "dropout", "discard")
+    return _hash(_settings(config, ["model", "prompt", "head", "task", "retrain"], shape))
 
 
 def search_recipe(config: RunConfig) -> str:
-    d = config.to_dict()
-    return _hash([d["seed"], d["model"], d["prompt"], d["head"], d["task"], d["search"], d["select"], d["retrain"]])
+    return _hash(_settings(config, ["model", "prompt", "head", "task", "search", "select"]))
 
 
 class Store:
@@ -430,20 +444,21 @@ def main() -> None:
     parser.add_argument("--shard", default="0/1", help="i/n: this worker takes every n-th job starting at i")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 when two workers share two cores)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, two epochs (results go to results-quick.jsonl)")
+    parser.add_argument("--out", type=Path, default=OUT, help="folder of results.jsonl and the report")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    store = Store(OUT / ("results-quick.jsonl" if args.quick else "results.jsonl"))
+    store = Store(args.out / ("results-quick.jsonl" if args.quick else "results.jsonl"))
     if args.action == "report":
-        print(report(store, args.tasks, args.seeds, args.quick, OUT / ("quality-quick.md" if args.quick else "quality.md")))
+        print(report(store, args.tasks, args.seeds, args.quick, args.out / ("quality-quick.md" if args.quick else "quality.md")))
         return
     index, count = (int(x) for x in args.shard.split("/"))
     jobs = [job for task in args.tasks for seed in args.seeds for job in jobs_for(task, seed, args.what)]
     for number, job in enumerate(jobs):
         if number % count == index:
-            run_job(job, store, args.quick, OUT / "work")
+            run_job(job, store, args.quick, args.out / "work")
 
 
 if __name__ == "__main__":

@@ -16,11 +16,10 @@ import torch
 from helpers import tiny_config
 
 from search.cli import main
-from search.config import load_config
+from search.config import SearchConfig, load_config
 from search.pipeline import build_supernet, prepare
-from search.selection import read_gate_history, read_mask, select_layers
-from search.config import SearchConfig
 from search.schedule import search_schedule
+from search.selection import read_gate_history, read_mask, select_layers
 from search.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent

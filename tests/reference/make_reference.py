@@ -82,14 +82,14 @@ def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
             net.gates.logits.copy_(torch.tensor([0.3, -1.0, 2.0, 0.1]))
         net.train()
         cases = {
-            "full": lambda: net(batch),
-            "masked": lambda: net(batch, arch_mask=torch.tensor([0.0, 1.0, 1.0, 0.0])),
-            "rows": lambda: net(batch, arch_mask=torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])),
-            "hard": lambda: net(batch, arch_mask=torch.tensor([0.0, 1.0, 0.0, 1.0]), hard_gates=True),
+            "full": {},
+            "masked": {"arch_mask": torch.tensor([0.0, 1.0, 1.0, 0.0])},
+            "rows": {"arch_mask": torch.tensor([[1.0, 0, 1, 0], [0, 1, 1, 1], [0, 0, 0, 1], [1, 1, 1, 1]])},
+            "hard": {"arch_mask": torch.tensor([0.0, 1.0, 0.0, 1.0]), "hard_gates": True},
         }
-        for name, run in cases.items():
+        for name, kwargs in cases.items():
             net.zero_grad(set_to_none=True)
-            result = run()
+            result = net(batch, **kwargs)
             loss = torch.nn.functional.cross_entropy(result.logits, target) + result.representation.pow(2).mean()
             loss.backward()
             key = f"supernet.d{int(discard)}.{name}"
