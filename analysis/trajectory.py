@@ -62,9 +62,7 @@ def render_trajectories(
     they never overlap. Each panel's title names what sets its run apart (task, backbone,
     K, seed, else the directory); the figure title names what the runs share.
     """
-    from matplotlib.font_manager import FontProperties
     from matplotlib.lines import Line2D
-    from matplotlib.transforms import blended_transform_factory
 
     style = style or FigureStyle()
     n = len(runs)
@@ -97,21 +95,26 @@ def render_trajectories(
         shared = shared_description(runs)
         fig.suptitle(title or ("Gate trajectories" + (f": {shared}" if shared else "")), fontsize="large")
         fig.draw_without_rendering()  # lay out once, so label spacing can be measured in pixels
-        label_px = 1.3 * FontProperties(size="small").get_size_in_points() * fig.dpi / 72
         for k, run in enumerate(runs):
-            ax = axes[k // cols][k % cols]
-            picked = [(layer, run.final[j]) for j, layer in enumerate(run.candidate_layers)
-                      if layer in run.selected_layers and not math.isnan(run.final[j])]
-            finals = [y for _, y in picked]
-            gap = label_px / max(ax.get_window_extent().height, 1.0)  # the y range is 1
-            ys = spread(finals, gap, 0.0, 1.0)
-            where = blended_transform_factory(ax.transAxes, ax.transData)
-            for (layer, y_end), y_text in zip(picked, ys):
-                color = layer_style(position[layer])[0]
-                ax.annotate(str(layer), xy=(run.steps[-1], y_end), xytext=(1.03, y_text), textcoords=where,
-                            fontsize="small", color=color, fontweight="bold", va="center", ha="left",
-                            annotation_clip=False,
-                            arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6, "shrinkA": 0, "shrinkB": 0})
+            _label_selected(axes[k // cols][k % cols], run, position, fig.dpi)
         if path is not None:
             save_figure(fig, path, style)
     return fig
+
+
+def _label_selected(ax, run: RunGates, position: dict[int, int], dpi: float) -> None:
+    """Label each selected layer at its final gate, the labels spread so they never overlap."""
+    from matplotlib.font_manager import FontProperties
+    from matplotlib.transforms import blended_transform_factory
+
+    label_px = 1.3 * FontProperties(size="small").get_size_in_points() * dpi / 72
+    picked = [(layer, run.final[j]) for j, layer in enumerate(run.candidate_layers)
+              if layer in run.selected_layers and not math.isnan(run.final[j])]
+    gap = label_px / max(ax.get_window_extent().height, 1.0)  # the y range is 1
+    ys = spread([y for _, y in picked], gap, 0.0, 1.0)
+    where = blended_transform_factory(ax.transAxes, ax.transData)
+    for (layer, y_end), y_text in zip(picked, ys):
+        color = layer_style(position[layer])[0]
+        ax.annotate(str(layer), xy=(run.steps[-1], y_end), xytext=(1.03, y_text), textcoords=where,
+                    fontsize="small", color=color, fontweight="bold", va="center", ha="left", annotation_clip=False,
+                    arrowprops={"arrowstyle": "-", "color": color, "linewidth": 0.6, "shrinkA": 0, "shrinkB": 0})

