@@ -25,7 +25,8 @@ class Architect:
         self.trainer = trainer
         self.params = trainer.model.architecture_parameters()
         self.optimizer = torch.optim.Adam(
-            self.params, lr=settings.arch_lr, betas=tuple(settings.arch_betas), weight_decay=settings.arch_weight_decay
+            self.params, lr=settings.arch_lr, betas=tuple(settings.arch_betas), weight_decay=settings.arch_weight_decay,
+            fused=trainer.optimizer.defaults.get("fused") or False,  # as the weight optimizer (fused on GPUs)
         )
 
     def step(self, indices: list[int], step: int) -> dict[str, torch.Tensor]:

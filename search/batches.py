@@ -9,6 +9,7 @@ import torch
 
 from spt.config import HeadConfig
 from spt.errors import UserError
+from spt.generator import adaptive_pool_weights
 
 from .data import Example
 
@@ -58,8 +59,14 @@ def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: 
     return EncodedSplit(list(out["input_ids"]), list(token_types) if token_types is not None else None, labels, None, pad_id)
 
 
-def collate(split: EncodedSplit, indices: Sequence[int], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-    """A right-padded batch of the examples at ``indices``."""
+def collate(
+    split: EncodedSplit, indices: Sequence[int], device: torch.device | str = "cpu", prompt_length: int | None = None,
+) -> dict[str, torch.Tensor | bool]:
+    """A right-padded batch of the examples at ``indices``.
+
+    Made on the host, so the model never has to read a tensor to learn it: ``has_padding``
+    (a bool) and, given ``prompt_length``, the generators' pooling weights.
+    """
     rows = [split.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
     input_ids = torch.full((len(rows), width), split.pad_id, dtype=torch.long)
@@ -76,4 +83,8 @@ def collate(split: EncodedSplit, indices: Sequence[int], device: torch.device | 
         batch["token_type_ids"] = types
     if split.mask_positions is not None:
         batch["mask_positions"] = torch.tensor([split.mask_positions[i] for i in indices], dtype=torch.long)
-    return {k: v.to(device) for k, v in batch.items()}
+    if prompt_length is not None:
+        batch["pool_weights"] = adaptive_pool_weights(attention, prompt_length)
+    moved: dict[str, torch.Tensor | bool] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    moved["has_padding"] = any(len(r) < width for r in rows)
+    return moved

@@ -76,6 +76,7 @@ class Trainer:
     def __init__(
         self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
         device: torch.device | str = "cpu", precision: str = "fp32", loss: TrainingLoss = task_loss,
+        fused_optimizer: bool | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -84,9 +85,12 @@ class Trainer:
         self.seed = seed
         self.precision = precision
         self.loss = loss
+        self.prompt_length: int | None = getattr(model, "prompt_length", None)  # collate pools for the generators
         self.weights = model.weight_parameters()
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay, **fused)
+        # Fused on GPUs: one kernel for all parameters. (The CPU keeps the reference implementation,
+        # whose rounding the stored reference results were made with.)
+        fused = self.device.type == "cuda" if fused_optimizer is None else fused_optimizer
+        self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
         distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
 
@@ -131,7 +135,7 @@ class Trainer:
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
         """This rank's share of a global batch, and the loss weight of that share."""
         local = distributed.shard(indices)
-        batch = collate(self.train_split, local, self.device) if local else None
+        batch = collate(self.train_split, local, self.device, self.prompt_length) if local else None
         return batch, distributed.loss_scale(len(local), len(indices))
 
     @contextlib.contextmanager
@@ -170,7 +174,7 @@ class Trainer:
         mine = distributed.shard(range(len(split)))
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
-            batch = collate(split, indices, self.device)
+            batch = collate(split, indices, self.device, self.prompt_length)
             with self.autocast():
                 logits = self.model(batch).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()

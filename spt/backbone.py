@@ -122,17 +122,27 @@ class Backbone(nn.Module):
         project = getattr(self.base, "embeddings_project", None)  # ELECTRA-small style
         return project(hidden) if project is not None else hidden
 
-    def layer_context(self, hidden: torch.Tensor, key_mask: torch.Tensor) -> LayerContext:
-        """Attention inputs for sequences shaped like ``hidden`` with 2-D ``key_mask`` (1 = attend)."""
-        from transformers.masking_utils import create_bidirectional_mask
+    def layer_context(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> LayerContext:
+        """Attention inputs for sequences shaped like ``hidden`` whose keys ``key_mask`` (B, S) may
+        attend (1 = attend); ``None`` when every key may, which also lets SDPA take its fast path.
 
-        mask = create_bidirectional_mask(config=self.config, inputs_embeds=hidden, attention_mask=key_mask)
+        The mask is built here from what the caller knows on the host, never by looking at
+        tensor values (that would make the device wait).
+        """
         bias = None
         if self.family.relative_position_bias:
             # Relative positions: slots placed before the tokens leave the distances
             # between real tokens unchanged.
             bias = self.base.encoder.compute_position_bias(hidden)
-        return LayerContext(mask, bias)
+        return LayerContext(None if key_mask is None else self.attention_mask(key_mask, hidden.dtype), bias)
+
+    def attention_mask(self, key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``(B, 1, 1, S)`` mask in the form the layers' attention takes: boolean (True = attend)
+        for SDPA, additive (0 or the dtype's minimum) for eager attention."""
+        keep = key_mask[:, None, None, :].bool()
+        if self.config._attn_implementation == "sdpa":
+            return keep
+        return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
     def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0) -> torch.Tensor:
         """Apply transformer layer ``index`` to ``hidden`` (B, S, d).

@@ -1,7 +1,11 @@
-"""Instance-aware prompt generator: a PHM bottleneck with masked adaptive pooling.
+"""Instance-aware prompt generators: PHM bottlenecks with masked adaptive pooling.
 
     H (B,T,d) -> PHM down d->m -> masked adaptive avg pool over real tokens to l
               -> activation -> PHM up m->d -> dropout -> P (B,l,d)
+
+:class:`PromptGenerators` holds the generators of every prompt layer of a model as one
+stack, so the PHM weights of all of them are built once per step (and cached for
+evaluation) instead of once per generator call.
 """
 
 from __future__ import annotations
@@ -36,28 +40,45 @@ def adaptive_pool_weights(token_mask: torch.Tensor, length: int) -> torch.Tensor
     return weights / weights.sum(dim=2, keepdim=True).clamp(min=1.0)
 
 
-class PromptGenerator(nn.Module):
-    """Generates ``l`` prompt vectors from one layer's hidden states."""
+class PromptGenerators(nn.Module):
+    """``count`` prompt generators (one per prompt layer); ``forward(index, ...)`` runs one."""
 
     def __init__(
-        self,
-        hidden_size: int,
-        bottleneck: int,
-        phm_n: int = 4,
-        activation: str = "relu",
-        dropout: float = 0.1,
+        self, count: int, hidden_size: int, bottleneck: int, phm_n: int = 4, activation: str = "relu", dropout: float = 0.1,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ConfigError("prompt.activation", f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        self.down = PHMLinear(hidden_size, bottleneck, phm_n)
+        self.count = count
+        self.down = PHMLinear(hidden_size, bottleneck, phm_n, count, reset=False)
         self.act = ACTIVATIONS[activation]()
-        self.up = PHMLinear(bottleneck, hidden_size, phm_n)
+        self.up = PHMLinear(bottleneck, hidden_size, phm_n, count, reset=False)
         self.dropout = nn.Dropout(dropout)
+        with torch.no_grad():  # initialise generator by generator, in the order separate modules would
+            for index in range(count):
+                self.down.reset_parameters(index)
+                self.up.reset_parameters(index)
 
-    def forward(self, hidden: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:
-        """``hidden`` (B,T,d) and ``pool_weights`` (B,l,T) from :func:`adaptive_pool_weights`."""
+    def weights(self) -> tuple[list, list]:
+        """The down and up ``(weight, bias)`` of every generator, built once for a forward pass."""
+        return self.down.parts(), self.up.parts()
+
+    def forward(
+        self, index: int, hidden: torch.Tensor, pool_weights: torch.Tensor, weights: tuple[list, list] | None = None,
+    ) -> torch.Tensor:
+        """Generator ``index`` on ``hidden`` (B,T,d) with ``pool_weights`` (B,l,T) from :func:`adaptive_pool_weights`."""
+        down, up = weights if weights is not None else self.weights()
         # Pooling rows sum to 1 and the down projection is affine, so pooling first
         # gives the same result as projecting every token first, at l/T of the cost.
         pooled = torch.bmm(pool_weights.to(hidden.dtype), hidden)
-        return self.dropout(self.up(self.act(self.down(pooled))))
+        return self.dropout(self.up(self.act(self.down(pooled, index, down)), index, up))
+
+
+class PromptGenerator(PromptGenerators):
+    """A single prompt generator: ``generator(hidden, pool_weights)``."""
+
+    def __init__(self, hidden_size: int, bottleneck: int, phm_n: int = 4, activation: str = "relu", dropout: float = 0.1) -> None:
+        super().__init__(1, hidden_size, bottleneck, phm_n, activation, dropout)
+
+    def forward(self, hidden: torch.Tensor, pool_weights: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(0, hidden, pool_weights)

@@ -8,13 +8,19 @@ Both run the frozen backbone layer by layer through :func:`run_prompted_layers`:
 * At candidate layer ``i`` the slots entering layer ``i+1`` become
   ``P_i = (1 - lambda*g_i) * P_hat_i + g_i * G_i(H_i)``, where ``P_hat_i`` is what the
   slots hold after layer ``i`` and ``g_i`` the gate (supernet: ``alpha~_i * m_i``;
-  sparse model: 1 at the selected layers).
+  sparse model: 1 at the selected layers, where the formula is a plain replace or add).
 
-Gate values and masks may differ per example (shape ``(B, L)``), which lets the two
+What happens at each layer is decided on the host before the pass, by a :class:`Plan`
+made from the layer mask (and, in the supernet, the architecture mask, which is sampled
+on the host): which generators run, for which examples, where the key mask changes and
+which layers need no slot outputs. Nothing inside a pass reads a tensor's value, so a
+GPU never waits for the host. Masks may differ per example, which lets the two
 consistency passes (masked and full) run as one batch of ``2B``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -23,83 +29,139 @@ from .backbone import Backbone
 from .config import HeadConfig, PromptConfig
 from .errors import ConfigError
 from .gates import LayerGates
-from .generator import PromptGenerator, adaptive_pool_weights
+from .generator import PromptGenerators, adaptive_pool_weights
 from .trainable import PromptOutput, TrainableMixin
+
+Rows = tuple[bool, ...]
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """What happens at one layer from the first prompt layer on (host-side facts only)."""
+
+    layer: int
+    generator: int | None  # index of the generator inserting a prompt here (None: no prompt)
+    rows: Rows | None  # examples the prompt is inserted for (None: all)
+    clear: Rows | None  # zero the slots of the examples marked False (they start here: P_hat = 0)
+    started: Rows | None  # examples whose slots are attended from here on (None: all); set where it changes
+    new_context: bool  # the key mask changes at this layer
+    keys_values_only: bool  # nobody reads the slots' outputs of this layer
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The per-layer steps of one pass, and whether its gates are exactly 1 (hard)."""
+
+    first: int  # the first prompt layer (num_layers: no prompt at all)
+    layers: tuple[LayerPlan, ...]
+    hard: bool
+
+
+def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], hard: bool, discard: float) -> Plan:
+    """Plan a pass: ``active[j][b]`` says whether generator ``j`` (at ``generator_layers[j]``)
+    inserts a prompt for example ``b``; ``active`` of one row stands for every example."""
+    n_rows = len(active[0]) if active else 1
+    at = {layer: j for j, layer in enumerate(generator_layers)}
+    starts = [min((generator_layers[j] for j in range(len(active)) if active[j][b]), default=num_layers) for b in range(n_rows)]
+    first = min(starts, default=num_layers)
+    steps, previous = [], None
+    for i in range(first, num_layers):
+        j = at.get(i)
+        rows = active[j] if j is not None else None
+        started = tuple(s <= i for s in starts)
+        clear = tuple(s < i for s in starts) if i > first and i in starts else None
+        nxt = at.get(i + 1)
+        replaced_next = nxt is not None and hard and discard == 1 and all(active[nxt])
+        steps.append(LayerPlan(
+            layer=i,
+            generator=j if rows is not None and any(rows) else None,
+            rows=None if rows is None or all(rows) else rows,
+            clear=clear,
+            started=None if all(started) else started,
+            new_context=started != previous,
+            keys_values_only=i == num_layers - 1 or replaced_next,
+        ))
+        previous = started
+    return Plan(first, tuple(steps), hard)
+
+
+def _on(rows: Rows, like: torch.Tensor) -> torch.Tensor:
+    """A (B, 1, 1) 0/1 tensor of ``rows`` on ``like``'s device (a host-to-device copy, no sync)."""
+    return torch.tensor(rows, dtype=like.dtype).view(-1, 1, 1).to(like.device, non_blocking=True)
+
+
+def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | None, discard: float) -> torch.Tensor:
+    """``(1 - lambda*g) * slots + g * fresh``; ``gate`` None means g = 1; ``slots`` None means zeros."""
+    if gate is None:
+        return fresh if discard == 1 or slots is None else slots + fresh
+    if slots is None:
+        return fresh * gate
+    if discard == 1:
+        return torch.lerp(slots, fresh, gate.to(slots.dtype))
+    return torch.addcmul(slots, gate.to(slots.dtype), fresh)
 
 
 def run_prompted_layers(
     backbone: Backbone,
     batch: dict[str, torch.Tensor],
-    generators: dict[int, PromptGenerator],
-    gate: torch.Tensor,
-    active: torch.Tensor,
+    generators: PromptGenerators,
+    plan: Plan,
+    gates: torch.Tensor | None,
     prompt_length: int,
     discard: float,
 ) -> torch.Tensor:
-    """Final states ``(B, T, d)`` of the real-token positions with prompts inserted.
+    """Final states ``(B, T, d)`` of the real-token positions with prompts inserted as ``plan`` says.
 
-    ``gate`` (B, L) holds ``g_i`` per example and layer; ``active`` (B, L) says where a
-    prompt is inserted at all (structurally: a layer with ``active = 0`` contributes
-    nothing and its generator is not run for that example).
+    ``gates`` holds one value per generator (the supernet's ``alpha~``); ``None`` with a
+    hard plan, whose gates are 1 wherever a prompt is inserted.
     """
     token_mask = batch["attention_mask"]
+    padded = batch.get("has_padding")
+    padded = bool(token_mask.all().logical_not()) if padded is None else bool(padded)  # the only fallback sync
     num_layers = backbone.num_layers
-    B = token_mask.shape[0]
-    layer_ids = torch.arange(num_layers, device=active.device)
-    start = torch.where(active, layer_ids, num_layers).min(dim=1).values  # first prompt layer per example
-    first = int(start.min())
-
     with torch.no_grad():  # nothing below the first prompt is trainable
         hidden = backbone.embed(batch["input_ids"], batch.get("token_type_ids"))
-        if first > 0:
-            context = backbone.layer_context(hidden, token_mask)
-            for i in range(min(first, num_layers)):
+        if plan.first > 0:
+            context = backbone.layer_context(hidden, token_mask if padded else None)
+            for i in range(min(plan.first, num_layers)):
                 hidden = backbone.run_layer(i, hidden, context)
-    if first >= num_layers:
+    if plan.first >= num_layers:
         return hidden
 
-    pool_weights = adaptive_pool_weights(token_mask, prompt_length)
-    slots = hidden.new_zeros(B, prompt_length, hidden.shape[-1])
-    started_before = None
-    for i in range(first, num_layers):
-        not_yet = start >= i  # examples whose first prompt is at i or later: P_hat_i = 0
-        if i > first and bool(not_yet.any()):
-            # Their slots went through earlier layers unattended; clear what that left.
-            slots = slots * (~not_yet).view(B, 1, 1)
-        started = start <= i
-        generator = generators.get(i)
-        if generator is not None:
-            rows = active[:, i].nonzero().squeeze(1)
-            if rows.numel():
-                if rows.numel() == B:
-                    fresh = generator(hidden, pool_weights)
-                else:
-                    fresh = slots.new_zeros(slots.shape).index_copy(
-                        0, rows, generator(hidden[rows], pool_weights[rows])
-                    )
-                g = gate[:, i].view(B, 1, 1).to(hidden.dtype)
-                slots = (1 - discard * g) * slots + g * fresh
-        sequence = torch.cat([slots, hidden], dim=1)
-        if started_before is None or not torch.equal(started, started_before):
-            # Slots are attended only by examples whose first prompt layer has come.
-            key_mask = torch.cat([started.view(B, 1).expand(B, prompt_length).to(token_mask.dtype), token_mask], dim=1)
+    pool = batch.get("pool_weights")  # made on the host by search.batches.collate
+    if pool is None or pool.shape[1] != prompt_length:
+        pool = adaptive_pool_weights(token_mask, prompt_length)
+    weights = generators.weights()
+    gate_values = gates.unbind(0) if gates is not None else None  # (one unbind, not an index per layer)
+    slots: torch.Tensor | None = None
+    sequence: torch.Tensor | None = None
+    for step in plan.layers:
+        changed = False
+        if step.clear is not None:
+            slots, changed = slots * _on(step.clear, slots), True
+        if step.generator is not None:
+            gate = None if plan.hard else gate_values[step.generator]
+            if step.rows is not None:
+                gate = _on(step.rows, hidden) if gate is None else gate * _on(step.rows, hidden)
+            fresh = generators(step.generator, hidden, pool, weights).to(hidden.dtype)  # (autocast: bf16 out)
+            slots, changed = _mix(slots, fresh, gate, discard), True
+        if changed or sequence is None:
+            sequence = torch.cat([slots, hidden], dim=1)
+        if step.new_context:
+            key_mask = None
+            if step.started is not None:
+                started = torch.tensor(step.started, dtype=token_mask.dtype).view(-1, 1).expand(-1, prompt_length)
+                key_mask = torch.cat([started.to(token_mask.device, non_blocking=True), token_mask], dim=1)
+            elif padded:
+                key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
             context = backbone.layer_context(sequence, key_mask)
-            started_before = started
-        if _slot_outputs_unused(i, num_layers, generators, gate, active, discard):
-            hidden = backbone.run_layer(i, sequence, context, queries_from=prompt_length)
+        if step.keys_values_only:
+            hidden = backbone.run_layer(step.layer, sequence, context, queries_from=prompt_length)
+            sequence = None
         else:
-            out = backbone.run_layer(i, sequence, context)
-            slots, hidden = out[:, :prompt_length], out[:, prompt_length:]
+            sequence = backbone.run_layer(step.layer, sequence, context)
+            slots, hidden = sequence[:, :prompt_length], sequence[:, prompt_length:]
     return hidden
-
-
-def _slot_outputs_unused(i: int, num_layers: int, generators: dict, gate: torch.Tensor, active: torch.Tensor, discard: float) -> bool:
-    """Whether nothing reads what the slots hold after layer ``i``: after the last layer, or
-    when layer ``i+1`` replaces every example's slots outright (lambda = 1, gate exactly 1)."""
-    if i == num_layers - 1:
-        return True
-    nxt = i + 1
-    return discard == 1 and nxt in generators and bool(active[:, nxt].all()) and bool((gate[:, nxt] == 1).all())
 
 
 class PromptModel(TrainableMixin, nn.Module):
@@ -117,37 +179,23 @@ class PromptModel(TrainableMixin, nn.Module):
         self.labels = list(labels)
         self.head = head
         self.layers = sorted(layers)
-        self.generators = nn.ModuleDict(
-            {
-                str(i): PromptGenerator(
-                    backbone.hidden_size, prompt.bottleneck, prompt.phm_n, prompt.activation, prompt.dropout
-                )
-                for i in self.layers
-            }
+        self.generators = PromptGenerators(
+            len(self.layers), backbone.hidden_size, prompt.bottleneck, prompt.phm_n, prompt.activation, prompt.dropout
         )
 
-    def _generator_map(self) -> dict[int, PromptGenerator]:
-        return {int(k): g for k, g in self.generators.items()}
+    @property
+    def prompt_length(self) -> int:
+        return self.prompt_config.length
 
-    def _expand(self, values: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """Per-candidate values (C,) or (B, C) -> per-layer (B, L); non-candidates 0."""
-        values = values.to(self.head_device())
-        if values.dim() == 1:
-            values = values.unsqueeze(0).expand(batch_size, -1)
-        full = values.new_zeros(batch_size, self.backbone.num_layers)
-        return full.index_copy(1, torch.tensor(self.layers, device=values.device), values)
-
-    def head_device(self) -> torch.device:
-        return next(self.generators.parameters()).device
-
-    def _encode(self, batch: dict[str, torch.Tensor], gate: torch.Tensor, active: torch.Tensor) -> PromptOutput:
-        B = batch["input_ids"].shape[0]
+    def _encode(self, batch: dict[str, torch.Tensor], plan: Plan, gates: torch.Tensor | None) -> PromptOutput:
         states = run_prompted_layers(
-            self.backbone, batch, self._generator_map(), self._expand(gate, B), self._expand(active.float(), B) > 0,
-            self.prompt_config.length, float(self.prompt_config.discard),
+            self.backbone, batch, self.generators, plan, gates, self.prompt_config.length, float(self.prompt_config.discard)
         )
         representation = self.head.representation(states, batch)
         return PromptOutput(self.head(representation), representation)
+
+    def _plan(self, active: list[Rows], hard: bool) -> Plan:
+        return make_plan(self.backbone.num_layers, self.layers, active, hard, float(self.prompt_config.discard))
 
     def train(self, mode: bool = True) -> PromptModel:
         super().train(mode)
@@ -157,6 +205,16 @@ class PromptModel(TrainableMixin, nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         """``omega``: generator and head parameters."""
         return list(self.generators.parameters()) + list(self.head.parameters())
+
+
+def _active_rows(mask: torch.Tensor | None, count: int) -> list[Rows]:
+    """Per generator, per example: is its prompt inserted? From a host mask (C,) or (B, C)."""
+    if mask is None:
+        return [(True,)] * count
+    values = mask.detach().to("cpu", non_blocking=False) if mask.device.type != "cpu" else mask.detach()
+    values = values.reshape(-1, count) if values.dim() == 2 else values.reshape(1, count)
+    columns = (values != 0).t().tolist()
+    return [tuple(c) for c in columns]
 
 
 class PromptSupernet(PromptModel):
@@ -184,26 +242,22 @@ class PromptSupernet(PromptModel):
     def forward(
         self, batch: dict[str, torch.Tensor], arch_mask: torch.Tensor | None = None, hard_gates: bool = False
     ) -> PromptOutput:
-        """Scores with gates ``alpha~ * m``; ``arch_mask`` (C,) or (B, C) over candidates.
+        """Scores with gates ``alpha~ * m``; ``arch_mask`` (C,) or (B, C) over candidates, a host tensor.
 
         ``hard_gates=True`` uses the mask itself as gate values (1 = prompt inserted at
         full strength), which is what the sparse model computes.
         """
-        mask = torch.ones(len(self.layers)) if arch_mask is None else arch_mask.float()
-        mask = mask.to(self.gates.logits.device)
-        gate = mask if hard_gates else self.gates() * mask
-        return self._encode(batch, gate, mask)
+        plan = self._plan(_active_rows(arch_mask, len(self.layers)), hard_gates)
+        return self._encode(batch, plan, None if hard_gates else self.gates())
 
     def forward_consistency(self, batch: dict[str, torch.Tensor], arch_mask: torch.Tensor) -> tuple[PromptOutput, PromptOutput]:
-        """The full pass and the masked pass of the same batch, run as one batch of 2B."""
+        """The full pass and the masked pass (``arch_mask`` (C,), a host tensor) of the same batch, as one batch of 2B."""
         B = batch["input_ids"].shape[0]
-        doubled = {k: torch.cat([v, v], dim=0) for k, v in batch.items() if isinstance(v, torch.Tensor)}
-        mask = arch_mask.float().to(self.gates.logits.device)
-        masks = torch.cat([torch.ones_like(mask).expand(B, -1), mask.expand(B, -1) if mask.dim() == 1 else mask])
-        out = self._encode(doubled, self.gates() * masks, masks)
-        full = PromptOutput(out.logits[:B], out.representation[:B])
-        masked = PromptOutput(out.logits[B:], out.representation[B:])
-        return full, masked
+        doubled = {k: torch.cat([v, v], dim=0) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        masked = _active_rows(arch_mask, len(self.layers))
+        active = [(True,) * B + (column[0],) * B for column in masked]
+        out = self._encode(doubled, self._plan(active, hard=False), self.gates())
+        return PromptOutput(out.logits[:B], out.representation[:B]), PromptOutput(out.logits[B:], out.representation[B:])
 
 
 class SparsePromptModel(PromptModel):
@@ -219,17 +273,19 @@ class SparsePromptModel(PromptModel):
         if bad:
             raise ConfigError("mask.selected_layers", f"layers {bad} do not exist; the backbone has 0..{backbone.num_layers - 1}")
         super().__init__(backbone, prompt, head, head_config, labels, layers)
+        self.plan = self._plan([(True,)] * len(self.layers), hard=True)  # fixed at construction
 
     @property
     def selected_layers(self) -> list[int]:
         return self.layers
 
     def forward(self, batch: dict[str, torch.Tensor]) -> PromptOutput:
-        ones = torch.ones(len(self.layers))
-        return self._encode(batch, ones, ones)
+        return self._encode(batch, self.plan, None)
 
+    @torch.no_grad()
     def load_generators_from(self, supernet: PromptSupernet) -> None:
         """Start from the supernet's generator (and head) weights instead of from scratch."""
-        for i in self.layers:
-            self.generators[str(i)].load_state_dict(supernet.generators[str(i)].state_dict())
+        index = [supernet.layers.index(i) for i in self.layers]
+        for mine, theirs in zip(self.generators.parameters(), supernet.generators.parameters()):
+            mine.copy_(theirs[index])
         self.head.load_state_dict(supernet.head.state_dict())

@@ -1,11 +1,15 @@
-"""Parameterized hypercomplex multiplication (PHM) layer.
+"""Parameterized hypercomplex multiplication (PHM) layers, stacked.
 
 The weight of a ``d_in -> d_out`` projection is a sum of ``n`` Kronecker products
 
     W = sum_j A_j (x) S_j,   A_j in R^{n x n},   S_j in R^{(d_in/n) x (d_out/n)}
 
-so the layer holds ``n**3 + d_in*d_out/n + d_out`` parameters instead of
+so one layer holds ``n**3 + d_in*d_out/n + d_out`` parameters instead of
 ``d_in*d_out + d_out``. ``n = 1`` is an ordinary linear layer (``W = a * S``).
+
+A :class:`PHMLinear` holds ``count`` such layers of the same shape (one per prompt
+generator), so the weights of all of them are built by one einsum per step, and cached
+while the parameters do not change and no gradient is recorded (evaluation, inference).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from .errors import ConfigError
 
 
 def phm_parameter_count(d_in: int, d_out: int, n: int) -> int:
-    """Number of parameters of a ``PHMLinear(d_in, d_out, n)`` (bias included)."""
+    """Number of parameters of one ``d_in -> d_out`` PHM layer (bias included)."""
     return n**3 + d_in * d_out // n + d_out
 
 
@@ -37,36 +41,59 @@ def check_phm_divides(n: int, **dims: int) -> None:
             )
 
 
-class PHMLinear(nn.Module):
-    """A linear map whose weight is a sum of ``n`` Kronecker products."""
+def kronecker_sum(A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
+    """``sum_j kron(A[..., j], S[..., j])`` for factors ``A (..., n, n, n)``, ``S (..., n, p, q)``."""
+    n, p, q = S.shape[-3], S.shape[-2], S.shape[-1]
+    # kron(A, S)[a*p + i, b*q + k] = A[a, b] * S[i, k]
+    return torch.einsum("...jab,...jik->...aibk", A, S).reshape(*S.shape[:-3], n * p, n * q)
 
-    def __init__(self, d_in: int, d_out: int, n: int = 4, bias: bool = True) -> None:
+
+class PHMLinear(nn.Module):
+    """``count`` PHM layers ``d_in -> d_out`` with the same ``n``; ``forward(x, index)`` applies one."""
+
+    def __init__(self, d_in: int, d_out: int, n: int = 4, count: int = 1, reset: bool = True) -> None:
         super().__init__()
         check_phm_divides(n, d_in=d_in, d_out=d_out)
-        self.d_in, self.d_out, self.n = d_in, d_out, n
-        self.A = nn.Parameter(torch.empty(n, n, n))
-        self.S = nn.Parameter(torch.empty(n, d_in // n, d_out // n))
-        self.bias = nn.Parameter(torch.empty(d_out)) if bias else None
-        self.reset_parameters()
+        self.d_in, self.d_out, self.n, self.count = d_in, d_out, n, count
+        self.A = nn.Parameter(torch.empty(count, n, n, n))
+        self.S = nn.Parameter(torch.empty(count, n, d_in // n, d_out // n))
+        self.bias = nn.Parameter(torch.empty(count, d_out))
+        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        if reset:  # (a caller that interleaves the initialisation of several layers passes False)
+            for index in range(count):
+                self.reset_parameters(index)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, index: int = 0) -> None:
         # Var(W) = n * Var(A) * Var(S); Var(A) = 1/n keeps W at the scale of an
         # nn.Linear initialised with the same bound on S.
-        nn.init.normal_(self.A, std=1.0 / math.sqrt(self.n))
+        nn.init.normal_(self.A[index], std=1.0 / math.sqrt(self.n))
         bound = 1.0 / math.sqrt(self.d_in)
-        nn.init.uniform_(self.S, -bound, bound)
-        if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+        nn.init.uniform_(self.S[index], -bound, bound)
+        nn.init.uniform_(self.bias[index], -bound, bound)
 
     def weight(self) -> torch.Tensor:
-        """The full ``(d_in, d_out)`` weight ``sum_j kron(A_j, S_j)``."""
-        n, p, q = self.n, self.d_in // self.n, self.d_out // self.n
-        # kron(A, S)[a*p + i, b*q + k] = A[a, b] * S[i, k]
-        return torch.einsum("jab,jik->aibk", self.A, self.S).reshape(n * p, n * q)
+        """All ``count`` weights ``(count, d_in, d_out)``; cached when no gradient is recorded."""
+        if torch.is_grad_enabled() and (self.A.requires_grad or self.S.requires_grad):
+            return kronecker_sum(self.A, self.S)
+        key = (self.A._version, self.S._version, self.A.data_ptr(), self.S.data_ptr(), torch.is_inference_mode_enabled())
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, kronecker_sum(self.A, self.S))
+        return self._cache[1]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight()
-        return y + self.bias if self.bias is not None else y
+    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight, bias)`` of each layer, split from the stack once per pass.
+
+        One ``unbind`` instead of an index per use: its backward is one stack of the
+        gradients, where indexing would zero and copy a whole stack for every use.
+        """
+        return list(zip(self.weight().unbind(0), self.bias.unbind(0)))
+
+    def forward(self, x: torch.Tensor, index: int = 0, parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
+        """Layer ``index`` applied to ``x (..., d_in)``; ``parts`` from :meth:`parts` when already split."""
+        weight, bias = (self.parts() if parts is None else parts)[index]
+        return torch.addmm(bias, x.reshape(-1, self.d_in), weight).reshape(*x.shape[:-1], self.d_out)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, bias={self.bias is not None}"
+        return f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, count={self.count}"

@@ -24,7 +24,8 @@ from .heads import build_head
 from .model import PromptModel, PromptSupernet, SparsePromptModel
 
 FORMAT = "spt-prompt-model"
-VERSION = 1
+VERSION = 2  # 2: the generators of a model are one stack (generators.down.A holds every layer's A)
+READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_weights.safetensors"
 
@@ -72,9 +73,22 @@ def read_model_config(directory: Path) -> dict[str, Any]:
         raise UserError("model", f"{path} is not valid JSON ({exc})") from None
     if config.get("format") != FORMAT:
         raise UserError("model", f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
-    if config.get("version") != VERSION:
-        raise UserError("model", f"{path} has version {config.get('version')!r}; this spt-search reads version {VERSION}")
+    if config.get("version") not in READABLE_VERSIONS:
+        raise UserError("model", f"{path} has version {config.get('version')!r}; this spt-search reads versions {READABLE_VERSIONS}")
     return config
+
+
+def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
+    """Version 1 kept one generator per layer (``generators.3.down.A``); stack them as version 2 does."""
+    if not any(k.startswith("generators.") and k.split(".")[1].isdigit() for k in tensors):
+        return tensors
+    out = {k: v for k, v in tensors.items() if not k.startswith("generators.")}
+    for part in ("down", "up"):
+        for name in ("A", "S", "bias"):
+            keys = [f"generators.{layer}.{part}.{name}" for layer in layers]
+            if all(k in tensors for k in keys):
+                out[f"generators.{part}.{name}"] = torch.stack([tensors[k] for k in keys])
+    return out
 
 
 def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | None = None) -> PromptModel:
@@ -95,7 +109,8 @@ def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | None = 
         model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"])
     else:
         model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"])
-    load_trainable_state(model, load_tensors(directory / WEIGHTS_FILE, "model weights"), str(directory / WEIGHTS_FILE))
+    tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights"), config["layers"])
+    load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
     return model
 
 

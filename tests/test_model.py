@@ -26,7 +26,8 @@ from spt import (
 )
 from spt.backbone import check_supported
 from spt.gates import LayerGates, sample_architecture_mask
-from spt.model import run_prompted_layers
+from spt.generator import PromptGenerators
+from spt.model import make_plan, run_prompted_layers
 
 LABELS = ["0", "1"]
 
@@ -52,11 +53,24 @@ def test_phm_parameter_count(d_in, d_out, n):
 
 
 def test_phm_weight_is_sum_of_kronecker_products():
-    layer = PHMLinear(12, 8, 4)
-    expected = sum(torch.kron(layer.A[j], layer.S[j]) for j in range(4))
-    torch.testing.assert_close(layer.weight(), expected)
+    layer = PHMLinear(12, 8, 4, count=3)
     x = torch.randn(5, 12)
-    torch.testing.assert_close(layer(x), x @ expected + layer.bias)
+    for c in range(3):
+        expected = sum(torch.kron(layer.A[c, j], layer.S[c, j]) for j in range(4))
+        torch.testing.assert_close(layer.weight()[c], expected)
+        torch.testing.assert_close(layer(x, c), x @ expected + layer.bias[c])
+
+
+def test_phm_weights_are_cached_only_without_gradients_and_rebuilt_after_an_update():
+    layer = PHMLinear(8, 4, 2, count=2)
+    first = layer.weight()
+    assert first.requires_grad and layer.weight() is not first  # training: built anew each step
+    with torch.no_grad():
+        cached = layer.weight()
+        assert layer.weight() is cached  # evaluation: built once
+        layer.S.add_(1.0)  # an optimizer step changes the parameters in place
+        rebuilt = layer.weight()
+    assert rebuilt is not cached and not torch.allclose(rebuilt, cached)
 
 
 def test_phm_n1_is_a_linear_layer():
@@ -64,8 +78,8 @@ def test_phm_n1_is_a_linear_layer():
     phm = PHMLinear(10, 6, n=1)
     with torch.no_grad():
         phm.A.fill_(1.0)
-        phm.S.copy_(linear.weight.T.unsqueeze(0))
-        phm.bias.copy_(linear.bias)
+        phm.S.copy_(linear.weight.T.view(1, 1, 10, 6))
+        phm.bias.copy_(linear.bias.view(1, 6))
     x = torch.randn(3, 10)
     torch.testing.assert_close(phm(x), linear(x))
 
@@ -110,6 +124,17 @@ def test_pooling_before_projection_equals_projection_before_pooling():
     w = adaptive_pool_weights(torch.tensor([[1] * 9, [1] * 6 + [0] * 3]), 4)
     reference = gen.up(gen.act(w @ gen.down(x)))
     torch.testing.assert_close(gen(x, w), reference)
+
+
+def test_stacked_generators_start_as_separately_built_ones_would():
+    """One stack of C generators holds the weights C generators built in a row would get."""
+    torch.manual_seed(3)
+    stack = PromptGenerators(3, 16, 8, phm_n=2, dropout=0.0)
+    torch.manual_seed(3)
+    singles = [PromptGenerator(16, 8, phm_n=2, dropout=0.0) for _ in range(3)]
+    for c, single in enumerate(singles):
+        for (name, a), (_, b) in zip(stack.named_parameters(), single.named_parameters()):
+            torch.testing.assert_close(a[c], b[0], msg=name)
 
 
 # ---------------------------------------------------------------- gates
@@ -159,9 +184,9 @@ def test_closed_gates_give_the_frozen_backbone_output(tiny_models, family):
     with torch.no_grad():
         expected = reference(**batch).last_hidden_state
         L = net.backbone.num_layers
-        states = run_prompted_layers(
-            net.backbone, batch, net._generator_map(), torch.zeros(4, L), torch.zeros(4, L, dtype=torch.bool), 3, 1.0
-        )
+        plan = make_plan(L, net.layers, [(False,) * 4] * L, hard=False, discard=1.0)
+        assert plan.first == L and plan.layers == ()
+        states = run_prompted_layers(net.backbone, batch, net.generators, plan, net.gates(), 3, 1.0)
         out = net(batch, arch_mask=torch.zeros(L))
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(states[real], expected[real], atol=1e-5, rtol=0)

@@ -4,9 +4,10 @@
 
 Writes, next to this file:
 
-* ``search-gates.csv`` / ``search-gates-nodropout.csv``: the gate history of a tiny seeded search
+* ``search-gates-nodropout.csv``: the gate history of a tiny seeded search without dropout
   (``search-config.yaml`` holds every setting it used, spelled out, so later default changes
-  cannot move it);
+  cannot move it). The run with dropout 0.1 was dropped when the generators began to run
+  for every example of the consistency batch: dropout then draws other random numbers;
 * ``model-reference.safetensors``: logits, representations and gradients of a tiny seeded
   supernet and sparse model on a fixed batch (lambda 0 and 1, full, masked, per-example masks).
 
@@ -65,6 +66,23 @@ def write_search_inputs(folder: Path, model_dir: Path, dropout: float) -> Path:
     return path
 
 
+def per_layer_grads(model, key: str) -> dict[str, torch.Tensor]:
+    """Gradients named as the reference names them: one generator per layer (``generators.3.down.A``)."""
+    out = {}
+    for pname, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        parts = pname.split(".")
+        if parts[0] == "generators" and len(parts) == 3:  # a stack: generators.down.A -> one per layer
+            for j, layer in enumerate(model.layers):
+                out[f"{key}.grad.generators.{layer}.{parts[1]}.{parts[2]}"] = p.grad[j].detach().clone()
+        elif parts[0] == "generators" and parts[1].isdigit():  # the implementation that made the reference
+            out[f"{key}.grad.{pname}"] = p.grad.detach().clone()
+        else:
+            out[f"{key}.grad.{pname}"] = p.grad.detach().clone()
+    return out
+
+
 def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
     from spt import HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone
 
@@ -95,9 +113,7 @@ def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
             key = f"supernet.d{int(discard)}.{name}"
             out[f"{key}.logits"] = result.logits.detach().clone()
             out[f"{key}.representation"] = result.representation.detach().clone()
-            for pname, p in net.named_parameters():
-                if p.grad is not None:
-                    out[f"{key}.grad.{pname}"] = p.grad.detach().clone()
+            out.update(per_layer_grads(net, key))
         # the consistency pair (masked + full as one batch of 2B)
         net.zero_grad(set_to_none=True)
         full, masked = net.forward_consistency(batch, torch.tensor([1.0, 0.0, 1.0, 0.0]))
@@ -106,9 +122,7 @@ def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
         key = f"supernet.d{int(discard)}.consistency"
         out[f"{key}.full_logits"] = full.logits.detach().clone()
         out[f"{key}.masked_representation"] = masked.representation.detach().clone()
-        for pname, p in net.named_parameters():
-            if p.grad is not None:
-                out[f"{key}.grad.{pname}"] = p.grad.detach().clone()
+        out.update(per_layer_grads(net, key))
         # the sparse model at layers [0, 2, 3], initialised from the supernet's generators
         for layers in ([0, 2, 3], [1], [3]):
             sparse = SparsePromptModel(backbone, prompt, build_head(backbone, head_cfg, labels), head_cfg, labels, layers)
@@ -120,9 +134,7 @@ def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
             key = f"sparse.d{int(discard)}.{'-'.join(map(str, layers))}"
             out[f"{key}.logits"] = result.logits.detach().clone()
             out[f"{key}.representation"] = result.representation.detach().clone()
-            for pname, p in sparse.named_parameters():
-                if p.grad is not None:
-                    out[f"{key}.grad.{pname}"] = p.grad.detach().clone()
+            out.update(per_layer_grads(sparse, key))
     return out
 
 
@@ -134,7 +146,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="spt-reference-"))
     try:
         model_dir = make_tiny_model(work / "bert", "bert")
-        for dropout, name in ((0.1, "search-gates.csv"), (0.0, "search-gates-nodropout.csv")):
+        for dropout, name in ((0.0, "search-gates-nodropout.csv"),):
             config = write_search_inputs(work / f"d{dropout}", model_dir, dropout)
             run = work / f"run-{dropout}"
             assert spt(["search", str(config), "--out", str(run), "--quiet"]) == 0
