@@ -1,33 +1,39 @@
-"""Speed and memory of SPT, measured side by side in one run and reported as ratios.
+"""What a training step costs a GPU, measured side by side in one run and reported as ratios.
 
-For each backbone, batch size and sequence length (median of --repeats timings after
---warmup runs, all measurements interleaved so machine noise hits them alike):
+For each backbone, batch and sequence length it builds, on the same frozen backbone:
 
-* floor      - frozen backbone forward + backward with input gradients only;
-* sparse     - a sparse SPT training step at K=3 (layers 0, L/2, L-1: the backward pass
-               reaches every layer, the worst case for K=3);  target <= 1.15x floor;
-* supernet   - a supernet training step with the consistency loss (two passes);
-               target <= 2.2x sparse;
-* gate       - a gate (architecture) step;
+* floor        - frozen backbone forward + backward with input gradients only;
+* sparse       - a sparse SPT training step at K=3 (layers 0, L/2, L-1: the backward pass
+                 reaches every layer, the worst case for K=3);
+* supernet     - a supernet weight step with the consistency loss (two passes as one batch);
+* gate         - a gate (architecture) step;
 * PEFT prefix and prompt tuning training steps at the same prompt length;
-               target: sparse no slower than PEFT prefix;
-* inference  - sparse model vs bare backbone throughput;
-* memory     - peak CUDA memory on a GPU; on CPU the bytes autograd saves for backward
-               (activation memory - the weights are shared by all);
-* scaling    - supernet step time and parameters against the number of candidate layers
-               (tiny BERTs with 4, 8, 16, 24 layers; target linear) and against PHM n.
+* inference    - sparse model vs bare backbone forward.
 
-    python benchmarks/speed.py                 # MiniLM and MPNet, batch 16/32, length 64/128
-    python benchmarks/speed.py --quick         # MiniLM, batch 16, length 64, fewer repeats
+Each is counted with torch.profiler on any device (:mod:`search.profiling`): **kernels**
+per step (compute operators; a fused/multi-tensor operator once) and **host-device
+syncs** per step, as ratios to the floor and to PEFT prefix; **graph breaks** of the
+sparse and supernet forward under ``torch.compile`` (``torch._dynamo.explain``). With
+``--time`` the steps are also timed (median of ``--repeats`` after ``--warmup``,
+interleaved) and their peak memory measured (CUDA peak allocation, or on a CPU the bytes
+autograd saves for backward). Optimizers are fused, as the trainer makes them on a GPU.
+
+    python benchmarks/speed.py                                   # MiniLM-L6 and a 24 x 1024 BERT, b8 x 64, fp32
+    python benchmarks/speed.py --precision bf16 --time           # real bf16: backbone stored in bf16, autocast
+    python benchmarks/speed.py --backbones minilm-l6 --batches 32 --lengths 128 --time   # on a GPU
+
+Results go to ``benchmarks/results/speed/`` with the device, dtype, versions and date.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -37,220 +43,230 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from search.baselines import build_baseline  # noqa: E402
-from search.trainer import OptimSettings, Trainer  # noqa: E402
-from spt import HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
+from search.batches import EncodedSplit, collate  # noqa: E402
+from search.config import RetrainConfig, SearchConfig  # noqa: E402
+from search.losses import search_loss  # noqa: E402
+from search.profiling import count_ops, graph_breaks  # noqa: E402
+from search.trainer import Trainer  # noqa: E402
+from spt import Backbone, HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
 
 LABELS = ["0", "1"]
+PROMPT_LENGTH = 10
+OUT = REPO / "benchmarks" / "results" / "speed"
 
 
-class SavedBytes:
-    """Bytes of tensors autograd saves for the backward pass (CPU activation memory)."""
+def random_bert(layers: int, hidden: int, heads: int, dtype: torch.dtype) -> Backbone:
+    """A randomly initialised BERT of the given shape (e.g. 24 x 1024: BERT-large)."""
+    from transformers import BertConfig, BertModel
 
-    def __init__(self) -> None:
-        self.total = 0
-        self._seen: set[int] = set()
-
-    def __enter__(self):
-        def pack(t: torch.Tensor):
-            key = t.untyped_storage().data_ptr()
-            if key not in self._seen:
-                self._seen.add(key)
-                self.total += t.untyped_storage().nbytes()
-            return t
-
-        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
-        self._ctx.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._ctx.__exit__(*exc)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=4 * hidden, max_position_embeddings=512)
+    return Backbone(BertModel(config).to(dtype), name=f"bert-{layers}x{hidden}")
 
 
-def measure_memory(fn, device: torch.device) -> float:
-    """Peak MB of one call: CUDA peak allocation, or bytes saved for backward on CPU."""
+def get_backbone(name: str, dtype: torch.dtype) -> Backbone:
+    if name.startswith("bert-") and "x" in name:
+        layers, hidden = (int(x) for x in name[len("bert-"):].split("x"))
+        return random_bert(layers, hidden, hidden // 64, dtype)
+    return load_backbone(name, dtype=dtype)
+
+
+def encoded(batch_size: int, length: int, vocab: int) -> EncodedSplit:
+    """A split of ``batch_size`` random sequences of ``length`` tokens (no padding)."""
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(min(1000, vocab // 2), min(vocab, 20000), (batch_size, length), generator=g)
+    return EncodedSplit([r.tolist() for r in ids], None, [i % 2 for i in range(batch_size)], None, 0)
+
+
+class Steps:
+    """The measured calls on one backbone, batch size and length, as zero-argument functions."""
+
+    def __init__(self, backbone: Backbone, name: str, batch_size: int, length: int, device: torch.device, precision: str) -> None:
+        split = encoded(batch_size, length, backbone.config.vocab_size)
+        self.indices = list(range(batch_size))
+        self.batch = collate(split, self.indices, device, PROMPT_LENGTH)
+        cfg, head_cfg = PromptConfig(length=PROMPT_LENGTH), HeadConfig(pooling="mean")
+        L = backbone.num_layers
+        torch.manual_seed(0)
+        self.supernet = PromptSupernet(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS)
+        self.sparse = SparsePromptModel(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS, [0, L // 2, L - 1])
+        common = {"train": split, "seed": 0, "device": device, "precision": precision, "fused_optimizer": True}
+        self.trainers = {
+            "sparse": Trainer(self.sparse, RetrainConfig(), **common),
+            "supernet": Trainer(self.supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 0, L), **common),
+        }
+        for method in ("peft-prefix", "peft-prompt"):
+            if method == "peft-prefix" and backbone.config.model_type == "mpnet":
+                continue  # PEFT prefix tuning cannot serve MPNet
+            model = build_baseline(method, name, 2, "mean", 0.1, PROMPT_LENGTH, target_params=1, backbone=backbone)
+            self.trainers[method] = Trainer(model, RetrainConfig(), **common)
+        for trainer in self.trainers.values():  # every step sees the same, already made batch
+            trainer.local_batch = lambda indices, b=self.batch: (b, 1.0)
+        self.backbone, self.precision = backbone, precision
+
+    def functions(self) -> dict[str, Callable[[], object]]:
+        t, b, backbone = self.trainers, self.batch, self.backbone
+        autocast = t["sparse"].autocast
+
+        def floor():
+            with autocast():
+                emb = backbone.embed(b["input_ids"]).detach().requires_grad_(True)
+                out = backbone.base.encoder(emb).last_hidden_state
+            out.float().mean().backward()
+
+        def infer_bare():
+            with torch.inference_mode(), autocast():
+                backbone.base.encoder(backbone.embed(b["input_ids"]))
+
+        def infer_sparse():
+            with torch.inference_mode(), autocast():
+                self.sparse.eval()(b)
+
+        fns = {"floor": floor, "sparse": lambda: t["sparse"].weight_step(self.indices, 0),
+               "supernet": lambda: t["supernet"].weight_step(self.indices, 1),
+               "gate": lambda: t["supernet"].architect.step(self.indices, 1)}
+        for method in ("peft-prefix", "peft-prompt"):
+            if method in t:
+                fns[method] = lambda m=method: t[m].weight_step(self.indices, 0)
+        fns["infer_bare"], fns["infer_sparse"] = infer_bare, infer_sparse
+        return fns
+
+    def breaks(self) -> dict[str, int]:
+        """Graph breaks of the sparse and the supernet forward + loss under torch.compile."""
+        labels = self.batch["labels"]
+
+        def sparse_loss(batch):
+            return torch.nn.functional.cross_entropy(self.sparse(batch).logits.float(), labels)
+
+        def supernet_loss(batch):
+            mask = [float(j % 2 == 0) for j in range(len(self.supernet.layers))]  # as the loss samples it: host values
+            full, masked = self.supernet.forward_consistency(batch, mask)
+            return torch.nn.functional.cross_entropy(full.logits.float(), labels) + (masked.representation - full.representation).pow(2).mean()
+
+        return {"sparse": graph_breaks(sparse_loss, self.batch), "supernet": graph_breaks(supernet_loss, self.batch)}
+
+
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    with SavedBytes() as saved:
-        fn()
-    return saved.total / 2**20
 
 
-def interleaved_medians(fns: dict[str, callable], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
+def timings(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, device: torch.device) -> dict[str, float]:
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
+    for _ in range(repeats):  # interleaved, so machine noise hits every step alike
         for name, fn in fns.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             start = time.perf_counter()
             fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            sync(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def make_batch(vocab: int, batch: int, length: int, device: torch.device) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(min(1000, vocab // 2), min(vocab, 20000), (batch, length), generator=g)  # skip special tokens
-    return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
-            "labels": torch.randint(0, 2, (batch,), generator=g).to(device)}
+def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
+    """MB: CUDA peak allocation of one call, or on a CPU the bytes autograd saves for backward."""
+    if device.type == "cuda":
+        sync(device)
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated() / 2**20
+    seen, total = set(), [0]
+
+    def pack(tensor: torch.Tensor):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total[0] += tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0] / 2**20
 
 
-def build_models(backbone, device, length: int = 10):
-    cfg, head_cfg = PromptConfig(length=length), HeadConfig(pooling="mean")
-    torch.manual_seed(0)
-    L = backbone.num_layers
-    supernet = PromptSupernet(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS)
-    sparse = SparsePromptModel(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS, [0, L // 2, L - 1])
-    sup_trainer = Trainer(supernet, OptimSettings(), seed=0, device=device)
-    sparse_trainer = Trainer(sparse, OptimSettings(), seed=0, device=device)
-    return supernet, sparse, sup_trainer, sparse_trainer
+def _ratio(a: float | None, b: float | None) -> str:
+    return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
 
-def peft_step(method: str, name: str, length: int, device):
-    model = build_baseline(method, name, 2, "mean", 0.1, length, target_params=1).to(device)
-    trainer = Trainer(model, OptimSettings(), seed=0, device=device)
-    return trainer
-
-
-def _step_functions(backbone, batch, sparse, sparse_trainer, sup_trainer, prompt, prefix, autocast) -> dict:
-    """The measured calls for one batch, keyed by name."""
-    embeddings = backbone.base.embeddings.word_embeddings
-
-    def floor():
-        with autocast:
-            emb = embeddings(batch["input_ids"]).detach().requires_grad_(True)
-            out = backbone.base(inputs_embeds=emb, attention_mask=batch["attention_mask"]).last_hidden_state
-        out.float().mean().backward()
-
-    def step(trainer, kind="omega"):
-        def fn():
-            with autocast:
-                (trainer.omega_step if kind == "omega" else trainer.arch_step)(batch, 0)
-        return fn
-
-    def infer_bare():
-        with torch.inference_mode(), autocast:
-            backbone.base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-
-    def infer_sparse():
-        with torch.inference_mode(), autocast:
-            sparse.eval()(batch)
-
-    fns = {"floor": floor, "sparse": step(sparse_trainer), "supernet": step(sup_trainer), "gate": step(sup_trainer, "arch"),
-           "peft_prompt": step(prompt)}
-    if prefix is not None:
-        fns["peft_prefix"] = step(prefix)
-    fns["infer_bare"], fns["infer_sparse"] = infer_bare, infer_sparse
-    return fns
-
-
-def grid_rows(name: str, batches: list[int], lengths: list[int], repeats: int, warmup: int, device, precision: str,
-              compile_layers: bool = False) -> list[str]:
-    backbone = load_backbone(name).to(device)
-    if compile_layers:
-        backbone.compile_layers()  # the floor runs the same compiled layers
-    supernet, sparse, sup_trainer, sparse_trainer = build_models(backbone, device)
-    prefix = peft_step("peft-prefix", name, 10, device) if backbone.config.model_type != "mpnet" else None
-    prompt = peft_step("peft-prompt", name, 10, device)
-    rows = []
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-    for b in batches:
-        for t in lengths:
-            batch = make_batch(backbone.config.vocab_size, b, t, device)
-            fns = _step_functions(backbone, batch, sparse, sparse_trainer, sup_trainer, prompt, prefix, autocast)
-            med = interleaved_medians(fns, repeats, warmup, device)
-            mem = {k: measure_memory(fns[k], device) for k in ("floor", "sparse", "supernet", "gate", "peft_prompt", "peft_prefix") if k in fns}
-            pre = med.get("peft_prefix")
-            vs_prefix = "n/a" if pre is None else f"{med['sparse'] / pre:.2f}"
-            prefix_mem = "n/a" if "peft_prefix" not in mem else f"{mem['peft_prefix']:.0f}"
-            rows.append(
-                f"| {name} | {b} | {t} | {1000 * med['floor']:.0f} | {med['sparse'] / med['floor']:.2f} | "
-                f"{med['supernet'] / med['sparse']:.2f} | {med['gate'] / med['sparse']:.2f} | "
-                f"{vs_prefix} | {med['sparse'] / med['peft_prompt']:.2f} | "
-                f"{med['infer_bare'] / med['infer_sparse']:.2f} | "
-                f"{mem['floor']:.0f} / {mem['sparse']:.0f} / {mem['supernet']:.0f} / {mem['gate']:.0f} / "
-                f"{mem['peft_prompt']:.0f} / {prefix_mem} |"
-            )
-            print(rows[-1], flush=True)
+def measure(name: str, batch_size: int, length: int, device: torch.device, precision: str, args) -> list[str]:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    backbone = get_backbone(name, dtype).to(device)
+    steps = Steps(backbone, name, batch_size, length, device, precision)
+    fns = steps.functions()
+    for fn in fns.values():
+        fn()  # warm up: lazy initialisation is not a step's cost
+    counts = {k: count_ops(fn) for k, fn in fns.items()}
+    k = {key: c.kernels for key, c in counts.items()}
+    syncs = " / ".join(f"{counts[key].syncs}" for key in ("floor", "sparse", "supernet", "gate") if key in counts)
+    breaks = steps.breaks() if args.breaks else {"sparse": "-", "supernet": "-"}
+    rows = [f"| {name} | {batch_size}x{length} | {precision} | {k['floor']} / {k['sparse']} / {k['supernet']} / {k['gate']} / "
+            f"{k.get('peft-prefix', 'n/a')} / {k['peft-prompt']} | {_ratio(k['sparse'], k['floor'])} | {_ratio(k['sparse'], k.get('peft-prefix'))} | "
+            f"{_ratio(k['supernet'], k['sparse'])} | {k['infer_bare']} / {k['infer_sparse']} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
+            f"{syncs} | {breaks['sparse']} / {breaks['supernet']} |"]
+    if args.time:
+        med = timings(fns, args.repeats, args.warmup, device)
+        mem = {key: peak_memory(fns[key], device) for key in ("floor", "sparse", "supernet", "peft-prefix") if key in fns}
+        rows.append(f"| {name} | {batch_size}x{length} | {precision} | {1000 * med['floor']:.1f} | {_ratio(med['sparse'], med['floor'])} | "
+                    f"{_ratio(med['sparse'], med.get('peft-prefix'))} | {_ratio(med['supernet'], med['sparse'])} | "
+                    f"{_ratio(med['infer_bare'], med['infer_sparse'])} | "
+                    + " / ".join(f"{mem[key]:.0f}" if key in mem else "n/a" for key in ("floor", "sparse", "supernet", "peft-prefix")) + " |")
     return rows
 
 
-def scaling_rows(repeats: int, warmup: int, device) -> list[str]:
-    """Supernet step on tiny random BERTs with 4..24 layers and with PHM n = 1..8."""
-    import tempfile
+def environment(device: torch.device) -> str:
+    import transformers
 
-    from transformers import BertConfig, BertModel
-
-    rows = []
-    batch = None
-    with tempfile.TemporaryDirectory() as tmp:
-        results = []
-        for layers in (4, 8, 16, 24):
-            path = Path(tmp) / f"bert{layers}"
-            torch.manual_seed(0)
-            BertModel(BertConfig(vocab_size=1000, hidden_size=128, num_hidden_layers=layers, num_attention_heads=4,
-                                 intermediate_size=256, max_position_embeddings=130)).save_pretrained(path)
-            _copy_tokenizer(path)
-            backbone = load_backbone(str(path)).to(device)
-            head_cfg = HeadConfig()
-            for n in ((1, 2, 4, 8) if layers == 8 else (4,)):
-                cfg = PromptConfig(length=10, bottleneck=64, phm_n=n)
-                torch.manual_seed(0)
-                net = PromptSupernet(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS)
-                trainer = Trainer(net, OptimSettings(), seed=0, device=device)
-                batch = make_batch(1000, 16, 64, device)
-                med = interleaved_medians({"s": lambda t=trainer, b=batch: t.omega_step(b, 0)}, repeats, warmup, device)["s"]
-                results.append((layers, n, med, net.num_trainable_parameters()))
-        base = next(r for r in results if r[0] == 4 and r[1] == 4)
-        rows.append("| candidate layers | PHM n | supernet step (ms) | per layer (ms) | time / 4-layer time | trainable params | params / 4-layer params |")
-        rows.append("|---|---|---|---|---|---|---|")
-        for layers, n, med, params in results:
-            rows.append(f"| {layers} | {n} | {1000 * med:.1f} | {1000 * med / layers:.2f} | {med / base[2]:.2f} | {params:,} | {params / base[3]:.2f} |")
-    return rows
-
-
-def _copy_tokenizer(path: Path) -> None:
-    (path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(995)]) + "\n")
-    from transformers import BertTokenizerFast
-
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    return (f"{where}; torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
+            f"{time.strftime('%Y-%m-%d')}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="*", default=["minilm-l6", "mpnet-base"], help="none: only the scaling table")
-    parser.add_argument("--batches", nargs="+", type=int, default=[16, 32])
-    parser.add_argument("--lengths", nargs="+", type=int, default=[64, 128])
+    parser.add_argument("--backbones", nargs="+", default=["minilm-l6", "bert-24x1024"],
+                        help="aliases, model directories, or bert-<layers>x<hidden> (random init)")
+    parser.add_argument("--batches", nargs="+", type=int, default=[8])
+    parser.add_argument("--lengths", nargs="+", type=int, default=[64])
+    parser.add_argument("--precision", nargs="+", choices=["fp32", "bf16"], default=["fp32"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--time", action="store_true", help="also time the steps and measure their memory")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the backbone layers (runtime.compile)")
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--no-breaks", dest="breaks", action="store_false", help="skip the torch.compile graph-break count")
+    parser.add_argument("--out", type=Path, help="Markdown file (default: benchmarks/results/speed/speed-<device>.md)")
     args = parser.parse_args()
-    if args.quick:
-        args.backbones, args.batches, args.lengths, args.repeats, args.warmup = ["minilm-l6"], [16], [64], 3, 1
     device = torch.device(args.device)
-    compiled = ", torch.compile" if args.compile else ""
-    print(f"# SPT speed on {device} ({torch.get_num_threads()} threads, {args.precision}{compiled}); "
-          f"median of {args.repeats} after {args.warmup} warm-up\n")
-    print("| backbone | batch | length | floor ms | sparse / floor | supernet / sparse | gate / sparse | sparse / PEFT prefix | "
-          "sparse / PEFT prompt | sparse inference throughput / bare | memory MB floor / sparse / supernet / gate / prompt / prefix |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    counted, timed = [], []
     for name in args.backbones:
-        grid_rows(name, args.batches, args.lengths, args.repeats, args.warmup, device, args.precision, args.compile)
-    if not args.no_scaling:
-        print()
-        print("\n".join(scaling_rows(args.repeats, args.warmup, device)))
+        for precision in args.precision:
+            for b in args.batches:
+                for t in args.lengths:
+                    rows = measure(name, b, t, device, precision, args)
+                    counted.append(rows[0])
+                    timed += rows[1:]
+                    print("\n".join(rows), flush=True)
+    text = [f"# SPT step cost on {device.type}", "", f"Measured on {environment(device)}.", "",
+            f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`", "",
+            "Kernels per step (compute operators; fused and multi-tensor operators once) and host-device syncs per step, "
+            "counted with torch.profiler; graph breaks of the forward + loss under torch.compile.", "",
+            "| backbone | batch | dtype | kernels floor / sparse / supernet / gate / PEFT prefix / PEFT prompt | sparse / floor | "
+            "sparse / PEFT prefix | supernet / sparse | inference kernels bare / sparse | syncs floor / sparse / supernet / gate | "
+            "graph breaks sparse / supernet |", "|---|---|---|---|---|---|---|---|---|---|", *counted]
+    if timed:
+        text += ["", f"Wall time (median of {args.repeats} after {args.warmup}, interleaved) and memory "
+                 f"({'CUDA peak allocation' if device.type == 'cuda' else 'bytes saved for backward'}, MB):", "",
+                 "| backbone | batch | dtype | floor ms | sparse / floor | sparse / PEFT prefix | supernet / sparse | "
+                 "inference throughput sparse / bare | memory floor / sparse / supernet / prefix |",
+                 "|---|---|---|---|---|---|---|---|---|", *timed]
+    out = args.out or OUT / f"speed-{device.type}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(text) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from .config import SearchConfig
+from .losses import task_loss
 from .schedule import step_seed
 
 if TYPE_CHECKING:
     from .trainer import Trainer
+
+
+def compiled(fn, device: torch.device):
+    """``fn`` under ``torch.compile`` (shapes become dynamic once a second length is seen); CUDA graphs on GPUs."""
+    if device.type == "cuda":
+        return torch.compile(fn, mode="reduce-overhead")
+    return torch.compile(fn, dynamic=None)
 
 
 class Architect:
@@ -24,6 +31,7 @@ class Architect:
     def __init__(self, trainer: Trainer, settings: SearchConfig) -> None:
         self.trainer = trainer
         self.params = trainer.model.architecture_parameters()
+        self.compute_loss = compiled(task_loss, trainer.device) if trainer.compile_step else task_loss
         self.optimizer = torch.optim.Adam(
             self.params, lr=settings.arch_lr, betas=tuple(settings.arch_betas), weight_decay=settings.arch_weight_decay,
             fused=trainer.optimizer.defaults.get("fused") or False,  # as the weight optimizer (fused on GPUs)
@@ -37,8 +45,8 @@ class Architect:
         batch, scale = trainer.local_batch(indices)
         stats: dict[str, torch.Tensor] = {}
         if batch is not None:
-            with trainer.training(self.params):
-                loss = nn.functional.cross_entropy(model(batch).logits.float(), batch["labels"])
+            with trainer.training(self.params):  # the full supernet: one graph every step
+                loss = self.compute_loss(model, batch)["loss"]
                 (loss * scale).backward()
             stats["arch_loss"] = loss.detach()
         trainer.clip_and_step(self.optimizer, self.params)

@@ -8,10 +8,12 @@ the shared trainer uses (``forward(batch) -> PromptOutput``, ``weight_parameters
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
-from spt.backbone import FAMILIES, load_hf_model
+from spt.backbone import FAMILIES, Backbone, load_hf_model
 from spt.errors import UserError
 from spt.heads import ClassifierHead
 from spt.trainable import PromptOutput, TrainableMixin
@@ -75,10 +77,14 @@ def ptuning_hidden_for(target_params: int, hidden: int, length: int) -> int:
 
 def build_baseline(
     method: str, backbone_name: str, num_labels: int, pooling: str, dropout: float, prompt_length: int,
-    target_params: int, lora_r: int | None = None, ptuning_hidden: int | None = None,
+    target_params: int, lora_r: int | None = None, ptuning_hidden: int | None = None, backbone: Backbone | None = None,
 ) -> EncoderClassifier:
-    """A fresh encoder set up for ``method`` (a PEFT method or ``finetune``) with a new head."""
-    model, _ = load_hf_model(backbone_name)
+    """A fresh encoder set up for ``method`` (a PEFT method or ``finetune``) with a new head.
+
+    The encoder is loaded from ``backbone_name``, or copied from ``backbone`` when given
+    (PEFT changes the model it wraps, so the frozen backbone itself is never handed over).
+    """
+    model = copy.deepcopy(backbone.base) if backbone is not None else load_hf_model(backbone_name)[0]
     family = FAMILIES[model.config.model_type]
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     head = ClassifierHead(hidden, num_labels, pooling, dropout)

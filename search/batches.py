@@ -65,7 +65,8 @@ def collate(
     """A right-padded batch of the examples at ``indices``.
 
     Made on the host, so the model never has to read a tensor to learn it: ``has_padding``
-    (a bool) and, given ``prompt_length``, the generators' pooling weights.
+    (a bool), the weights of mean pooling and, given ``prompt_length``, the generators'
+    pooling weights.
     """
     rows = [split.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -85,6 +86,7 @@ def collate(
         batch["mask_positions"] = torch.tensor([split.mask_positions[i] for i in indices], dtype=torch.long)
     if prompt_length is not None:
         batch["pool_weights"] = adaptive_pool_weights(attention, prompt_length)
+    batch["mean_weights"] = attention / attention.sum(1, keepdim=True).clamp(min=1)  # mean pooling as one matmul
     moved: dict[str, torch.Tensor | bool] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     moved["has_padding"] = any(len(r) < width for r in rows)
     return moved

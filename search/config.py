@@ -292,22 +292,27 @@ class RuntimeConfig(Section):
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         threads: torch CPU threads (null: torch's default).
         progress: show progress bars.
-        precision: ``fp32`` (default) or ``bf16`` (autocast for the forward passes; on
-            GPUs and on CPUs with bf16 support).
-        compile: ``torch.compile`` the backbone's layers (dynamic shapes).
+        precision: ``fp32`` (default) or ``bf16``: the frozen backbone stored in bf16 and the
+            forward passes under bf16 autocast; generators, gates and head keep fp32 weights
+            (on GPUs and on CPUs with bf16 support).
+        compile: ``none`` or ``step``: ``torch.compile`` the forward pass and loss of every
+            step whose graph is the same each time (the sparse model, the baselines, the
+            gate step; the supernet's weight step changes with its sampled mask and stays
+            eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``).
     """
 
     device: str = "auto"
     threads: int | None = None
     progress: bool = True
     precision: str = "fp32"
-    compile: bool = False
+    compile: str = "none"
 
     SECTION: ClassVar[str] = "runtime"
 
     def check(self) -> None:
         self.positive("threads")
         self.one_of("precision", ("fp32", "bf16"))
+        self.one_of("compile", ("none", "step"))
 
 
 @dataclass

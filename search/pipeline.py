@@ -61,9 +61,14 @@ def resolve_device(name: str) -> torch.device:
 
 
 @lru_cache(maxsize=2)
-def cached_backbone(name: str, with_mlm_head: bool) -> Backbone:
+def cached_backbone(name: str, with_mlm_head: bool, dtype: torch.dtype = torch.float32) -> Backbone:
     """Backbones are frozen, so jobs in one process (compare, hpo) can share them."""
-    return load_backbone(name, with_mlm_head=with_mlm_head)
+    return load_backbone(name, with_mlm_head=with_mlm_head, dtype=dtype)
+
+
+def backbone_dtype(precision: str) -> torch.dtype:
+    """``bf16``: the frozen backbone is stored in bf16 (no cast per call); what trains stays fp32."""
+    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 @dataclass
@@ -92,9 +97,7 @@ def prepare(config: RunConfig) -> Prepared:
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
-    backbone = cached_backbone(config.model.backbone, config.head.type == "mlm")
-    if config.runtime.compile:
-        backbone.compile_layers()
+    backbone = cached_backbone(config.model.backbone, config.head.type == "mlm", backbone_dtype(config.runtime.precision))
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     # Refuse an impossible selection now, not after a search has run.
     choose_k(
@@ -148,7 +151,8 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     config, s = prep.config, prep.config.search
     model = build_supernet(prep)
     trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
-                      loss=search_loss(s.consistency_weight, s.mask_prob, config.seed))
+                      loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
+                      compile_step=config.runtime.compile == "step")
     ckpt_path = run.file(CHECKPOINT_FILE)
     state = TrainState()
     if ckpt_path.is_file():
@@ -241,7 +245,8 @@ def train_and_evaluate(
     ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in here).
     """
     config, r = prep.config, settings
-    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision)
+    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
+                      compile_step=config.runtime.compile == "step")
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
     metric = config.task.metric

@@ -25,10 +25,10 @@ from torch import nn
 from spt.trainable import TrainableModel
 
 from . import distributed
-from .architect import Architect
+from .architect import Architect, compiled
 from .batches import EncodedSplit, collate
 from .config import RetrainConfig, SearchConfig
-from .losses import TrainingLoss, task_loss
+from .losses import TaskLoss, task_loss
 from .metrics import compute_metrics
 from .schedule import ScheduledStep, batch_indices, step_seed
 
@@ -75,8 +75,8 @@ class Trainer:
 
     def __init__(
         self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
-        device: torch.device | str = "cpu", precision: str = "fp32", loss: TrainingLoss = task_loss,
-        fused_optimizer: bool | None = None,
+        device: torch.device | str = "cpu", precision: str = "fp32", loss: TaskLoss = task_loss,
+        fused_optimizer: bool | None = None, compile_step: bool = False,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -85,6 +85,8 @@ class Trainer:
         self.seed = seed
         self.precision = precision
         self.loss = loss
+        self.compile_step = compile_step
+        self.compute_loss = compiled(loss, self.device) if compile_step and loss.compilable else loss
         self.prompt_length: int | None = getattr(model, "prompt_length", None)  # collate pools for the generators
         self.weights = model.weight_parameters()
         # Fused on GPUs: one kernel for all parameters. (The CPU keeps the reference implementation,
@@ -125,8 +127,9 @@ class Trainer:
         batch, scale = self.local_batch(indices)
         stats: dict[str, torch.Tensor] = {}
         if batch is not None:  # a rank whose share of a small last batch is empty only joins the all-reduce
+            inputs = self.loss.inputs(step)
             with self.training(self.weights):
-                terms = self.loss(self, batch, step)
+                terms = self.compute_loss(self.model, batch, *inputs)
                 (terms["loss"] * scale).backward()
             stats = {k: v.detach() for k, v in terms.items()}
         self.clip_and_step(self.optimizer, self.weights)

@@ -104,13 +104,6 @@ class Backbone(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.base.encoder.layer
 
-    def compile_layers(self) -> None:
-        """``torch.compile`` every layer in place (dynamic shapes: batches vary in length)."""
-        if not getattr(self, "_compiled", False):
-            for layer in self.layers:
-                layer.compile(dynamic=True)
-            self._compiled = True
-
     def embed(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
     ) -> torch.Tensor:

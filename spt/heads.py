@@ -26,8 +26,11 @@ class ClassifierHead(nn.Module):
     def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``states``: (B, T, d) final states of the real-token positions."""
         if self.pooling == "mean":
-            mask = batch["attention_mask"].unsqueeze(-1).to(states.dtype)
-            return (states * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            weights = batch.get("mean_weights")  # made on the host by search.batches.collate: one matmul
+            if weights is None:
+                mask = batch["attention_mask"].to(states.dtype)
+                weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)
+            return torch.bmm(weights.to(states.dtype).unsqueeze(1), states).squeeze(1)
         # The first position is the first token whatever the padding side, because
         # inputs are always right-padded (see search.data).
         return states[:, 0]

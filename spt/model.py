@@ -20,6 +20,7 @@ consistency passes (masked and full) run as one batch of ``2B``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,8 +63,9 @@ def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], 
     inserts a prompt for example ``b``; ``active`` of one row stands for every example."""
     n_rows = len(active[0]) if active else 1
     at = {layer: j for j, layer in enumerate(generator_layers)}
-    starts = [min((generator_layers[j] for j in range(len(active)) if active[j][b]), default=num_layers) for b in range(n_rows)]
-    first = min(starts, default=num_layers)
+    # (no min(..., default=...): torch.compile traces this function)
+    starts = [min([generator_layers[j] for j in range(len(active)) if active[j][b]] + [num_layers]) for b in range(n_rows)]
+    first = min(starts + [num_layers])
     steps, previous = [], None
     for i in range(first, num_layers):
         j = at.get(i)
@@ -207,14 +209,18 @@ class PromptModel(TrainableMixin, nn.Module):
         return list(self.generators.parameters()) + list(self.head.parameters())
 
 
-def _active_rows(mask: torch.Tensor | None, count: int) -> list[Rows]:
-    """Per generator, per example: is its prompt inserted? From a host mask (C,) or (B, C)."""
+ArchMask = torch.Tensor | Sequence[float] | Sequence[Sequence[float]]
+
+
+def _active_rows(mask: ArchMask | None, count: int) -> list[Rows]:
+    """Per generator, per example: is its prompt inserted? From a mask (C,) or (B, C): a host
+    tensor or (what ``torch.compile`` traces without a break) nested lists/tuples of numbers."""
     if mask is None:
         return [(True,)] * count
-    values = mask.detach().to("cpu", non_blocking=False) if mask.device.type != "cpu" else mask.detach()
-    values = values.reshape(-1, count) if values.dim() == 2 else values.reshape(1, count)
-    columns = (values != 0).t().tolist()
-    return [tuple(c) for c in columns]
+    if isinstance(mask, torch.Tensor):
+        mask = mask.detach().cpu().tolist()  # a host tensor: no device sync
+    rows = [list(mask)] if not isinstance(mask[0], (list, tuple)) else [list(r) for r in mask]
+    return [tuple(bool(r[j]) for r in rows) for j in range(count)]
 
 
 class PromptSupernet(PromptModel):
@@ -240,9 +246,9 @@ class PromptSupernet(PromptModel):
         return [self.gates.logits]
 
     def forward(
-        self, batch: dict[str, torch.Tensor], arch_mask: torch.Tensor | None = None, hard_gates: bool = False
+        self, batch: dict[str, torch.Tensor], arch_mask: ArchMask | None = None, hard_gates: bool = False
     ) -> PromptOutput:
-        """Scores with gates ``alpha~ * m``; ``arch_mask`` (C,) or (B, C) over candidates, a host tensor.
+        """Scores with gates ``alpha~ * m``; ``arch_mask`` (C,) or (B, C) over candidates (host values).
 
         ``hard_gates=True`` uses the mask itself as gate values (1 = prompt inserted at
         full strength), which is what the sparse model computes.
@@ -250,8 +256,8 @@ class PromptSupernet(PromptModel):
         plan = self._plan(_active_rows(arch_mask, len(self.layers)), hard_gates)
         return self._encode(batch, plan, None if hard_gates else self.gates())
 
-    def forward_consistency(self, batch: dict[str, torch.Tensor], arch_mask: torch.Tensor) -> tuple[PromptOutput, PromptOutput]:
-        """The full pass and the masked pass (``arch_mask`` (C,), a host tensor) of the same batch, as one batch of 2B."""
+    def forward_consistency(self, batch: dict[str, torch.Tensor], arch_mask: ArchMask) -> tuple[PromptOutput, PromptOutput]:
+        """The full pass and the masked pass (``arch_mask`` (C,), host values) of the same batch, as one batch of 2B."""
         B = batch["input_ids"].shape[0]
         doubled = {k: torch.cat([v, v], dim=0) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         masked = _active_rows(arch_mask, len(self.layers))

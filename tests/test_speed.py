@@ -1,0 +1,98 @@
+"""What a step asks of a GPU, checked without one: no host-device syncs, no graph breaks,
+bf16 matmuls under bf16, and plans decided on the host."""
+
+from __future__ import annotations
+
+import torch
+from helpers import tiny_config
+
+from search.batches import collate
+from search.config import RetrainConfig, SearchConfig, load_config
+from search.losses import search_loss
+from search.pipeline import build_sparse, build_supernet, prepare
+from search.profiling import count_ops, graph_breaks
+from search.trainer import Trainer
+from spt.model import make_plan
+
+
+def _trainers(tmp_path, tiny_bert, precision="fp32"):
+    prep = prepare(load_config(tiny_config(tmp_path, tiny_bert, runtime={"precision": precision})))
+    sparse, supernet = build_sparse(prep, [0, 2]), build_supernet(prep)
+    common = {"train": prep.train, "seed": 1, "precision": precision, "fused_optimizer": True}
+    return prep, {
+        "sparse": Trainer(sparse, RetrainConfig(), **common),
+        "supernet": Trainer(supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 1, 4), **common),
+    }
+
+
+def test_training_steps_never_make_the_host_wait_for_the_device(tmp_path, tiny_bert):
+    prep, trainers = _trainers(tmp_path, tiny_bert)
+    batch = list(range(6))  # right-padded: sentences of different lengths
+    assert collate(prep.train, batch)["has_padding"]
+    steps = {
+        "sparse weight step": lambda: trainers["sparse"].weight_step(batch, 0),
+        "supernet weight step (consistency pair)": lambda: trainers["supernet"].weight_step(batch, 3),
+        "gate step": lambda: trainers["supernet"].architect.step(batch, 3),
+    }
+    for name, step in steps.items():
+        step()
+        counts = count_ops(step)
+        assert counts.kernels > 50, name  # the profiler saw the step
+        assert counts.syncs == 0, (name, dict(counts.sync_ops))
+
+
+def test_the_sync_counter_sees_a_sync():
+    x = torch.ones(4)
+    assert count_ops(lambda: bool((x > 0).all())).syncs == 1
+    assert count_ops(lambda: x.nonzero()).syncs == 1
+
+
+def test_forward_and_loss_compile_without_graph_breaks(tmp_path, tiny_bert):
+    prep, trainers = _trainers(tmp_path, tiny_bert)
+    batch = collate(prep.train, list(range(4)), "cpu", 3)
+    sparse, supernet = trainers["sparse"].model, trainers["supernet"].model
+    sparse_loss, pair_loss = trainers["sparse"].loss, trainers["supernet"].loss
+    assert graph_breaks(lambda b: sparse_loss(sparse, b)["loss"], batch) == 0
+    assert graph_breaks(lambda b: pair_loss(supernet, b, [1.0, 0.0, 1.0, 0.0])["loss"], batch) == 0
+
+
+def test_bf16_runs_every_matmul_of_a_step_in_bf16(tmp_path, tiny_bert):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    matmuls = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"}
+    seen: list[tuple[str, torch.dtype]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.__name__.split(".")[0]
+            if name in matmuls:
+                seen.append((name, next(a.dtype for a in args if isinstance(a, torch.Tensor))))
+            return func(*args, **(kwargs or {}))
+
+    prep, trainers = _trainers(tmp_path, tiny_bert, precision="bf16")
+    model = trainers["sparse"].model
+    assert model.backbone.base.embeddings.word_embeddings.weight.dtype == torch.bfloat16  # stored in bf16
+    assert all(p.dtype == torch.float32 for p in model.weight_parameters())  # fp32 master weights
+    with Record():
+        trainers["sparse"].weight_step(list(range(4)), 0)
+    assert len(seen) > 20 and {dtype for _, dtype in seen} == {torch.bfloat16}, sorted(set(seen))
+
+
+def test_plans_are_decided_on_the_host():
+    # Sparse model, layers 0 and 2 of 4, replace (lambda 1): layer 1's slot outputs are
+    # replaced at layer 2, the last layer's are never read: keys and values only.
+    plan = make_plan(4, [0, 2], [(True,), (True,)], hard=True, discard=1.0)
+    assert plan.first == 0 and [s.layer for s in plan.layers] == [0, 1, 2, 3]
+    assert [s.generator for s in plan.layers] == [0, None, 1, None]
+    assert [s.keys_values_only for s in plan.layers] == [False, True, False, True]
+    assert [s.new_context for s in plan.layers] == [True, False, False, False]
+    assert all(s.rows is None and s.started is None and s.clear is None for s in plan.layers)
+    # Add (lambda 0): the slots carry on, so only the last layer skips them.
+    assert [s.keys_values_only for s in make_plan(4, [0, 2], [(True,), (True,)], True, 0.0).layers] == [False, False, False, True]
+    # A consistency pair: example 0 full, example 1 masked to layer 2 only.
+    plan = make_plan(4, [0, 1, 2, 3], [(True, False), (True, False), (True, True), (True, False)], hard=False, discard=1.0)
+    steps = {s.layer: s for s in plan.layers}
+    assert plan.first == 0 and steps[0].rows == (True, False) and steps[2].rows is None
+    assert steps[0].started == (True, False) and steps[2].started is None and steps[2].new_context
+    assert steps[2].clear == (True, False)  # example 1 starts at layer 2: its slots start from zero
+    assert not any(s.keys_values_only for s in plan.layers[:-1])  # learned gates mix, nothing is skipped
