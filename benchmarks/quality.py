@@ -9,8 +9,9 @@ where the task has them, else the seed of a k-shot sample; always the initialisa
   (layer 3, LPT style), ``all`` (6 layers, P-tuning v2 style), PEFT LoRA and prefix tuning
   at the parameters of K=3 generators; ``random`` is the exact expectation of a uniformly
   drawn K=3 subset (the mean of the oracle at that seed);
-* SPT's search under each variant in ``SPT_VARIANTS``; its pick is scored by the oracle's
-  entry for the same subset and seed (the identical training).
+* SPT's search under each variant in ``SEARCH_VARIANTS``, its layers ranked by each
+  selection method; a pick is scored by the oracle's entry for the same subset and seed
+  (the identical training).
 
 The oracle ranks subsets by their mean test score over the seeds. Reported per task: the
 majority-class score, the oracle's best / median / spread and the seed noise (a task whose
@@ -98,10 +99,17 @@ TASKS: dict[str, Task] = {
                      "label cannot give a dev set too), dev another 8 per label; test: the 56 validation pairs; macro-F1"),
 }
 
-# SPT search settings compared by the benchmark: name -> (overrides, selection method).
-SPT_VARIANTS: dict[str, tuple[list[str], str]] = {
-    "spt": ([], "gates"),
+# SPT search settings compared by the benchmark (name -> overrides; {warmup} is a quarter of
+# the task's search epochs). Every search is ranked by every selection method.
+SEARCH_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "warmup": ["search.warmup_epochs={warmup}"],
+    "clean gate steps": ["search.arch_dropout=false", "search.arch_batches=2"],
+    "normalized prompts": ["prompt.normalize=true"],
+    "honest": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
+               "prompt.normalize=true", "select.average_last=0"],
 }
+METHODS = ["gates", "perturbation", "greedy", "combined"]
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix"]
 LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
 QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
@@ -188,19 +196,25 @@ def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> 
     return load_config(REPO / spec.config, overrides)
 
 
-def jobs_for(task: str, seed: int, what: list[str]) -> list[Job]:
+def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None = None) -> list[Job]:
     jobs = []
+    variants = list(SEARCH_VARIANTS) if variants is None else variants
     if "oracle" in what:
         jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for s in itertools.combinations(range(6), K)]
+    if "spt" in what:
+        jobs += [Job(task, seed, "search", name) for name in variants]
     if "baselines" in what:
         jobs += [Job(task, seed, "baseline", name) for name in BASELINES]
-    if "spt" in what:
-        jobs += [Job(task, seed, "search", name) for name in SPT_VARIANTS]
     return jobs
 
 
+def variant_overrides(task: str, seed: int, variant: str, quick: bool) -> list[str]:
+    epochs = task_config(task, seed, [], quick).search.epochs
+    return [o.format(warmup=max(1, epochs // 4)) for o in SEARCH_VARIANTS[variant]]
+
+
 def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
-    overrides = SPT_VARIANTS[job.name][0] if job.kind == "search" else []
+    overrides = variant_overrides(job.task, job.seed, job.name, quick) if job.kind == "search" else []
     config = task_config(job.task, job.seed, overrides, quick)
     recipe = search_recipe(config) if job.kind == "search" else training_recipe(config)
     key = job.key(recipe)
@@ -217,8 +231,11 @@ def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
         row = {**base, **train_entry(prep, job, ctx)}
     row["wall_seconds"] = round(time.time() - started, 1)
     store.add(row)
-    print(f"{job.task} seed {job.seed} {job.kind} {job.name}: "
-          + (f"pick {row['layers']}" if job.kind == "search" else f"dev {row['dev']:.3f} test {row['test']:.3f}")
+    if job.kind == "search":
+        outcome = "picks " + ", ".join(f"{method} {r['layers']}" for method, r in row["rankings"].items())
+    else:
+        outcome = f"dev {row['dev']:.3f} test {row['test']:.3f}"
+    print(f"{job.task} seed {job.seed} {job.kind} {job.name}: {outcome}"
           + f" ({row['wall_seconds']:.0f}s)", flush=True)
 
 
@@ -236,11 +253,15 @@ def search_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
     run = RunDir(ctx.workdir / f"seed{job.seed}")
     run.path.mkdir(parents=True, exist_ok=True)
     result = run_search(prep, run, progress=False)
-    mask = select_from_run(run, prep.config, k=K, backbone=prep.backbone)
+    rankings = {}
+    for method in METHODS:
+        started = time.time()
+        mask = select_from_run(run, prep, k=K, method=method)
+        rankings[method] = {"layers": mask.selected_layers, "scores": mask.scores, "spread": mask.spread,
+                            "uncertain": mask.uncertain, "seconds": round(time.time() - started, 2)}
     s = prep.config.search
     arch_steps = result.steps - s.warmup_epochs * -(-len(prep.train) // s.batch_size)
-    return {"layers": mask.selected_layers, "scores": mask.scores, "steps": result.steps + max(0, arch_steps),
-            "seconds": result.seconds, "selection": SPT_VARIANTS[job.name][1]}
+    return {"rankings": rankings, "steps": result.steps + max(0, arch_steps), "seconds": result.seconds}
 
 
 def majority_score(config: RunConfig) -> float:
@@ -340,12 +361,13 @@ def load_reports(store: Store, tasks: list[str], seeds: list[int], quick: bool) 
                 if row is not None:
                     report.strategies.setdefault(job.name, {})[seed] = row["test"]
             for job in jobs_for(task, seed, ["spt"]):
-                config = task_config(task, seed, SPT_VARIANTS[job.name][0], quick)
+                config = task_config(task, seed, variant_overrides(task, seed, job.name, quick), quick)
                 row = store.get(job.key(search_recipe(config)))
-                if row is not None:
-                    pick = "-".join(map(str, row["layers"]))
-                    report.picks.setdefault(job.name, {})[seed] = row
-                    report.strategies.setdefault(job.name, {})[seed] = complete[pick][seed]
+                for method, ranking in (row or {}).get("rankings", {}).items():
+                    name = f"spt: {job.name}, {method}"
+                    entry = {**ranking, "steps": row["steps"], "seconds": row["seconds"] + ranking["seconds"]}
+                    report.picks.setdefault(name, {})[seed] = entry
+                    report.strategies.setdefault(name, {})[seed] = complete["-".join(map(str, ranking["layers"]))][seed]
         reports.append(report)
     return reports
 
@@ -379,12 +401,15 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
         if picks:
             ranks = [ranking.index("-".join(map(str, picks[s]["layers"]))) + 1 for s in picks]
             gaps = [best - means["-".join(map(str, picks[s]["layers"]))] for s in picks]
-            rho = _mean([spearman(picks[s]["scores"], r.marginal()) for s in picks])
+            # (greedy scores come from different rounds: they do not rank the layers)
+            rho = float("nan") if name.endswith("greedy") else _mean([spearman(picks[s]["scores"], r.marginal()) for s in picks])
             steps = _mean([picks[s]["steps"] / r.oracle_cost[s][0] for s in picks])
             secs = _mean([picks[s]["seconds"] / r.oracle_cost[s][1] for s in picks])
             entry.update(rank=_mean(ranks), gap=_mean(gaps), rho=rho, steps=steps, seconds=secs)
-            cells = ["; ".join(str(picks[s]["layers"]) for s in r.seeds if s in picks), f"{_mean(ranks):.1f}",
-                     _fmt(_mean(gaps)), f"{rho:+.2f}", f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
+            flagged = sum(bool(picks[s].get("uncertain")) for s in picks)
+            cells = ["; ".join(str(picks[s]["layers"]) for s in r.seeds if s in picks) + (f" ({flagged} flagged uncertain)" if flagged else ""),
+                     f"{_mean(ranks):.1f}", _fmt(_mean(gaps)), "n/a" if rho != rho else f"{rho:+.2f}",
+                     f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
         numbers[name] = entry
         lines.append(f"| {name} | {_fmt(mean)} ± {_fmt(_std(values))} ({len(values)} seeds) | {100 * (mean - random_mean):+.1f} | " + " | ".join(cells) + " |")
     lines += ["", "Oracle subsets by mean test score (± std over seeds): " + ", ".join(

@@ -32,6 +32,7 @@ class Architect:
         self.trainer = trainer
         self.params = trainer.model.architecture_parameters()
         self.compute_loss = compiled(task_loss, trainer.device) if trainer.compile_step else task_loss
+        self.dropout = settings.arch_dropout
         self.optimizer = torch.optim.Adam(
             self.params, lr=settings.arch_lr, betas=tuple(settings.arch_betas), weight_decay=settings.arch_weight_decay,
             fused=trainer.optimizer.defaults.get("fused") or False,  # as the weight optimizer (fused on GPUs)
@@ -41,7 +42,7 @@ class Architect:
         """One gate-logit update on the D2 batch ``indices``."""
         trainer, model = self.trainer, self.trainer.model
         torch.manual_seed(step_seed(trainer.seed, step, stream=3))
-        model.train()
+        model.train(self.dropout)  # (the frozen backbone is in eval mode either way)
         batch, scale = trainer.local_batch(indices)
         stats: dict[str, torch.Tensor] = {}
         if batch is not None:

@@ -33,7 +33,10 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--k", type=int, help="keep the top-K layers")
     group.add_argument("--budget", type=int, help="keep the most layers whose generators fit this many parameters")
-    p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>.json or .budget<P>.json)")
+    p.add_argument("--method", choices=["gates", "perturbation", "greedy", "combined"],
+                   help="how to rank the layers (default: the run's select.method); all but gates evaluate the "
+                   "searched supernet on dev")
+    p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>[.<method>].json or .budget<P>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing mask file")
 
 
@@ -191,7 +194,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_select(args: argparse.Namespace) -> int:
     from .config import config_from_run_dict
-    from .pipeline import select_from_run
+    from .pipeline import prepare, select_from_run
     from .runs import RunDir
     from .selection import write_mask
 
@@ -199,14 +202,20 @@ def cmd_select(args: argparse.Namespace) -> int:
     recorded = run.recorded_config()
     if recorded is None:
         raise UserError("run_dir", f"{args.run_dir} has no config.yaml; is it an spt run directory?")
+    if args.k is not None and args.k < 1:
+        raise UserError("--k", f"must be at least 1, got {args.k}")
+    if args.budget is not None and args.budget < 1:
+        raise UserError("--budget", f"must be at least 1, got {args.budget}")
     config = config_from_run_dict(recorded)
-    mask = select_from_run(run, config, k=args.k, budget=args.budget)
-    suffix = f"k{args.k}" if args.k is not None else f"budget{args.budget}"
+    suffix = (f"k{args.k}" if args.k is not None else f"budget{args.budget}") + (f".{args.method}" if args.method else "")
     out = Path(args.out) if args.out else run.file(f"layer_mask.{suffix}.json")
+    if out.exists() and not args.force:
+        raise UserError("--out", f"{out} already exists; pass --force to overwrite it")
+    mask = select_from_run(run, prepare(config), k=args.k, budget=args.budget, method=args.method)
     write_mask(mask, out, force=args.force)
-    scores = ", ".join(f"{layer}:{s:.3f}" for layer, s in zip(mask.candidate_layers, mask.scores))
+    scores = ", ".join(f"{layer}:{s:.3f}±{d:.3f}" for layer, s, d in zip(mask.candidate_layers, mask.scores, mask.spread))
     print(f"selected layers {mask.selected_layers} (K={mask.k}, {mask.trainable_params:,} trainable parameters)")
-    print(f"gates {scores}")
+    print(f"{mask.method} scores {scores}" + (" (uncertain: the K-th and next layer are within their spread)" if mask.uncertain else ""))
     print(f"wrote {out}")
     return 0
 

@@ -19,6 +19,8 @@ from spt.config import HeadConfig, PromptConfig, config_from_dict
 from spt.errors import ConfigError, UserError
 from spt.typed import Section
 
+from .selection import METHODS
+
 METRICS = ("accuracy", "macro_f1", "f1", "mcc")
 FORMATS = ("tsv", "csv", "jsonl", "json", "label_text", "hf")
 
@@ -116,6 +118,10 @@ class SearchConfig(Section):
         arch_lr, arch_weight_decay: Adam for the gate logits ``a``.
         arch_betas: Adam's betas for the gate logits; (0.5, 0.999) as in DARTS, whose
             architecture steps forget old gradients faster than the default 0.9.
+        arch_dropout: gate steps with dropout on (as the weight steps); false: without it, so a
+            gate step's gradient is not dropout noise.
+        arch_batches: a gate step sees this many D2 batches at once (its batch is
+            ``batch_size * arch_batches`` examples, D2 cycled as needed).
         consistency_weight: ``beta`` of the architecture-consistency MSE (0 turns it off).
         mask_prob: ``p`` of the Bernoulli architecture mask.
         grad_clip: max gradient norm (0: no clipping).
@@ -134,6 +140,8 @@ class SearchConfig(Section):
     arch_lr: float = 5e-2
     arch_weight_decay: float = 0.0
     arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    arch_dropout: bool = True
+    arch_batches: int = 1
     consistency_weight: float = 1.0
     mask_prob: float = 0.5
     grad_clip: float = 1.0
@@ -144,7 +152,7 @@ class SearchConfig(Section):
     SECTION: ClassVar[str] = "search"
 
     def check(self) -> None:
-        self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "log_every", "checkpoint_every", "max_steps")
+        self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every", "max_steps")
         self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
         self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")
         self.require("d1_fraction", 0 < self.d1_fraction < 1, "in (0, 1)")
@@ -154,17 +162,23 @@ class SearchConfig(Section):
 
 @dataclass
 class SelectConfig(Section):
-    """Turning gates into a layer mask.
+    """Turning the search into a layer mask.
 
     Attributes:
-        k: keep the top-``k`` layers by final gate value.
+        k: keep the top-``k`` layers.
         budget: instead of ``k``: keep the largest number of layers whose generators fit in
             this many trainable parameters.
-        average_last: rank by the mean gate over the last this many logged steps.
+        method: how layers are ranked: ``gates`` (final gate), ``perturbation`` (the rise of
+            the supernet's dev loss when the layer's prompt is removed), ``greedy`` (layers
+            added one by one, each the one that lowers the dev loss most with the chosen
+            ones kept) or ``combined`` (mean rank by gates and perturbation).
+        average_last: gates: rank by the mean gate over the last this many logged steps
+            (0: over every step logged in the last epoch).
     """
 
     k: int | None = 3
     budget: int | None = None
+    method: str = "gates"
     average_last: int = 1
 
     SECTION: ClassVar[str] = "select"
@@ -172,7 +186,9 @@ class SelectConfig(Section):
     def check(self) -> None:
         if (self.k is None) == (self.budget is None):
             raise ConfigError("select.k", "give exactly one of select.k and select.budget (set the other to null)")
-        self.positive("k", "budget", "average_last")
+        self.positive("k", "budget")
+        self.non_negative("average_last")
+        self.one_of("method", METHODS, "method")
 
 
 @dataclass

@@ -5,7 +5,6 @@ Each stage reads and writes the run directory described in DESIGN.md §3.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,10 +33,14 @@ from .runs import RunDir
 from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
 from .selection import (
     LayerMask,
+    Ranking,
     choose_k,
-    final_scores,
+    combined_ranking,
+    gate_scores,
     generator_parameters,
+    greedy_ranking,
     read_gate_history,
+    removal_ranking,
     select_layers,
     write_mask,
 )
@@ -173,7 +176,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
 
     def schedule(epoch: int):
-        return search_schedule(n_train, s.warmup_epochs, s.batch_size, s.d1_fraction, config.seed, epoch)
+        return search_schedule(n_train, s.warmup_epochs, s.batch_size, s.d1_fraction, config.seed, epoch, s.arch_batches)
 
     state = trainer.fit(steps_from(schedule, s.epochs, state.epoch, state.batch_in_epoch), callbacks, state)
     alphas = model.alphas().tolist()
@@ -190,28 +193,51 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
 # ---------------------------------------------------------------------- selection
 
 
-def select_from_run(
-    run: RunDir, config: RunConfig, k: int | None = None, budget: int | None = None, backbone: Backbone | None = None
-) -> LayerMask:
-    """Rank the run's gates and build the mask for ``k`` or ``budget`` (default: the config's)."""
+def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None) -> Ranking:
+    """Rank the candidate layers of the search in ``run`` by ``method`` (default: the config's).
+
+    ``perturbation``, ``greedy`` and ``combined`` evaluate the searched supernet on the
+    dev set under layer masks (dev passes only, no training).
+    """
+    config = prep.config
+    method = method or config.select.method
+    candidates = config.prompt.candidates(prep.backbone.num_layers)
+    rows = read_gate_history(run.file("gates.csv"))
+    gates = Ranking.by_score("gates", candidates, *gate_scores(rows, candidates, config.select.average_last))
+    if method == "gates":
+        return gates
+    supernet = load_prompt_model(run.file("supernet"), backbone=prep.backbone)
+    trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision)
+
+    def dev_losses(mask: list[float] | None, hard: bool) -> list[float]:
+        return trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
+
+    if method == "greedy":
+        return greedy_ranking(candidates, lambda chosen: dev_losses([float(c in chosen) for c in candidates], True), config.seed)
+    full = dev_losses(None, False)
+    without = [dev_losses([float(c != j) for c in candidates], False) for j in candidates]
+    removal = removal_ranking(candidates, full, without, config.seed)
+    return removal if method == "perturbation" else combined_ranking(candidates, gates, removal)
+
+
+def select_from_run(run: RunDir, prep: Prepared, k: int | None = None, budget: int | None = None,
+                    method: str | None = None) -> LayerMask:
+    """The layer mask of the search in ``run`` for ``k`` or ``budget`` (default: the config's)."""
+    config, backbone = prep.config, prep.backbone
     if k is None and budget is None:
         k, budget = config.select.k, config.select.budget
-    rows = read_gate_history(run.file("gates.csv"))
-    saved = run.file("supernet/prompt_config.json")
-    if saved.is_file():
-        model_config = json.loads(saved.read_text())
-        num_layers, hidden, candidates = model_config["num_layers"], model_config["hidden_size"], model_config["layers"]
-    else:  # a search still running: read the model facts from the backbone
-        backbone = backbone or cached_backbone(config.model.backbone, config.head.type == "mlm")
-        num_layers, hidden = backbone.num_layers, backbone.hidden_size
-        candidates = config.prompt.candidates(num_layers)
-    scores = final_scores(rows, candidates, config.select.average_last)
-    return select_layers(
-        backbone=config.model.backbone, num_layers=num_layers, candidates=candidates, scores=scores, k=k, budget=budget,
-        per_generator=generator_parameters(hidden, config.prompt.bottleneck, config.prompt.phm_n),
-        head_params=head_parameter_count(config.head.type, hidden, len(config.task.labels)),
+    candidates = config.prompt.candidates(backbone.num_layers)
+    mask = select_layers(
+        backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
+        ranking=rank_candidates(run, prep, method), k=k, budget=budget,
+        per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
+        head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(config.task.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )
+    if mask.uncertain:
+        logger.warning("layer choice is uncertain for this task: by %s, the layers ranked %d and %d differ by less than "
+                       "their spread (see scores and spread in the layer mask)", mask.method, mask.k, mask.k + 1)
+    return mask
 
 
 # ---------------------------------------------------------------------- training a model
@@ -293,7 +319,7 @@ def search_and_select(prep: Prepared, run: RunDir, progress: bool = True) -> Lay
     """Search (unless ``run`` holds a finished search), then select and write ``layer_mask.json``."""
     if not run.done("search"):
         run_search(prep, run, progress=progress)
-    mask = select_from_run(run, prep.config, backbone=prep.backbone)
+    mask = select_from_run(run, prep)
     if distributed.is_main():
         write_mask(mask, run.file("layer_mask.json"), force=True)
     return mask

@@ -44,15 +44,17 @@ def _d1_size(n_train: int, d1_fraction: float) -> int:
     return min(n_train - 1, max(1, round(d1_fraction * n_train)))
 
 
-def search_schedule(n_train: int, warmup_epochs: int, batch_size: int, d1_fraction: float, seed: int, epoch: int) -> list[ScheduledStep]:
+def search_schedule(n_train: int, warmup_epochs: int, batch_size: int, d1_fraction: float, seed: int, epoch: int,
+                    arch_batches: int = 1) -> list[ScheduledStep]:
     """The steps of one search epoch: warm-up epochs use all of train for the weights only;
-    later epochs split a fresh shuffle into D1 (weights) and D2 (gates), cycling D2 as needed."""
+    later epochs split a fresh shuffle into D1 (weights) and D2 (gates, ``arch_batches``
+    batches at a time), cycling D2 as needed."""
     order = epoch_order(n_train, seed, epoch)
     if epoch < warmup_epochs:
         return _steps(epoch, list(batch_indices(order, batch_size)))
     n1 = _d1_size(n_train, d1_fraction)
     d1_batches = list(batch_indices(order[:n1], batch_size))
-    d2_batches = list(batch_indices(order[n1:], batch_size))
+    d2_batches = list(batch_indices(order[n1:], batch_size * arch_batches))
     return _steps(epoch, d1_batches, [d2_batches[i % len(d2_batches)] for i in range(len(d1_batches))])
 
 

@@ -1,27 +1,47 @@
-"""Selection: rank layers by their gates, keep the top-K or what fits a budget, and the
-versioned ``layer_mask.json`` that carries the result."""
+"""Selection: rank the candidate layers, keep the top-K or what fits a budget, and the
+versioned ``layer_mask.json`` that carries the result.
+
+Rankings (``select.method``):
+
+* ``gates`` - by the final gate ``alpha`` (or its mean over the last logged steps);
+* ``perturbation`` - by how much the supernet's dev loss rises when the layer's prompt is
+  removed (Wang et al., "Rethinking Architecture Selection in Differentiable NAS", 2021);
+* ``greedy`` - progressively: the layer whose prompt, added to those already chosen
+  (at full strength, the others removed), lowers the dev loss most, then the next;
+* ``combined`` - the mean of a layer's rank by gates and by perturbation.
+
+Every score comes with a spread (the gate's standard deviation over the averaged steps,
+or a bootstrap over the dev examples), and the mask says when the K-th and the (K+1)-th
+layer are not separated beyond it.
+"""
 
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from spt.errors import UserError
+from spt.files import write_json_atomic
 from spt.phm import phm_parameter_count
 
 MASK_FORMAT = "spt-layer-mask"
-MASK_VERSION = 1
+MASK_VERSION = 2  # 2 adds method, spread, uncertain, gate_scores, perturbation_scores
+READABLE_VERSIONS = (1, 2)
+METHODS = ("gates", "perturbation", "greedy", "combined")
 
 
 @dataclass
 class LayerMask:
     """The layers chosen to receive prompts (the content of ``layer_mask.json``).
 
-    ``scores[j]`` is the score (final gate) of ``candidate_layers[j]``; ``mask`` has one
-    entry per backbone layer.
+    ``scores[j]`` is the score of ``candidate_layers[j]`` under ``method`` (higher: more
+    important) and ``spread[j]`` its uncertainty; ``mask`` has one entry per backbone layer.
+    ``uncertain`` is true when the K-th and the (K+1)-th layer's scores differ by less than
+    the larger of their spreads.
     """
 
     backbone: str
@@ -36,6 +56,11 @@ class LayerMask:
     prompt_length: int
     task: str
     seed: int
+    method: str = "gates"
+    spread: list[float] | None = None
+    uncertain: bool = False
+    gate_scores: list[float] | None = None
+    perturbation_scores: list[float] | None = None
     format: str = MASK_FORMAT
     version: int = MASK_VERSION
 
@@ -71,12 +96,28 @@ def choose_k(num_candidates: int, k: int | None, budget: int | None, per_generat
     return fit
 
 
+@dataclass
+class Ranking:
+    """A method's scores per candidate, their spreads, and the candidates best first."""
+
+    method: str
+    scores: list[float]
+    spread: list[float]
+    order: list[int]
+    gate_scores: list[float] | None = None
+    perturbation_scores: list[float] | None = None
+
+    @classmethod
+    def by_score(cls, method: str, candidates: list[int], scores: list[float], spread: list[float], **extra) -> Ranking:
+        return cls(method, scores, spread, rank_layers(candidates, scores), **extra)
+
+
 def select_layers(
     *,
     backbone: str,
     num_layers: int,
     candidates: list[int],
-    scores: list[float],
+    ranking: Ranking,
     k: int | None,
     budget: int | None,
     per_generator: int,
@@ -85,31 +126,47 @@ def select_layers(
     task: str,
     seed: int,
 ) -> LayerMask:
-    """Build the :class:`LayerMask` for the given gate ``scores``."""
+    """Build the :class:`LayerMask` of the first ``k`` (or what fits ``budget``) in ``ranking``."""
     keep = choose_k(len(candidates), k, budget, per_generator)
-    selected = sorted(rank_layers(candidates, scores)[:keep])
+    selected = sorted(ranking.order[:keep])
     return LayerMask(
         backbone=backbone,
         num_layers=num_layers,
         candidate_layers=list(candidates),
         selected_layers=selected,
         mask=[1 if i in selected else 0 for i in range(num_layers)],
-        scores=[round(float(s), 6) for s in scores],
+        scores=_rounded(ranking.scores),
         k=keep,
         param_budget=budget,
         trainable_params=keep * per_generator + head_params,
         prompt_length=prompt_length,
         task=task,
         seed=seed,
+        method=ranking.method,
+        spread=_rounded(ranking.spread),
+        uncertain=uncertain(candidates, ranking, keep),
+        gate_scores=_rounded(ranking.gate_scores),
+        perturbation_scores=_rounded(ranking.perturbation_scores),
     )
+
+
+def _rounded(values: list[float] | None) -> list[float] | None:
+    return None if values is None else [round(float(v), 6) for v in values]
+
+
+def uncertain(candidates: list[int], ranking: Ranking, keep: int) -> bool:
+    """Whether the last kept and the first dropped layer are within each other's spread."""
+    if keep >= len(candidates):
+        return False
+    kept, dropped = (candidates.index(ranking.order[i]) for i in (keep - 1, keep))
+    gap = abs(ranking.scores[kept] - ranking.scores[dropped])
+    return gap < max(ranking.spread[kept], ranking.spread[dropped])
 
 
 def write_mask(mask: LayerMask, path: Path, force: bool = False) -> None:
     if path.exists() and not force:
         raise UserError("--out", f"{path} already exists; pass --force to overwrite it")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(mask.to_json(), indent=2) + "\n")
-    tmp.replace(path)
+    write_json_atomic(path, mask.to_json())
 
 
 def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | None = None) -> LayerMask:
@@ -124,9 +181,10 @@ def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | N
         raise UserError(where, f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict) or data.get("format") != MASK_FORMAT:
         raise UserError(where, f"field format must be {MASK_FORMAT!r}; is this a layer mask?")
-    if data.get("version") != MASK_VERSION:
-        raise UserError(where, f"field version is {data.get('version')!r}; this spt-search reads version {MASK_VERSION}")
-    required = [f for f in LayerMask.__dataclass_fields__ if f not in ("format", "version")]
+    if data.get("version") not in READABLE_VERSIONS:
+        raise UserError(where, f"field version is {data.get('version')!r}; this spt-search reads versions {READABLE_VERSIONS}")
+    optional = {"format", "version", "method", "spread", "uncertain", "gate_scores", "perturbation_scores"}
+    required = [f for f in LayerMask.__dataclass_fields__ if f not in optional]
     missing = [f for f in required if f not in data]
     if missing:
         raise UserError(where, f"missing field {missing[0]!r}")
@@ -184,9 +242,14 @@ def read_gate_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def final_scores(rows: list[dict[str, Any]], candidates: list[int], average_last: int = 1) -> list[float]:
-    """Gate of each candidate averaged over the last ``average_last`` logged steps."""
-    steps = sorted({r["step"] for r in rows})[-average_last:]
+def gate_scores(rows: list[dict[str, Any]], candidates: list[int], average_last: int = 1) -> tuple[list[float], list[float]]:
+    """Each candidate's gate averaged over the last ``average_last`` logged steps (0: every
+    step logged in the last epoch), and its standard deviation over those steps."""
+    if average_last == 0:
+        last_epoch = max(r["epoch"] for r in rows)
+        steps = sorted({r["step"] for r in rows if r["epoch"] == last_epoch and r["step"] > 0})
+    else:
+        steps = sorted({r["step"] for r in rows})[-average_last:]
     chosen = set(steps)
     by_layer: dict[int, list[float]] = {c: [] for c in candidates}
     for r in rows:
@@ -195,4 +258,63 @@ def final_scores(rows: list[dict[str, Any]], candidates: list[int], average_last
     missing = [c for c, v in by_layer.items() if not v]
     if missing:
         raise UserError("gates.csv", f"no gate values for layers {missing} in the last {average_last} logged steps")
-    return [sum(v) / len(v) for v in (by_layer[c] for c in candidates)]
+    values = [by_layer[c] for c in candidates]
+    means = [sum(v) / len(v) for v in values]
+    spread = [(sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else 0.0 for v, m in zip(values, means)]
+    return means, spread
+
+
+def final_scores(rows: list[dict[str, Any]], candidates: list[int], average_last: int = 1) -> list[float]:
+    """Each candidate's gate averaged over the last ``average_last`` logged steps."""
+    return gate_scores(rows, candidates, average_last)[0]
+
+
+def bootstrap_std(differences: list[list[float]], seed: int, draws: int = 200) -> list[float]:
+    """Standard deviation of each row's mean over bootstrap resamples of its examples."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(differences[0])
+    samples = [[rng.randrange(n) for _ in range(n)] for _ in range(draws)]
+    spread = []
+    for row in differences:
+        means = [sum(row[i] for i in sample) / n for sample in samples]
+        mean = sum(means) / draws
+        spread.append((sum((m - mean) ** 2 for m in means) / (draws - 1)) ** 0.5)
+    return spread
+
+
+def removal_ranking(candidates: list[int], full: list[float], without: list[list[float]], seed: int) -> Ranking:
+    """Perturbation scores: the mean rise of the per-example dev loss when each candidate's
+    prompt is removed from the supernet (``without[j]``: losses without ``candidates[j]``)."""
+    differences = [[w - f for w, f in zip(row, full)] for row in without]
+    scores = [sum(d) / len(d) for d in differences]
+    return Ranking.by_score("perturbation", candidates, scores, bootstrap_std(differences, seed), perturbation_scores=scores)
+
+
+def greedy_ranking(candidates: list[int], dev_loss: Callable[[list[int]], list[float]], seed: int) -> Ranking:
+    """Progressive selection with the chosen layers kept: each round adds the layer whose
+    prompt lowers the mean dev loss most. A layer's score is the loss drop it brought in
+    the round it was chosen, its spread a bootstrap of that drop; the ranking is the order
+    of the rounds (scores of different rounds are not comparable)."""
+    chosen: list[int] = []
+    current = dev_loss([])
+    scores: dict[int, float] = {}
+    spread: dict[int, float] = {}
+    while len(chosen) < len(candidates):
+        trials = {c: dev_loss([*chosen, c]) for c in candidates if c not in chosen}
+        best = min(trials, key=lambda c: (sum(trials[c]), c))
+        drop = [a - b for a, b in zip(current, trials[best])]
+        scores[best], spread[best] = sum(drop) / len(drop), bootstrap_std([drop], seed)[0]
+        chosen.append(best)
+        current = trials[best]
+    return Ranking("greedy", [scores[c] for c in candidates], [spread[c] for c in candidates], chosen)
+
+
+def combined_ranking(candidates: list[int], gates: Ranking, removal: Ranking) -> Ranking:
+    """The mean of each candidate's rank by gates and by perturbation (ties: the lower layer)."""
+    position = {c: (gates.order.index(c) + removal.order.index(c)) / 2 for c in candidates}
+    scores = [-position[c] for c in candidates]
+    spread = [0.5 for _ in candidates]  # half a rank: a tie or a swap of neighbours is within it
+    return Ranking.by_score("combined", candidates, scores, spread,
+                            gate_scores=gates.scores, perturbation_scores=removal.scores)

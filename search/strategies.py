@@ -39,7 +39,7 @@ from .config import RetrainConfig
 from .pipeline import Prepared, SearchResult, build_sparse, run_search, select_from_run, train_and_evaluate
 from .runs import RunDir
 from .schedule import steps_per_epoch
-from .selection import LayerMask, generator_parameters, select_layers
+from .selection import LayerMask, Ranking, generator_parameters, rank_layers, select_layers
 
 logger = logging.getLogger("spt")
 
@@ -76,15 +76,16 @@ class Context:
     score_test: bool = False  # exhaustive/optuna: also score test for each trial (the benchmark's oracle)
 
 
-def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None) -> LayerMask:
+def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None, method: str = "fixed") -> LayerMask:
     """A layer mask over the config's candidate layers holding exactly ``layers``."""
     config, backbone = prep.config, prep.backbone
     candidates = config.prompt.candidates(backbone.num_layers)
     if scores is None:
         scores = [1.0 if c in layers else 0.0 for c in candidates]
+    order = sorted(layers) + [c for c in rank_layers(candidates, scores) if c not in layers]
     return select_layers(
-        backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates, scores=scores,
-        k=len(layers), budget=None,
+        backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
+        ranking=Ranking(method, scores, [0.0] * len(candidates), order), k=len(layers), budget=None,
         per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
         head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(prep.data.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
@@ -210,7 +211,7 @@ class SptStrategy(Strategy):
             result = SearchResult(done["alphas"], done["steps"], done["seconds"], len(prep.train))
         else:
             result = run_search(prep, run, progress=ctx.progress)
-        mask = select_from_run(run, prep.config, k=ctx.k, backbone=prep.backbone)
+        mask = select_from_run(run, prep, k=ctx.k)
         # A search step is a generator step plus, after the warm-up epochs, a gate step.
         s = prep.config.search
         arch_steps = max(0, result.steps - s.warmup_epochs * steps_per_epoch(len(prep.train), s.batch_size))
@@ -269,8 +270,7 @@ class ExhaustiveStrategy(Strategy):
             logger.info("exhaustive %d/%d: layers %s dev %.4f", number, count, list(subset), trial["dev"])
         best = max(trials, key=lambda t: t["dev"])  # first (lowest layers) wins ties
         scores = [max(t["dev"] for t in trials if c in t["layers"]) for c in candidates]
-        mask = _mask(prep, best["layers"])
-        mask.scores = [round(s, 6) for s in scores]
+        mask = _mask(prep, best["layers"], [round(s, 6) for s in scores], "exhaustive")
         return [Proposal(mask, compute, details={"trials": trials})]
 
 
@@ -342,8 +342,8 @@ class OptunaStrategy(Strategy):
         if not scored:
             raise UserError("strategy optuna", "every trial was pruned; raise compare.optuna_trials or set compare.optuna_pruner: none")
         best = max(scored.values(), key=lambda t: t["dev"])
-        mask = _mask(prep, best["layers"])
-        mask.scores = [round(max((t["dev"] for t in scored.values() if c in t["layers"]), default=0.0), 6) for c in candidates]
+        scores = [round(max([t["dev"] for t in scored.values() if c in t["layers"]] + [0.0]), 6) for c in candidates]
+        mask = _mask(prep, best["layers"], scores, "optuna")
         return [Proposal(mask, compute, details={"trials": list(scored.values()), "pruned": pruned})]
 
 

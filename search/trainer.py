@@ -171,22 +171,24 @@ class Trainer:
     # ------------------------------------------------------------------ evaluation
 
     @torch.inference_mode()
-    def predict(self, split: EncodedSplit, batch_size: int) -> tuple[list[int], float]:
-        """Predicted label indices and mean cross-entropy over ``split`` (shared out across ranks)."""
+    def predict(self, split: EncodedSplit, batch_size: int, **forward: Any) -> tuple[list[int], list[float]]:
+        """Predicted label indices and per-example cross-entropy over ``split``, in order
+        (shared out across ranks); ``forward`` goes to the model (e.g. a supernet's ``arch_mask``)."""
         self.model.eval()
         mine = distributed.shard(range(len(split)))
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
             batch = collate(split, indices, self.device, self.prompt_length)
             with self.autocast():
-                logits = self.model(batch).logits.float()
+                logits = self.model(batch, **forward).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
             local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
         results = sorted(distributed.gather_objects(local))
-        return [r[1] for r in results], sum(r[2] for r in results) / max(1, len(split))
+        return [r[1] for r in results], [r[2] for r in results]
 
     def evaluate(self, split: EncodedSplit, batch_size: int, metric: str, positive_index: int | None = None) -> dict[str, float]:
-        predictions, loss = self.predict(split, batch_size)
+        predictions, losses = self.predict(split, batch_size)
+        loss = sum(losses) / max(1, len(split))
         scores = compute_metrics(split.labels, predictions, metric, positive_index)
         scores["loss"] = loss
         scores["n"] = len(split)

@@ -27,6 +27,9 @@ class PromptConfig(Section):
         gate_init: initial gate logit ``a_i`` (0 gives ``alpha = 0.5``).
         candidate_layers: layers that may receive a prompt (``None``: every layer
             ``0 .. L-1``). Layer 0 is the embedding output.
+        normalize: supernet only: scale each generated prompt vector to the root mean square
+            of the layer's token states, so that a generator cannot grow or shrink its output
+            to say what its gate should say; the sparse model never rescales.
     """
 
     length: int = 10
@@ -38,6 +41,7 @@ class PromptConfig(Section):
     reparam_gates: bool = True
     gate_init: float = 0.0
     candidate_layers: list[int] | None = None
+    normalize: bool = False
 
     SECTION: ClassVar[str] = "prompt"
 

@@ -51,14 +51,17 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The per-layer steps of one pass, and whether its gates are exactly 1 (hard)."""
+    """The per-layer steps of one pass, whether its gates are exactly 1 (hard), and whether
+    generated prompts are rescaled to the token states' size (``prompt.normalize``)."""
 
     first: int  # the first prompt layer (num_layers: no prompt at all)
     layers: tuple[LayerPlan, ...]
     hard: bool
+    normalize: bool = False
 
 
-def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], hard: bool, discard: float) -> Plan:
+def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], hard: bool, discard: float,
+              normalize: bool = False) -> Plan:
     """Plan a pass: ``active[j][b]`` says whether generator ``j`` (at ``generator_layers[j]``)
     inserts a prompt for example ``b``; ``active`` of one row stands for every example."""
     n_rows = len(active[0]) if active else 1
@@ -84,7 +87,7 @@ def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], 
             keys_values_only=i == num_layers - 1 or replaced_next,
         ))
         previous = started
-    return Plan(first, tuple(steps), hard)
+    return Plan(first, tuple(steps), hard, normalize)
 
 
 def _on(rows: Rows, like: torch.Tensor) -> torch.Tensor:
@@ -101,6 +104,16 @@ def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | N
     if discard == 1:
         return torch.lerp(slots, fresh, gate.to(slots.dtype))
     return torch.addcmul(slots, gate.to(slots.dtype), fresh)
+
+
+def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
+    weights = batch.get("mean_weights")
+    if weights is None:
+        mask = batch["attention_mask"].to(hidden.dtype)
+        weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)
+    target = torch.bmm(weights.to(hidden.dtype).unsqueeze(1), hidden.detach().pow(2).mean(-1, keepdim=True)).sqrt()  # (B,1,1)
+    return fresh * (target / fresh.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
 
 
 def run_prompted_layers(
@@ -146,6 +159,8 @@ def run_prompted_layers(
             if step.rows is not None:
                 gate = _on(step.rows, hidden) if gate is None else gate * _on(step.rows, hidden)
             fresh = generators(step.generator, hidden, pool, weights).to(hidden.dtype)  # (autocast: bf16 out)
+            if plan.normalize:
+                fresh = _rescaled(fresh, hidden, batch)
             slots, changed = _mix(slots, fresh, gate, discard), True
         if changed or sequence is None:
             sequence = torch.cat([slots, hidden], dim=1)
@@ -196,8 +211,8 @@ class PromptModel(TrainableMixin, nn.Module):
         representation = self.head.representation(states, batch)
         return PromptOutput(self.head(representation), representation)
 
-    def _plan(self, active: list[Rows], hard: bool) -> Plan:
-        return make_plan(self.backbone.num_layers, self.layers, active, hard, float(self.prompt_config.discard))
+    def _plan(self, active: list[Rows], hard: bool, normalize: bool = False) -> Plan:
+        return make_plan(self.backbone.num_layers, self.layers, active, hard, float(self.prompt_config.discard), normalize)
 
     def train(self, mode: bool = True) -> PromptModel:
         super().train(mode)
@@ -253,7 +268,7 @@ class PromptSupernet(PromptModel):
         ``hard_gates=True`` uses the mask itself as gate values (1 = prompt inserted at
         full strength), which is what the sparse model computes.
         """
-        plan = self._plan(_active_rows(arch_mask, len(self.layers)), hard_gates)
+        plan = self._plan(_active_rows(arch_mask, len(self.layers)), hard_gates, self.prompt_config.normalize)
         return self._encode(batch, plan, None if hard_gates else self.gates())
 
     def forward_consistency(self, batch: dict[str, torch.Tensor], arch_mask: ArchMask) -> tuple[PromptOutput, PromptOutput]:
@@ -262,7 +277,7 @@ class PromptSupernet(PromptModel):
         doubled = {k: torch.cat([v, v], dim=0) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         masked = _active_rows(arch_mask, len(self.layers))
         active = [(True,) * B + (column[0],) * B for column in masked]
-        out = self._encode(doubled, self._plan(active, hard=False), self.gates())
+        out = self._encode(doubled, self._plan(active, hard=False, normalize=self.prompt_config.normalize), self.gates())
         return PromptOutput(out.logits[:B], out.representation[:B]), PromptOutput(out.logits[B:], out.representation[B:])
 
 

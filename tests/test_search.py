@@ -19,7 +19,7 @@ from search.cli import main
 from search.config import SearchConfig, load_config
 from search.pipeline import build_supernet, prepare
 from search.schedule import search_schedule
-from search.selection import read_gate_history, read_mask, select_layers
+from search.selection import Ranking, read_gate_history, read_mask, select_layers
 from search.trainer import Trainer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,12 +105,15 @@ def test_tiny_run_writes_history_mask_metrics_and_select_agrees(tmp_path, tiny_b
 def test_budget_selection_and_ties_toward_lower_layers():
     common = dict(backbone="b", num_layers=4, candidates=[0, 1, 2, 3], k=None, per_generator=100, head_params=10,
                   prompt_length=3, task="t", seed=1)
-    mask = select_layers(scores=[0.5, 0.7, 0.5, 0.1], budget=250, **common)
+    def ranked(scores):
+        return Ranking.by_score("gates", [0, 1, 2, 3], scores, [0.0] * 4)
+
+    mask = select_layers(ranking=ranked([0.5, 0.7, 0.5, 0.1]), budget=250, **common)
     assert mask.selected_layers == [0, 1] and mask.trainable_params == 210 and mask.param_budget == 250
     from spt.errors import UserError
 
     with pytest.raises(UserError, match="select.budget: a budget of 50 parameters fits no layer; one generator needs 100"):
-        select_layers(scores=[0.5] * 4, budget=50, **common)
+        select_layers(ranking=ranked([0.5] * 4), budget=50, **common)
 
 
 def test_rerunning_a_finished_run_needs_force(tmp_path, tiny_bert, capsys):
