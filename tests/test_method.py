@@ -61,19 +61,20 @@ def _bert_layer(layer, x: torch.Tensor, key_mask: torch.Tensor, heads: int) -> t
 def _reference_states(net: PromptSupernet, batch: dict[str, torch.Tensor], arch_mask: list[float]) -> torch.Tensor:
     """``P_i = (1 - lambda g_i) P_hat_i + g_i G_i(H_i)`` with ``g_i = alpha~_i m_i``; slots prepended and
     attended from the first layer with a prompt; the frozen layers run as alone before it."""
-    backbone, l, lam = net.backbone, net.prompt_config.length, float(net.prompt_config.discard)
+    backbone, n_slots, lam = net.backbone, net.prompt_config.length, float(net.prompt_config.discard)
     mask = batch["attention_mask"]
     H = backbone.base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
     alpha = torch.sigmoid(net.gates.logits)
-    P, started = torch.zeros(H.shape[0], l, H.shape[-1], dtype=H.dtype), False
+    P, started = torch.zeros(H.shape[0], n_slots, H.shape[-1], dtype=H.dtype), False
     for i, layer in enumerate(backbone.layers):
         if i in net.layers and arch_mask[net.layers.index(i)]:
             g = alpha[net.layers.index(i)]
-            P = (1 - lam * g) * P + g * _generator(net, net.layers.index(i), H, mask, l)
+            P = (1 - lam * g) * P + g * _generator(net, net.layers.index(i), H, mask, n_slots)
             started = True
         if started:
-            out = _bert_layer(layer, torch.cat([P, H], 1), torch.cat([torch.ones(H.shape[0], l), mask], 1), backbone.config.num_attention_heads)
-            P, H = out[:, :l], out[:, l:]
+            keys = torch.cat([torch.ones(H.shape[0], n_slots), mask], 1)
+            out = _bert_layer(layer, torch.cat([P, H], 1), keys, backbone.config.num_attention_heads)
+            P, H = out[:, :n_slots], out[:, n_slots:]
         else:
             H = _bert_layer(layer, H, mask, backbone.config.num_attention_heads)
     return H
