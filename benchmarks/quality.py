@@ -7,7 +7,7 @@ where the task has them, else the seed of a k-shot sample; always the initialisa
   retraining recipe and scored on dev and test;
 * the baselines, trained the same way: ``first`` (layer 0, prompt tuning), ``middle``
   (layer 3, LPT style), ``all`` (6 layers, P-tuning v2 style), PEFT LoRA and prefix tuning
-  at the parameters of K=3 generators; ``random`` is the exact expectation of a uniformly
+  and Houlsby adapters at the parameters of K=3 generators, ``head-only`` (a linear probe); ``random`` is the exact expectation of a uniformly
   drawn K=3 subset (the mean of the oracle at that seed);
 * SPT's search under each variant in ``SEARCH_VARIANTS``, its layers ranked by each
   selection method; a pick is scored by the oracle's entry for the same subset and seed
@@ -110,7 +110,7 @@ SEARCH_VARIANTS: dict[str, list[str]] = {
                "prompt.normalize=true", "select.average_last=0"],
 }
 METHODS = ["gates", "perturbation", "greedy", "combined"]
-BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix"]
+BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]
 LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
 QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
 

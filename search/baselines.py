@@ -1,9 +1,11 @@
-"""Established methods run through Hugging Face PEFT (and full fine-tuning) on the same
-frozen backbone, data, head and trainer as SPT.
+"""Established methods on the same frozen backbone, data, head and trainer as SPT: the
+Hugging Face PEFT methods, bottleneck adapters, full fine-tuning, and the frozen backbone
+alone with a head (a linear probe, or a verbalizer for zero-shot and in-context prompting).
 
-:class:`EncoderClassifier` gives a PEFT-wrapped (or fully trainable) encoder the interface
-the shared trainer uses (``forward(batch) -> PromptOutput``, ``weight_parameters``,
+:class:`EncoderClassifier` gives a PEFT-wrapped, adapted (or fully trainable) model the
+interface the shared trainer uses (``forward(batch) -> PromptOutput``, ``weight_parameters``,
 ``trainable_state_dict``), with the same classifier head on the same real-token positions.
+:class:`FrozenModel` runs the frozen backbone through the backbone adapter, as SPT does.
 """
 
 from __future__ import annotations
@@ -13,12 +15,36 @@ import copy
 import torch
 from torch import nn
 
-from spt.backbone import FAMILIES, Backbone, load_hf_model
+from spt.adapters import adapter_size_for, add_adapters
+from spt.backbone import FAMILIES, Backbone, load_hf_model, sublayer_outputs
 from spt.errors import UserError
 from spt.heads import ClassifierHead
+from spt.model import frozen_states
 from spt.trainable import PromptOutput, TrainableMixin
 
 PEFT_METHODS = ("peft-prompt", "peft-prefix", "peft-ptuning", "peft-lora")
+
+
+class FrozenModel(TrainableMixin, nn.Module):
+    """The frozen backbone alone (no prompt) with a head: a linear probe whose classifier trains
+    (``head-only``), or a verbalizer with nothing to train (``zero-shot``, ``in-context``)."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def train(self, mode: bool = True) -> FrozenModel:
+        super().train(mode)
+        self.backbone.train(False)
+        return self
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> PromptOutput:
+        representation = self.head.representation(frozen_states(self.backbone, batch), batch)
+        return PromptOutput(self.head(representation), representation)
+
+    def weight_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
 
 
 class EncoderClassifier(TrainableMixin, nn.Module):
@@ -78,11 +104,14 @@ def ptuning_hidden_for(target_params: int, hidden: int, length: int) -> int:
 def build_baseline(
     method: str, backbone_name: str, num_labels: int, pooling: str, dropout: float, prompt_length: int,
     target_params: int, lora_r: int | None = None, ptuning_hidden: int | None = None, backbone: Backbone | None = None,
+    adapter_kind: str = "houlsby", adapter_size: int | None = None,
 ) -> EncoderClassifier:
-    """A fresh encoder set up for ``method`` (a PEFT method or ``finetune``) with a new head.
+    """A fresh model set up for ``method`` (a PEFT method, ``adapter`` or ``finetune``) with a new
+    head (``pooling`` as resolved for the backbone).
 
-    The encoder is loaded from ``backbone_name``, or copied from ``backbone`` when given
-    (PEFT changes the model it wraps, so the frozen backbone itself is never handed over).
+    The model is loaded from ``backbone_name``, or copied from ``backbone`` when given
+    (PEFT and adapters change the model they wrap, so the frozen backbone itself is never
+    handed over).
     """
     model = copy.deepcopy(backbone.base) if backbone is not None else load_hf_model(backbone_name)[0]
     family = FAMILIES[model.config.model_type]
@@ -91,6 +120,11 @@ def build_baseline(
     if method == "finetune":
         model.requires_grad_(True)
         return EncoderClassifier(model, head, train_encoder_mode=True)
+    if method == "adapter":
+        size = adapter_size or adapter_size_for(target_params, hidden, layers, adapter_kind)
+        model.requires_grad_(False)  # the backbone stays frozen; only the adapters (and the head) train
+        model.adapters = add_adapters(sublayer_outputs(model), hidden, size, adapter_kind)
+        return EncoderClassifier(model, head)
     try:
         from peft import (
             LoraConfig,

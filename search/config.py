@@ -59,6 +59,10 @@ class TaskConfig(Section):
         header: tsv/csv only: the first row names the columns.
         columns: tsv/csv without header: names of the columns, in order (else ``"0"``, ``"1"``...).
         text_a, text_b: a field name, or a template over fields such as ``"{premise} {question}"``.
+        instruction: text placed before every input, for every strategy (null: none): a line
+            that opens text_a (segment A) for a classifier head, and that precedes the
+            template (and any in-context demonstrations) for a verbalizer. Truncation cuts the
+            input, never the instruction.
         label: the label field.
         labels: the label set, in order (values as written in the files; booleans as
             ``true``/``false``).
@@ -83,6 +87,7 @@ class TaskConfig(Section):
     columns: list[str] | None = None
     text_a: str = "sentence"
     text_b: str | None = None
+    instruction: str | None = None
     label: str = "label"
     labels: list[str] = field(default_factory=list)
     metric: str = "accuracy"
@@ -231,10 +236,17 @@ class CompareConfig(Section):
         optuna_trials: trials of the ``optuna`` strategy.
         optuna_sampler: ``tpe``, ``random``, ``cmaes``, ``gp`` or ``qmc``.
         optuna_pruner: ``median`` (prune trials below the running median) or ``none``.
-        peft_lr: learning rate of the PEFT baselines.
+        peft_lr: learning rate of the parameter-efficient baselines (PEFT methods,
+            ``adapter``, ``head-only``).
         finetune_lr: learning rate of full fine-tuning.
         lora_r: LoRA rank (null: matched to the sparse SPT model's generator parameters).
         ptuning_hidden: P-tuning prompt-encoder width (null: matched likewise).
+        adapter_kind: ``houlsby`` (a bottleneck adapter after the attention and after the
+            feed-forward sublayer of every layer) or ``pfeiffer`` (after the feed-forward only).
+        adapter_size: adapter bottleneck width (null: matched to the sparse SPT model's
+            generator parameters, as the LoRA rank is).
+        demonstrations: ``in-context``: answered training examples (drawn with the seed)
+            placed before each input; those that do not fit ``model.max_length`` are left out.
     """
 
     strategies: list[str] = field(default_factory=lambda: ["spt", "first", "all", "middle", "random"])
@@ -249,13 +261,17 @@ class CompareConfig(Section):
     finetune_lr: float = 2e-5
     lora_r: int | None = None
     ptuning_hidden: int | None = None
+    adapter_kind: str = "houlsby"
+    adapter_size: int | None = None
+    demonstrations: int = 4
 
     SECTION: ClassVar[str] = "compare"
 
     def check(self) -> None:
         self.positive("random_draws", "exhaustive_limit", "trial_epochs", "optuna_trials", "peft_lr", "finetune_lr",
-                      "lora_r", "ptuning_hidden")
+                      "lora_r", "ptuning_hidden", "adapter_size", "demonstrations")
         self.one_of("optuna_pruner", ("median", "none"))
+        self.one_of("adapter_kind", ("houlsby", "pfeiffer"))
 
 
 def _default_space() -> dict[str, Any]:

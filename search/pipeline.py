@@ -64,9 +64,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 @lru_cache(maxsize=2)
-def cached_backbone(name: str, with_mlm_head: bool, dtype: torch.dtype = torch.float32) -> Backbone:
+def cached_backbone(name: str, with_lm_head: bool, dtype: torch.dtype = torch.float32) -> Backbone:
     """Backbones are frozen, so jobs in one process (compare, hpo) can share them."""
-    return load_backbone(name, with_mlm_head=with_mlm_head, dtype=dtype)
+    return load_backbone(name, with_lm_head=with_lm_head, dtype=dtype)
 
 
 def backbone_dtype(precision: str) -> torch.dtype:
@@ -100,8 +100,9 @@ def prepare(config: RunConfig) -> Prepared:
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
-    backbone = cached_backbone(config.model.backbone, config.head.type == "mlm", backbone_dtype(config.runtime.precision))
+    backbone = cached_backbone(config.model.backbone, config.head.verbalizer, backbone_dtype(config.runtime.precision))
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
+    backbone.check_length(config.model.max_length, config.prompt.length)
     # Refuse an impossible selection now, not after a search has run.
     choose_k(
         len(config.prompt.candidates(backbone.num_layers)), config.select.k, config.select.budget,
@@ -110,12 +111,12 @@ def prepare(config: RunConfig) -> Prepared:
     data = load_task(config.task, config.seed)
     if len(data.train) < 2:
         raise UserError("task.train", f"{len(data.train)} example(s); the search needs at least 2 (D1 and D2)")
-    tok, max_len, head = backbone.tokenizer, config.model.max_length, config.head
+    tok, max_len, head, instruction = backbone.tokenizer, config.model.max_length, config.head, config.task.instruction
     return Prepared(
         config, backbone, data,
-        encode_split(tok, data.train, max_len, head),
-        encode_split(tok, data.dev, max_len, head),
-        encode_split(tok, data.test, max_len, head),
+        encode_split(tok, data.train, max_len, head, instruction),
+        encode_split(tok, data.dev, max_len, head, instruction),
+        encode_split(tok, data.test, max_len, head, instruction),
         device,
     )
 
@@ -286,6 +287,14 @@ def train_and_evaluate(
                         [dev, progress_bar])
     test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
     return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
+
+
+def evaluate_model(prep: Prepared, model: TrainableModel) -> TrainResult:
+    """Score ``model`` on dev and test as it is, without training (zero-shot, in-context)."""
+    config = prep.config
+    trainer = Trainer(model, config.retrain, prep.train, config.seed, prep.device, config.runtime.precision)
+    return TrainResult(prep.evaluate(trainer, prep.dev), prep.evaluate(trainer, prep.test),
+                       model.num_trainable_parameters(), 0.0, 0, 0)
 
 
 def run_retrain(

@@ -2,19 +2,10 @@
 
 A *mask strategy* proposes layer masks (and says what compute it spent finding them);
 the sparse model of each mask is then trained by the shared trainer. A *model strategy*
-(the PEFT methods, full fine-tuning) builds a model that the same trainer trains.
-
-| name | what it does |
-| --- | --- |
-| ``spt`` | the SPT-DARTS supernet search, top-K by gate |
-| ``first`` | a prompt at layer 0 only (prompt tuning) |
-| ``all`` | a prompt at every layer (P-tuning v2 style deep prompts) |
-| ``middle`` | one middle layer (LPT style) |
-| ``random`` | K layers drawn at random, ``compare.random_draws`` draws |
-| ``exhaustive`` | every K-subset trained briefly and scored on dev (the oracle) |
-| ``optuna`` | Optuna (TPE or another sampler) over K-subsets, weak trials pruned |
-| ``peft-prompt``, ``peft-prefix``, ``peft-ptuning``, ``peft-lora`` | Hugging Face PEFT methods |
-| ``finetune`` | every weight trained (the upper reference) |
+(the PEFT methods, adapters, head-only, full fine-tuning) builds a model that the same
+trainer trains; the prompting strategies (zero-shot, in-context) only score theirs.
+Every result goes through the same :class:`ResultRow`. The strategies and the method each
+stands for are listed in :data:`search.methods.STRATEGY_METHODS`.
 """
 
 from __future__ import annotations
@@ -30,13 +21,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from spt.backbone import FAMILIES
 from spt.errors import UserError
-from spt.heads import head_parameter_count
+from spt.heads import build_head, head_parameter_count
 
-from .baselines import PEFT_METHODS, build_baseline
+from . import prompting
+from .baselines import PEFT_METHODS, FrozenModel, build_baseline
 from .config import RetrainConfig
-from .pipeline import Prepared, SearchResult, build_sparse, run_search, select_from_run, train_and_evaluate
+from .methods import STRATEGY_METHODS
+from .pipeline import (
+    Prepared,
+    SearchResult,
+    TrainResult,
+    build_sparse,
+    evaluate_model,
+    run_search,
+    select_from_run,
+    train_and_evaluate,
+)
 from .runs import RunDir
 from .schedule import steps_per_epoch
 from .selection import LayerMask, Ranking, generator_parameters, rank_layers, select_layers
@@ -86,7 +90,7 @@ def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None, 
     return select_layers(
         backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
         ranking=Ranking(method, scores, [0.0] * len(candidates), order), k=len(layers), budget=None,
-        per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
+        per_generator=_generator_parameters(prep),
         head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(prep.data.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )
@@ -131,12 +135,8 @@ def strategy_results(strategy: Strategy, prep: Prepared, ctx: Context, done: set
                 on_proposal(proposal)
             yield train_proposal(prep, strategy.name, proposal, ctx)
     elif "" not in done:
-        model = strategy.build_model(prep, ctx)
-        head = sum(p.numel() for p in model.head.parameters())
-        result = train_and_evaluate(prep, model, strategy.train_settings(prep), progress=ctx.progress,
-                                    desc=f"{strategy.name} s{prep.config.seed}")
-        yield _row(strategy.name, prep.config.seed, "", "-", result, prep.config.task.metric, Compute(),
-                   note=f"{result.trainable_params - head:,} method params")
+        result, note = strategy.outcome(prep, ctx)
+        yield _row(strategy.name, prep.config.seed, "", "-", result, prep.config.task.metric, Compute(), note=note)
 
 
 def train_proposal(prep: Prepared, strategy: str, proposal: Proposal, ctx: Context) -> ResultRow:
@@ -178,10 +178,15 @@ def score_subset(prep: Prepared, layers: list[int], ctx: Context, on_eval: Calla
 
 
 class Strategy:
-    """Base class: ``propose`` for mask strategies, ``build_model`` for model strategies."""
+    """Base class: ``propose`` for mask strategies, ``build_model`` (or ``outcome``) for model strategies."""
 
     name = ""
     produces_mask = True
+
+    @property
+    def method(self) -> str:
+        """The method this strategy stands for (``search.methods``)."""
+        return STRATEGY_METHODS[self.name]
 
     def check(self, prep: Prepared, ctx: Context) -> None:
         """Refuse, before any work starts, a setting this strategy cannot run."""
@@ -198,6 +203,15 @@ class Strategy:
 
     def train_settings(self, prep: Prepared) -> RetrainConfig:
         return prep.config.retrain
+
+    def outcome(self, prep: Prepared, ctx: Context) -> tuple[TrainResult, str]:
+        """A model strategy's result at ``prep``'s seed and its note: the model trained as
+        ``train_settings`` say, then scored; the note counts the method's own parameters."""
+        model = self.build_model(prep, ctx)
+        head = sum(p.numel() for p in model.head.parameters())
+        result = train_and_evaluate(prep, model, self.train_settings(prep), progress=ctx.progress,
+                                    desc=f"{self.name} s{prep.config.seed}")
+        return result, f"{result.trainable_params - head:,} method params"
 
 
 class SptStrategy(Strategy):
@@ -348,7 +362,7 @@ class OptunaStrategy(Strategy):
 
 
 class BaselineStrategy(Strategy):
-    """A PEFT method or full fine-tuning, trained like the sparse model."""
+    """A PEFT method, bottleneck adapters or full fine-tuning, trained like the sparse model."""
 
     produces_mask = False
 
@@ -373,16 +387,51 @@ class BaselineStrategy(Strategy):
     def build_model(self, prep: Prepared, ctx: Context):
         config = prep.config
         self.check(prep, ctx)
-        per_generator = generator_parameters(prep.backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
         return build_baseline(
-            self.name, config.model.backbone, len(prep.data.labels), config.head.pooling, config.head.dropout,
-            config.prompt.length, target_params=ctx.k * per_generator,
+            self.name, config.model.backbone, len(prep.data.labels), config.head.pooling_for(prep.backbone.is_decoder),
+            config.head.dropout, config.prompt.length, target_params=ctx.k * _generator_parameters(prep),
             lora_r=config.compare.lora_r, ptuning_hidden=config.compare.ptuning_hidden,
+            adapter_kind=config.compare.adapter_kind, adapter_size=config.compare.adapter_size,
         )
 
     def train_settings(self, prep: Prepared) -> RetrainConfig:
         lr = prep.config.compare.finetune_lr if self.name == "finetune" else prep.config.compare.peft_lr
         return dataclasses.replace(prep.config.retrain, lr=lr)
+
+
+class HeadOnlyStrategy(BaselineStrategy):
+    """The frozen backbone with only the classifier head trained (a linear probe)."""
+
+    def __init__(self) -> None:
+        super().__init__("head-only")
+
+    def build_model(self, prep: Prepared, ctx: Context) -> FrozenModel:
+        self.check(prep, ctx)
+        torch.manual_seed(prep.config.seed)
+        return FrozenModel(prep.backbone, build_head(prep.backbone, prep.config.head, prep.data.labels))
+
+
+class PromptingStrategy(Strategy):
+    """Zero-shot (no demonstrations) or in-context prompting: a frozen LM scored, nothing trained."""
+
+    produces_mask = False
+
+    def __init__(self, name: str, in_context: bool) -> None:
+        self.name = name
+        self.in_context = in_context
+
+    def check(self, prep: Prepared, ctx: Context) -> None:
+        prompting.verbalizer_config(prep, prompting.lm_backbone(prep, self.name), self.name)
+
+    def outcome(self, prep: Prepared, ctx: Context) -> tuple[TrainResult, str]:
+        count = prep.config.compare.demonstrations if self.in_context else 0
+        scored, model = prompting.prompted(prep, self.name, count)
+        return evaluate_model(scored, model), prompting.demonstrations_note(scored, count)
+
+
+def _generator_parameters(prep: Prepared) -> int:
+    config = prep.config
+    return generator_parameters(prep.backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
 
 
 STRATEGIES: dict[str, Strategy] = {
@@ -395,7 +444,11 @@ STRATEGIES: dict[str, Strategy] = {
         RandomStrategy(),
         ExhaustiveStrategy(),
         OptunaStrategy(),
-        *[BaselineStrategy(name) for name in (*PEFT_METHODS, "finetune")],
+        *[BaselineStrategy(name) for name in (*PEFT_METHODS, "adapter")],
+        HeadOnlyStrategy(),
+        BaselineStrategy("finetune"),
+        PromptingStrategy("zero-shot", in_context=False),
+        PromptingStrategy("in-context", in_context=True),
     ]
 }
 

@@ -92,7 +92,9 @@ class Trainer:
         # Fused on GPUs: one kernel for all parameters. (The CPU keeps the reference implementation,
         # whose rounding the stored reference results were made with.)
         fused = self.device.type == "cuda" if fused_optimizer is None else fused_optimizer
-        self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused)
+        # (None for a model with nothing to train, which is only evaluated.)
+        self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay,
+                                           fused=fused) if self.weights else None
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
         distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
 
@@ -198,7 +200,7 @@ class Trainer:
 
     def optimizers(self) -> dict[str, torch.optim.Optimizer]:
         """The optimizers a checkpoint saves, by name."""
-        opts = {"omega": self.optimizer}
+        opts = {"omega": self.optimizer} if self.optimizer is not None else {}
         if self.architect is not None:
             opts["arch"] = self.architect.optimizer
         return opts

@@ -79,21 +79,27 @@ class PromptConfig(Section):
 
 @dataclass
 class HeadConfig(Section):
-    """The trainable (classifier) or frozen (MLM verbalizer) head.
+    """The trainable (classifier) or frozen (verbalizer) head.
 
     Attributes:
         type: ``classifier`` - a linear layer on the pooled representation, works with any
-            encoder; ``mlm`` - the backbone's frozen MLM head scored on label words at the
-            mask token of ``template`` (needs a backbone with a trained MLM head).
-        pooling: classifier input: ``cls`` (first real token) or ``mean`` (mean of real tokens).
+            backbone; ``mlm`` - an encoder's frozen masked-LM head scored on label words at
+            the mask token of ``template``; ``clm`` - a decoder's frozen causal-LM head scored
+            on label words as the next token after the template (read up to ``{mask}``).
+            Verbalizer heads need a backbone whose LM head is trained.
+        pooling: classifier input: ``cls`` (first real token; encoders), ``mean`` (mean of
+            real tokens), ``last`` (last real token; what a decoder's last position sums up)
+            or ``auto`` (``last`` for decoders, ``mean`` for encoders).
         dropout: dropout before the classifier.
-        template: ``mlm`` only: text with ``{text_a}``, optional ``{text_b}`` and ``{mask}``,
-            e.g. ``"{text_a} It was {mask}."``.
-        label_words: ``mlm`` only: one word per label (each must be a single token).
+        template: verbalizer heads (and the ``zero-shot`` / ``in-context`` strategies):
+            text with ``{text_a}``, optional ``{text_b}`` and ``{mask}``, e.g.
+            ``"{text_a} It was {mask}."``. A ``clm`` head reads it up to ``{mask}`` and scores
+            the label word as the next token there (``"{text_a} It was"``).
+        label_words: verbalizer heads: one word per label (each must be a single token).
     """
 
     type: str = "classifier"
-    pooling: str = "mean"
+    pooling: str = "auto"
     dropout: float = 0.1
     template: str | None = None
     label_words: dict[str, str] | None = None
@@ -101,21 +107,40 @@ class HeadConfig(Section):
     SECTION: ClassVar[str] = "head"
 
     def check(self) -> None:
-        self.one_of("type", ("classifier", "mlm"))
-        self.one_of("pooling", ("cls", "mean"))
+        self.one_of("type", ("classifier", "mlm", "clm"))
+        self.one_of("pooling", ("auto", "cls", "mean", "last"))
         self.require("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
 
-    def validate(self, labels: list[str] | None = None) -> None:
-        """Check the MLM settings (template, one label word per label)."""
-        if self.type == "mlm":
-            if not self.template or "{mask}" not in self.template or "{text_a}" not in self.template:
-                raise ConfigError("head.template", "an mlm head needs a template with {text_a} and {mask}, e.g. '{text_a} It was {mask}.'")
-            if not self.label_words:
-                raise ConfigError("head.label_words", "an mlm head needs one word per label, e.g. {'0': 'bad', '1': 'good'}")
-            if labels is not None:
-                missing = [lab for lab in labels if lab not in self.label_words]
-                if missing:
-                    raise ConfigError("head.label_words", f"no word for labels {missing}")
+    @property
+    def verbalizer(self) -> bool:
+        """Scored by a frozen LM head on label words (``mlm`` or ``clm``)."""
+        return self.type in ("mlm", "clm")
+
+    def pooling_for(self, decoder: bool) -> str:
+        """The classifier's pooling on an encoder or a decoder (``auto`` resolved; ``cls`` refused on a decoder)."""
+        if self.pooling == "auto":
+            return "last" if decoder else "mean"
+        if self.pooling == "cls" and decoder:
+            raise ConfigError("head.pooling", "'cls' pools the first token, which in a decoder sees only itself; "
+                              "use last (the default for decoders) or mean")
+        return self.pooling
+
+    def validate(self, labels: list[str] | None = None, kind: str | None = None) -> None:
+        """Check the verbalizer settings (template, one label word per label) of this head, or of a
+        verbalizer of ``kind`` (``mlm``/``clm``) that a zero-shot strategy builds from them."""
+        kind = kind or self.type
+        if kind not in ("mlm", "clm"):
+            return
+        needs = "{text_a} and {mask}" if kind == "mlm" else "{text_a} before any {mask}"
+        reads = self.template.split("{mask}")[0] if kind == "clm" and self.template else self.template
+        if not reads or "{text_a}" not in reads or (kind == "mlm" and "{mask}" not in reads):
+            raise ConfigError("head.template", f"a {kind} verbalizer needs a template with {needs}, e.g. '{{text_a}} It was {{mask}}.'")
+        if not self.label_words:
+            raise ConfigError("head.label_words", f"a {kind} verbalizer needs one word per label, e.g. {{'0': 'bad', '1': 'good'}}")
+        if labels is not None:
+            missing = [lab for lab in labels if lab not in self.label_words]
+            if missing:
+                raise ConfigError("head.label_words", f"no word for labels {missing}")
 
 
 def config_from_dict(cls: type, data: dict[str, Any] | None, section: str) -> Any:

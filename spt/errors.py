@@ -29,3 +29,11 @@ class ConfigError(UserError, ValueError):
 
 class UnsupportedBackboneError(ConfigError):
     """The model family has no backbone adapter."""
+
+
+class MissingHeadError(ConfigError):
+    """A verbalizer needs the backbone's trained LM head, and the checkpoint has none."""
+
+    def __init__(self, field: str, problem: str, detail: str) -> None:
+        super().__init__(field, problem)
+        self.detail = detail  # which head weights are missing, for messages that name another field

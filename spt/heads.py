@@ -1,4 +1,4 @@
-"""Heads: what turns the encoder's final states into label scores.
+"""Heads: what turns the backbone's final states into label scores.
 
 Each head exposes ``representation`` (the vector ``h`` that the consistency loss
 compares) and ``forward(h) -> logits``.
@@ -14,8 +14,19 @@ from .config import HeadConfig
 from .errors import ConfigError
 
 
+def last_token(states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``(B, d)``: each example's last real token, wherever padding stands. ``last_positions``
+    comes from the host (``search.batches.collate``); else it is found on the device."""
+    last = batch.get("last_positions")
+    if last is None:
+        mask = batch["attention_mask"]
+        last = (mask * torch.arange(1, mask.shape[1] + 1, device=mask.device)).argmax(1)
+    return states[torch.arange(states.shape[0], device=states.device), last]
+
+
 class ClassifierHead(nn.Module):
-    """Dropout + linear layer on the first real token (``cls``) or the mean of real tokens."""
+    """Dropout + linear layer on the first real token (``cls``), the mean of real tokens
+    (``mean``) or the last real token (``last``)."""
 
     def __init__(self, hidden_size: int, num_labels: int, pooling: str = "cls", dropout: float = 0.1) -> None:
         super().__init__()
@@ -31,6 +42,8 @@ class ClassifierHead(nn.Module):
                 mask = batch["attention_mask"].to(states.dtype)
                 weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)
             return torch.bmm(weights.to(states.dtype).unsqueeze(1), states).squeeze(1)
+        if self.pooling == "last":
+            return last_token(states, batch)
         # The first position is the first token whatever the padding side, because
         # inputs are always right-padded (see search.data).
         return states[:, 0]
@@ -39,21 +52,25 @@ class ClassifierHead(nn.Module):
         return self.classifier(self.dropout(representation))
 
 
-class MLMVerbalizerHead(nn.Module):
-    """The backbone's frozen MLM head scored on one label word per class at the mask token."""
+class VerbalizerHead(nn.Module):
+    """The backbone's frozen LM head scored on one label word per class: at the mask token
+    (``mlm``) or as the next token after the last real token (``clm``)."""
 
-    def __init__(self, backbone: Backbone, label_word_ids: list[int]) -> None:
+    def __init__(self, backbone: Backbone, label_word_ids: list[int], kind: str = "mlm") -> None:
         super().__init__()
         # A plain attribute, not a submodule: the backbone belongs to the prompt model.
         object.__setattr__(self, "_backbone", backbone)
+        self.kind = kind
         self.register_buffer("label_word_ids", torch.tensor(label_word_ids, dtype=torch.long), persistent=False)
 
     def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.kind == "clm":
+            return last_token(states, batch)
         rows = torch.arange(states.shape[0], device=states.device)
         return states[rows, batch["mask_positions"]]
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:
-        return self._backbone.mlm_logits(representation)[:, self.label_word_ids]
+        return self._backbone.lm_logits(representation)[:, self.label_word_ids]
 
 
 def label_word_ids(tokenizer, label_words: dict[str, str], labels: list[str]) -> list[int]:
@@ -75,15 +92,19 @@ def label_word_ids(tokenizer, label_words: dict[str, str], labels: list[str]) ->
 
 
 def head_parameter_count(head_type: str, hidden_size: int, num_labels: int) -> int:
-    """Trainable parameters of a head: a classifier's linear layer; none for the frozen MLM head."""
-    return 0 if head_type == "mlm" else hidden_size * num_labels + num_labels
+    """Trainable parameters of a head: a classifier's linear layer; none for a frozen verbalizer."""
+    return 0 if head_type in ("mlm", "clm") else hidden_size * num_labels + num_labels
 
 
 def build_head(backbone: Backbone, config: HeadConfig, labels: list[str]) -> nn.Module:
-    """The head described by ``config`` for ``labels``."""
+    """The head described by ``config`` for ``labels`` on ``backbone``."""
     config.validate(labels)
-    if config.type == "mlm":
-        if backbone.mlm_head is None:
-            raise ConfigError("head.type", f"'mlm' needs the backbone loaded with its MLM head ({backbone.name!r} was not)")
-        return MLMVerbalizerHead(backbone, label_word_ids(backbone.tokenizer, config.label_words, labels))
-    return ClassifierHead(backbone.hidden_size, len(labels), config.pooling, config.dropout)
+    if config.verbalizer:
+        if config.type != backbone.verbalizer_type:
+            kind = "a decoder" if backbone.is_decoder else "an encoder"
+            raise ConfigError("head.type", f"{config.type!r} does not fit {backbone.name!r}, {kind}; "
+                              f"its LM head serves head.type: {backbone.verbalizer_type}")
+        if backbone.lm_head is None:
+            raise ConfigError("head.type", f"{config.type!r} needs the backbone loaded with its LM head ({backbone.name!r} was not)")
+        return VerbalizerHead(backbone, label_word_ids(backbone.tokenizer, config.label_words, labels), config.type)
+    return ClassifierHead(backbone.hidden_size, len(labels), config.pooling_for(backbone.is_decoder), config.dropout)

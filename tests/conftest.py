@@ -70,6 +70,58 @@ def make_tiny_model(directory: Path, family: str, num_layers: int = 4, hidden: i
     return directory
 
 
+DECODER_SPECIALS = ["<|endoftext|>", "<s>"]
+
+
+def _write_bpe_tokenizer(directory: Path, bos: bool):
+    """A small byte-level BPE tokenizer (as GPT-2's and LLaMA-3's are) trained on the test words.
+    GPT-2 style (``bos=False``): no pad token, no special tokens added; LLaMA style: ``<s>`` first."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=DECODER_SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([" ".join(WORDS)] * 3 + [" " + w for w in WORDS] + SENTENCES, trainer)
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<s>" if bos else None,
+                                      pad_token="<|endoftext|>" if bos else None, model_input_names=["input_ids", "attention_mask"])
+    wrapped.save_pretrained(directory)
+    return wrapped, tok.get_vocab_size()
+
+
+def make_tiny_decoder(directory: Path, family: str, num_layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Save a tiny random ``family`` causal LM (``gpt2``, ``llama`` with grouped-query attention,
+    ``qwen2``) with a small byte-level BPE tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer, vocab_size = _write_bpe_tokenizer(directory, bos=family != "gpt2")
+    torch.manual_seed(seed)
+    if family == "gpt2":
+        config = GPT2Config(vocab_size=vocab_size, n_embd=hidden, n_layer=num_layers, n_head=4, n_positions=128,
+                            bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+        model = GPT2LMHeadModel(config)
+    else:
+        config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[family]
+        config = config_cls(vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=2 * hidden, max_position_embeddings=256,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False)
+        model = model_cls(config)
+    model.save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_decoders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("tiny-decoders")
+    return {family: make_tiny_decoder(root / family, family) for family in ("gpt2", "llama", "qwen2")}
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("tiny-models")

@@ -135,3 +135,26 @@ def test_hugging_face_datasets_path_with_local_files(tmp_path):
     data = load_task(task, seed=0)
     assert [(e.text_a, e.label) for e in data.train] == [("good", 1), ("bad", 0)]
     assert [(e.text_a, e.label) for e in data.test] == [("fine", 1)]
+
+
+def test_instruction_opens_every_input_and_is_never_cut(tiny_decoders):
+    """``task.instruction`` is a line before the input: segment A of a classifier's input and the
+    first line before a verbalizer's template; truncation cuts the input, not the instruction."""
+    from search.batches import encode_split
+    from search.data import Example
+    from spt import HeadConfig
+    from spt.backbone import load_hf_model
+
+    tok = load_hf_model(str(tiny_decoders["gpt2"]))[1]
+    examples = [Example("a great film", None, 1), Example(" ".join(["really fun"] * 40), None, 0)]
+    instruction = "is it good or bad ?"
+    plain = encode_split(tok, examples, 16, HeadConfig())
+    told = encode_split(tok, examples, 16, HeadConfig(), instruction)
+    assert tok.decode(told.input_ids[0]) == f"{instruction}\na great film"
+    assert tok.decode(plain.input_ids[0]) == "a great film"
+    assert len(told.input_ids[1]) == 16 and tok.decode(told.input_ids[1]).startswith(f"{instruction}\nreally fun")
+    verbalizer = HeadConfig(type="clm", template="{text_a} it was {mask} .", label_words={"0": "bad", "1": "good"})
+    scored = encode_split(tok, examples, 16, verbalizer, instruction)
+    assert tok.decode(scored.input_ids[0]) == f"{instruction}\na great film it was"
+    assert len(scored.input_ids[1]) <= 16 and tok.decode(scored.input_ids[1]).startswith(f"{instruction}\nreally")
+    assert tok.decode(scored.input_ids[1]).endswith(" it was")  # the template's end survives the cut

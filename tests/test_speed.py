@@ -3,6 +3,7 @@ bf16 matmuls under bf16, and plans decided on the host."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from helpers import tiny_config
 
@@ -15,8 +16,8 @@ from search.trainer import Trainer
 from spt.model import make_plan
 
 
-def _trainers(tmp_path, tiny_bert, precision="fp32"):
-    prep = prepare(load_config(tiny_config(tmp_path, tiny_bert, runtime={"precision": precision})))
+def _trainers(tmp_path, model_dir, precision="fp32", pooling="cls"):
+    prep = prepare(load_config(tiny_config(tmp_path, model_dir, runtime={"precision": precision}, head={"pooling": pooling})))
     sparse, supernet = build_sparse(prep, [0, 2]), build_supernet(prep)
     common = {"train": prep.train, "seed": 1, "precision": precision, "fused_optimizer": True}
     return prep, {
@@ -25,8 +26,10 @@ def _trainers(tmp_path, tiny_bert, precision="fp32"):
     }
 
 
-def test_training_steps_never_make_the_host_wait_for_the_device(tmp_path, tiny_bert):
-    prep, trainers = _trainers(tmp_path, tiny_bert)
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_training_steps_never_make_the_host_wait_for_the_device(tmp_path, tiny_models, tiny_decoders, family):
+    model_dir = {**tiny_models, **tiny_decoders}[family]
+    prep, trainers = _trainers(tmp_path, model_dir, pooling="cls" if family == "bert" else "auto")
     batch = list(range(6))  # right-padded: sentences of different lengths
     assert collate(prep.train, batch)["has_padding"]
     steps = {
