@@ -1,6 +1,6 @@
 """spt: the model side of Selective Prompt Tuning.
 
-PHM prompt generators with probability gates on every layer of a frozen encoder
+PHM prompt generators with probability gates on every layer of a frozen encoder or decoder
 (:class:`PromptSupernet`), and the sparse model built from a layer mask
 (:class:`SparsePromptModel`).
 """

@@ -257,3 +257,14 @@ def test_decoder_supernet_save_load_round_trip(tiny_decoders, tmp_path):
         torch.testing.assert_close(loaded(batch).logits, net(batch).logits)
     assert isinstance(loaded, PromptSupernet) and loaded.head.kind == "clm"
     torch.testing.assert_close(loaded.alphas(), net.alphas())
+
+
+def test_sequences_a_decoder_cannot_take_are_refused(tiny_decoders, tmp_path, capsys):
+    config = tiny_config(tmp_path, tiny_decoders["gpt2"], head={"pooling": "auto"}, model={"max_length": 200})
+    assert main(["run", str(config), "--out", str(tmp_path / "r"), "--quiet"]) == 2
+    assert "model.max_length: must be at most 128 (GPT-2's learned positions), got 200" in capsys.readouterr().err
+    backbone = load_backbone(str(tiny_decoders["qwen2"]))
+    backbone.config.sliding_window = 40  # as Mistral's window, but short
+    with pytest.raises(ConfigError, match="32 tokens \\+ 10 prompt slots exceed the attention window of 40 positions"):
+        backbone.check_length(32, 10)
+    backbone.check_length(30, 10)

@@ -50,8 +50,10 @@ def test_the_sync_counter_sees_a_sync():
     assert count_ops(lambda: x.nonzero()).syncs == 1
 
 
-def test_forward_and_loss_compile_without_graph_breaks(tmp_path, tiny_bert):
-    prep, trainers = _trainers(tmp_path, tiny_bert)
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_forward_and_loss_compile_without_graph_breaks(tmp_path, tiny_models, tiny_decoders, family):
+    model_dir = {**tiny_models, **tiny_decoders}[family]
+    prep, trainers = _trainers(tmp_path, model_dir, pooling="cls" if family == "bert" else "auto")
     batch = collate(prep.train, list(range(4)), "cpu", 3)
     sparse, supernet = trainers["sparse"].model, trainers["supernet"].model
     sparse_loss, pair_loss = trainers["sparse"].loss, trainers["supernet"].loss
