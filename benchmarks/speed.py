@@ -43,12 +43,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from search.baselines import build_baseline  # noqa: E402
-from search.batches import EncodedSplit, collate  # noqa: E402
 from search.config import RetrainConfig, SearchConfig  # noqa: E402
 from search.losses import search_loss  # noqa: E402
 from search.profiling import count_ops, graph_breaks  # noqa: E402
 from search.trainer import Trainer  # noqa: E402
 from spt import Backbone, HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
+from spt.inputs import EncodedSplit, collate  # noqa: E402
 
 LABELS = ["0", "1"]
 PROMPT_LENGTH = 10

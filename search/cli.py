@@ -88,6 +88,32 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run (with sparse/)")
+    p.add_argument("--input", required=True, help="texts to label: one per line (a tab between the texts of a pair), "
+                   "or a file laid out as the task's test split with --format task")
+    p.add_argument("--format", choices=["text", "task"], default="text", help="how --input is laid out (default: text)")
+    p.add_argument("--output", help="JSON lines file: id, label, probabilities (default: standard output)")
+    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--force", action="store_true", help="overwrite --output")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run (with sparse/)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--split", choices=["dev", "test"], default="test", help="the run's own split (default: test)")
+    where.add_argument("--input", help="a labelled file laid out as the task's test split")
+    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base"])
@@ -101,12 +127,18 @@ SUBCOMMANDS = [
     ("compare", "SPT against baselines on the same data and budget: table + plot", _compare_args),
     ("hpo", "Optuna study over the search's hyperparameters; workers sharing --storage cooperate", _hpo_args),
     ("plot", "layer-importance heatmap or gate trajectories of one or more runs", _plot_args),
+    ("predict", "label new text with a run's retrained model", _predict_args),
+    ("evaluate", "score a run's retrained model on a split or a labelled file", _evaluate_args),
+    ("runs", "one table row per run directory (task, backbone, K, layers, dev, test, size, time)", _runs_args),
     ("models", "list or install the packaged backbones", _models_args),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spt import __version__
+
     parser = argparse.ArgumentParser(prog="spt", description="Selective Prompt Tuning: search where to insert prompts.")
+    parser.add_argument("--version", action="version", version=f"spt-search {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_arguments in SUBCOMMANDS:
         add_arguments(sub.add_parser(name, help=help_text))
@@ -292,6 +324,44 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import load_run, predict, read_inputs, write_predictions
+
+    if args.output and Path(args.output).exists() and not args.force:
+        raise UserError("--output", f"{args.output} already exists; pass --force to overwrite it")
+    config, model = load_run(args.run_dir, args.backbone)
+    records = predict(model, read_inputs(config, args.input, args.format), args.batch_size)
+    write_predictions(records, args.output, args.force)
+    if args.output:
+        print(f"wrote {len(records)} predictions to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_task
+    from .predict import load_run, predict, read_inputs, scores
+
+    config, model = load_run(args.run_dir, args.backbone)
+    if args.input is not None:
+        inputs, source = read_inputs(config, args.input, "task"), args.input
+    else:  # the very examples the run scored (same seed, same subsampling)
+        examples = getattr(load_task(config.task, config.seed), args.split)
+        inputs, source = [(f"example {i}", ex) for i, ex in enumerate(examples)], f"{config.task.name} {args.split}"
+    result = scores(config, model, predict(model, inputs, args.batch_size))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()) + f" ({source})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .predict import run_rows, runs_table
+
+    print(runs_table(run_rows(args.run_dirs), args.format))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, resolve_model_source
 
@@ -322,6 +392,9 @@ COMMANDS = {
     "hpo": cmd_hpo,
     "plot": cmd_plot,
     "models": cmd_models,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "runs": cmd_runs,
 }
 
 

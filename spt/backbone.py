@@ -88,6 +88,19 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and of some weights: two backbones with the same
+        fingerprint compute the same thing, whatever name or folder they were loaded from."""
+        import hashlib
+        import json
+
+        config = {k: v for k, v in self.config.to_dict().items() if not k.startswith(("_", "transformers_version", "architectures", "torch_dtype", "dtype"))}
+        # (rounded to bf16, so a backbone stored in bf16 has the fingerprint of its fp32 original)
+        weights = self.base.get_input_embeddings().weight[:4].detach().to(torch.bfloat16).float().cpu()
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(weights.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def train(self, mode: bool = True) -> Backbone:
         # Frozen means frozen: no dropout in the backbone, whatever the caller asks.
         return super().train(False)

@@ -26,7 +26,7 @@ class ClassifierHead(nn.Module):
     def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``states``: (B, T, d) final states of the real-token positions."""
         if self.pooling == "mean":
-            weights = batch.get("mean_weights")  # made on the host by search.batches.collate: one matmul
+            weights = batch.get("mean_weights")  # made on the host by spt.inputs.collate: one matmul
             if weights is None:
                 mask = batch["attention_mask"].to(states.dtype)
                 weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)

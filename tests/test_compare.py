@@ -54,7 +54,7 @@ def test_peft_baselines_train_only_their_own_parameters(prep, tmp_path):
         model = STRATEGIES[name].build_model(prep, ctx)
         trainable = model.trainable_parameters()
         assert all(("lora_" in n or "prompt_encoder" in n or n.startswith("head.")) for n in trainable), name
-        batch = __import__("search.batches", fromlist=["collate"]).collate(prep.train, [0, 1])
+        batch = __import__("spt.inputs", fromlist=["collate"]).collate(prep.train, [0, 1])
         assert model(batch).logits.shape == (2, 2)
     finetune = STRATEGIES["finetune"].build_model(prep, ctx)
     assert finetune.num_trainable_parameters() > 10 * STRATEGIES["peft-lora"].build_model(prep, ctx).num_trainable_parameters()

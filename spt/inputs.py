@@ -1,4 +1,8 @@
-"""Tokenize examples once, then cut them into right-padded tensor batches."""
+"""A model's inputs: tokenize examples once, then cut them into right-padded tensor batches.
+
+An example is anything with ``text_a``, ``text_b`` (or None) and an integer ``label``
+(the task data's :class:`search.data.Example`, or :class:`TextInput` for new text).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,18 @@ from dataclasses import dataclass
 
 import torch
 
-from spt.config import HeadConfig
-from spt.errors import UserError
-from spt.generator import adaptive_pool_weights
+from .config import HeadConfig
+from .errors import UserError
+from .generator import adaptive_pool_weights
 
-from .data import Example
+
+@dataclass(frozen=True)
+class TextInput:
+    """New text to score: one segment, or a pair; ``label`` only where it is known."""
+
+    text_a: str
+    text_b: str | None = None
+    label: int = 0
 
 
 @dataclass
@@ -28,7 +39,7 @@ class EncodedSplit:
         return len(self.labels)
 
 
-def _apply_template(tokenizer, template: str, example: Example, max_length: int) -> tuple[list[int], int]:
+def _apply_template(tokenizer, template: str, example: TextInput, max_length: int) -> tuple[list[int], int]:
     """Token ids of the filled template and the mask position; text is cut, never the mask."""
     text_a, text_b = example.text_a, example.text_b or ""
     for _ in range(3):
@@ -45,7 +56,7 @@ def _apply_template(tokenizer, template: str, example: Example, max_length: int)
     raise UserError("model.max_length", f"{max_length} tokens cannot hold the template {template!r}")
 
 
-def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: HeadConfig) -> EncodedSplit:
+def encode_split(tokenizer, examples: Sequence[TextInput], max_length: int, head: HeadConfig) -> EncodedSplit:
     """Tokenize ``examples`` for ``head`` (plain segments, or the MLM template)."""
     labels = [ex.label for ex in examples]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
