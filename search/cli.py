@@ -57,6 +57,7 @@ def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config; its hpo section holds the search space")
     p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
     p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, sqlite:///spt-hpo.db)")
     p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
     p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
@@ -305,7 +306,9 @@ def cmd_hpo(args: argparse.Namespace) -> int:
         extra.append(f"hpo.study={args.study}")
     config = load_config(args.config, extra)
     setup_logging(None, verbose=not args.quiet)
-    study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError("--timeout", f"must be more than 0 seconds, got {args.timeout}")
+    study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out, timeout=args.timeout)
     print(study_table(study))
     if args.export_best:
         print(f"wrote {export_best(config, study, args.export_best, force=args.force)}")
