@@ -214,8 +214,8 @@ class RetrainConfig(Section):
     """Training the sparse model on the whole training set.
 
     Attributes:
-        epochs, batch_size, lr, weight_decay, grad_clip, lr_scheduler, warmup_ratio,
-            gradient_accumulation_steps: as in ``search``.
+        epochs, batch_size, lr, weight_decay, grad_clip: as in ``search``.
+        lr_scheduler, warmup_ratio, gradient_accumulation_steps: as in ``search``.
         eval_every: evaluate on dev every this many steps (0: at each epoch end); the best
             dev score's weights are kept.
         patience: stop after this many dev evaluations without a better score (null: never).
