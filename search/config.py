@@ -141,6 +141,9 @@ class SearchConfig(Section):
         log_every: write the gates to ``gates.csv`` every this many steps.
         checkpoint_every: save a resumable checkpoint every this many steps (and each epoch end).
         max_steps: stop after this many steps (null: run all epochs).
+        budget_params: search under a parameter budget: the gates' expected generator
+            parameters are held at this many during the search (one global shift of the gate
+            logits, solved each step); select with ``select.budget`` for the same budget.
     """
 
     epochs: int = 5
@@ -164,12 +167,13 @@ class SearchConfig(Section):
     log_every: int = 1
     checkpoint_every: int = 50
     max_steps: int | None = None
+    budget_params: int | None = None
 
     SECTION: ClassVar[str] = "search"
 
     def check(self) -> None:
         self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every",
-                      "max_steps", "gradient_accumulation_steps")
+                      "max_steps", "gradient_accumulation_steps", "budget_params")
         _check_schedule(self)
         self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
         self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")

@@ -5,6 +5,7 @@ Each stage reads and writes the run directory described in DESIGN.md §3.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from spt.backbone import Backbone, load_backbone
+from spt.config import PromptConfig
 from spt.errors import UserError
 from spt.files import write_json_atomic
 from spt.heads import build_head, head_parameter_count
@@ -102,7 +104,8 @@ def prepare(config: RunConfig) -> Prepared:
     device = resolve_device(distributed.device_for(config.runtime.device))
     backbone = cached_backbone(config.model.backbone, config.head.type == "mlm", backbone_dtype(config.runtime.precision))
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
-    # Refuse an impossible selection now, not after a search has run.
+    # Refuse an impossible selection or budget now, not after a search has run.
+    search_prompt(config, backbone).validate(backbone.num_layers, backbone.hidden_size)
     choose_k(
         len(config.prompt.candidates(backbone.num_layers)), config.select.k, config.select.budget,
         generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
@@ -124,7 +127,17 @@ def build_supernet(prep: Prepared) -> PromptSupernet:
     config = prep.config
     torch.manual_seed(config.seed)  # the seed fixes generator, gate and head initialisation
     head = build_head(prep.backbone, config.head, prep.data.labels)
-    return PromptSupernet(prep.backbone, config.prompt, head, config.head, prep.data.labels, config.model.max_length)
+    return PromptSupernet(prep.backbone, search_prompt(config, prep.backbone), head, config.head, prep.data.labels,
+                          config.model.max_length)
+
+
+def search_prompt(config: RunConfig, backbone: Backbone) -> PromptConfig:
+    """The supernet's prompt settings: ``search.budget_params`` becomes the gates' budget,
+    counted in generators (every generator has the same size)."""
+    if config.search.budget_params is None:
+        return config.prompt
+    per_generator = generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
+    return dataclasses.replace(config.prompt, gate_budget=config.search.budget_params / per_generator)
 
 
 def build_sparse(prep: Prepared, layers: list[int]) -> SparsePromptModel:

@@ -309,7 +309,7 @@ class PromptSupernet(PromptModel):
     ) -> None:
         prompt.validate(backbone.num_layers, backbone.hidden_size)
         super().__init__(backbone, prompt, head, head_config, labels, prompt.candidates(backbone.num_layers), max_length)
-        self.gates = LayerGates(len(self.layers), reparam=prompt.reparam_gates, init=prompt.gate_init)
+        self.gates = LayerGates(len(self.layers), reparam=prompt.reparam_gates, init=prompt.gate_init, budget=prompt.gate_budget)
 
     @property
     def candidate_layers(self) -> list[int]:
