@@ -89,6 +89,11 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def _front_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--ks", nargs="+", type=int, help="the K to retrain (default: 1 .. the number of candidate layers)")
+
+
 def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run (with sparse/)")
     p.add_argument("--input", required=True, help="texts to label: one per line (a tab between the texts of a pair), "
@@ -126,6 +131,7 @@ SUBCOMMANDS = [
     ("select", "re-select layers from a finished search, no training", _select_args),
     ("retrain", "train and evaluate the sparse model of a layer mask", _retrain_args),
     ("compare", "SPT against baselines on the same data and budget: table + plot", _compare_args),
+    ("front", "one search, the pick for every K retrained: accuracy against size", _front_args),
     ("hpo", "Optuna study over the search's hyperparameters; workers sharing --storage cooperate", _hpo_args),
     ("plot", "layer-importance heatmap or gate trajectories of one or more runs", _plot_args),
     ("predict", "label new text with a run's retrained model", _predict_args),
@@ -261,6 +267,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, run, prep = _start(args, ["retrain"])
     mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
     _create(run, config, args.quiet)
+    if mask.task != config.task.name:
+        logger.info("note: this mask was found on task %r (seed %d); it is transferred to %r", mask.task, mask.seed, config.task.name)
     if distributed.is_main():
         write_mask(mask, run.file("layer_mask.json"), force=True)
     result = run_retrain(prep, mask, run, progress=config.runtime.progress, supernet_dir=Path(args.mask).parent / "supernet")
@@ -289,6 +297,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     run, table = run_compare(config, args.out, force=args.force, progress=config.runtime.progress and not args.quiet)
     print(table)
     print(f"wrote {run.file('compare.csv')}, {run.file('compare.md')} and {run.file('compare.png')}")
+    return 0
+
+
+def cmd_front(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .front import run_front
+    from .runs import setup_logging
+
+    config = load_config(args.config, args.set)
+    setup_logging(None, verbose=not args.quiet)
+    run, table = run_front(config, args.out, args.ks, force=args.force, progress=config.runtime.progress and not args.quiet)
+    print(table)
+    print(f"wrote {run.file('front.csv')}, {run.file('front.md')} and {run.file('front.png')}")
     return 0
 
 
@@ -392,6 +413,7 @@ COMMANDS = {
     "select": cmd_select,
     "retrain": cmd_retrain,
     "compare": cmd_compare,
+    "front": cmd_front,
     "hpo": cmd_hpo,
     "plot": cmd_plot,
     "models": cmd_models,

@@ -113,3 +113,20 @@ def test_compare_writes_table_csv_plot_and_resumes(tmp_path, tiny_bert, capsys):
         again = list(csv.DictReader(handle))
     assert [(r["strategy"], r["seed"], r["draw"]) for r in again] == [(r["strategy"], r["seed"], r["draw"]) for r in rows]
     assert again[0] == rows[0] and json.loads((out / "masks" / "spt-seed1.json").read_text()) == first_spt
+
+
+def test_front_retrains_the_pick_for_every_k_from_one_search_and_resumes(tmp_path, tiny_bert, capsys):
+    config = tiny_config(tmp_path, tiny_bert, **FAST)
+    out = tmp_path / "front"
+    assert main(["front", str(config), "--out", str(out), "--ks", "1", "3", "--quiet"]) == 0
+    rows = [line.split(",") for line in (out / "front.csv").read_text().splitlines()]
+    assert rows[0][:4] == ["k", "layers", "method", "trainable_params"] and [r[0] for r in rows[1:]] == ["1", "3"]
+    mask_gates = json.loads((out / "layer_mask.json").read_text()) if (out / "layer_mask.json").exists() else None
+    assert mask_gates is None  # the front writes its own table, not a single mask
+    sizes = [int(r[3]) for r in rows[1:]]
+    assert sizes[1] > sizes[0] and (out / "front.png").is_file() and (out / "front.md").is_file()
+    searched = (out / "gates.csv").read_text()
+    assert main(["front", str(config), "--out", str(out), "--ks", "1", "2", "3", "--quiet"]) == 2  # a finished front
+    assert main(["front", str(config), "--out", str(out), "--ks", "9", "--quiet", "--force"]) == 2
+    assert "--ks: K must be in 1..4" in capsys.readouterr().err
+    assert (out / "gates.csv").read_text() == searched  # nothing redone or removed by the refusals
