@@ -204,6 +204,9 @@ def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None =
     variants = list(TASKS[task].variants) if variants is None else variants
     if "oracle" in what:
         jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for s in itertools.combinations(range(6), K)]
+    if "exhaustive" in what:  # every other non-empty subset (benchmarks/pareto.py)
+        jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for k in range(1, 7) if k != K
+                 for s in itertools.combinations(range(6), k)]
     if "spt" in what:
         jobs += [Job(task, seed, "search", name) for name in variants]
     if "baselines" in what:
