@@ -94,24 +94,26 @@ def _front_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ks", nargs="+", type=int, help="the K to retrain (default: 1 .. the number of candidate layers)")
 
 
-def _predict_args(p: argparse.ArgumentParser) -> None:
+def _trained_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run (with sparse/)")
+    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    _trained_run_args(p)
     p.add_argument("--input", required=True, help="texts to label: one per line (a tab between the texts of a pair), "
                    "or a file laid out as the task's test split with --format task")
     p.add_argument("--format", choices=["text", "task"], default="text", help="how --input is laid out (default: text)")
     p.add_argument("--output", help="JSON lines file: id, label, probabilities (default: standard output)")
-    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--force", action="store_true", help="overwrite --output")
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run_dir", help="a finished run (with sparse/)")
+    _trained_run_args(p)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--split", choices=["dev", "test"], default="test", help="the run's own split (default: test)")
     where.add_argument("--input", help="a labelled file laid out as the task's test split")
-    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
-    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
 
 

@@ -108,6 +108,17 @@ def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | N
     return torch.addcmul(slots, gate.to(slots.dtype), fresh)
 
 
+def _key_mask(started: Rows | None, token_mask: torch.Tensor, padded: bool, prompt_length: int) -> torch.Tensor | None:
+    """Which keys of ``[slots, tokens]`` may be attended: the slots of the examples ``started``
+    (None: all), the real tokens; None when that is every key (no padding, all started)."""
+    if started is not None:
+        rows = torch.tensor(started, dtype=token_mask.dtype).view(-1, 1).expand(-1, prompt_length)
+        return torch.cat([rows.to(token_mask.device, non_blocking=True), token_mask], dim=1)
+    if padded:
+        return torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
+    return None
+
+
 def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
     weights = batch.get("mean_weights")
@@ -167,13 +178,7 @@ def run_prompted_layers(
         if changed or sequence is None:
             sequence = torch.cat([slots, hidden], dim=1)
         if step.new_context:
-            key_mask = None
-            if step.started is not None:
-                started = torch.tensor(step.started, dtype=token_mask.dtype).view(-1, 1).expand(-1, prompt_length)
-                key_mask = torch.cat([started.to(token_mask.device, non_blocking=True), token_mask], dim=1)
-            elif padded:
-                key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
-            context = backbone.layer_context(sequence, key_mask)
+            context = backbone.layer_context(sequence, _key_mask(step.started, token_mask, padded, prompt_length))
         if step.keys_values_only:
             hidden = backbone.run_layer(step.layer, sequence, context, queries_from=prompt_length)
             sequence = None
