@@ -150,15 +150,18 @@ class Backbone(nn.Module):
             return keep
         return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
-    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0) -> torch.Tensor:
+    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0,
+                  queries: torch.Tensor | None = None) -> torch.Tensor:
         """Apply transformer layer ``index`` to ``hidden`` (B, S, d).
 
         With ``queries_from = p`` only positions ``p:`` are computed (the result has
         ``S - p`` positions); positions ``:p`` still serve as keys and values. Prompt slots
-        whose outputs nobody reads need no queries and no feed-forward pass.
+        whose outputs nobody reads need no queries and no feed-forward pass. ``queries``:
+        ``hidden[:, p:]`` where the caller holds it as a tensor of its own (no slice to undo
+        in the backward pass).
         """
         if queries_from:
-            return self._keys_values_only(self.layers[index], hidden, context, queries_from)
+            return self._keys_values_only(self.layers[index], hidden, context, queries_from, queries)
         layer = self.layers[index]
         if self.family.relative_position_bias:
             out = layer(hidden, context.attention_mask, context.position_bias)
@@ -166,10 +169,11 @@ class Backbone(nn.Module):
             out = layer(hidden, context.attention_mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def _keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
+    def _keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int,
+                          queries: torch.Tensor | None = None) -> torch.Tensor:
         """The layer's outputs for positions ``start:`` (the same computation as the layer's own)."""
         B, S, _ = hidden.shape
-        queries = hidden[:, start:]
+        queries = hidden[:, start:] if queries is None else queries
         mask = context.attention_mask
         if mask is not None:
             mask = mask[:, :, start:, :] if mask.shape[2] == S else mask

@@ -175,12 +175,13 @@ def run_prompted_layers(
             if plan.normalize:
                 fresh = _rescaled(fresh, hidden, batch)
             slots, changed = _mix(slots, fresh, gate, discard), True
-        if changed or sequence is None:
+        joined = changed or sequence is None
+        if joined:
             sequence = torch.cat([slots, hidden], dim=1)
         if step.new_context:
             context = backbone.layer_context(sequence, _key_mask(step.started, token_mask, padded, prompt_length))
-        if step.keys_values_only:
-            hidden = backbone.run_layer(step.layer, sequence, context, queries_from=prompt_length)
+        if step.keys_values_only:  # (the token states as queries: a tensor of their own when just joined)
+            hidden = backbone.run_layer(step.layer, sequence, context, prompt_length, hidden if joined else None)
             sequence = None
         else:
             sequence = backbone.run_layer(step.layer, sequence, context)
