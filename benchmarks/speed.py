@@ -134,15 +134,17 @@ class Steps:
 
     def breaks(self) -> dict[str, int]:
         """Graph breaks of the sparse and the supernet forward + loss under torch.compile."""
-        labels = self.batch["labels"]
+        labels, autocast = self.batch["labels"], self.trainers["sparse"].autocast
 
         def sparse_loss(batch):
-            return torch.nn.functional.cross_entropy(self.sparse(batch).logits.float(), labels)
+            with autocast():
+                return torch.nn.functional.cross_entropy(self.sparse(batch).logits.float(), labels)
 
         def supernet_loss(batch):
             mask = [float(j % 2 == 0) for j in range(len(self.supernet.layers))]  # as the loss samples it: host values
-            full, masked = self.supernet.forward_consistency(batch, mask)
-            return torch.nn.functional.cross_entropy(full.logits.float(), labels) + (masked.representation - full.representation).pow(2).mean()
+            with autocast():
+                full, masked = self.supernet.forward_consistency(batch, mask)
+                return torch.nn.functional.cross_entropy(full.logits.float(), labels) + (masked.representation - full.representation).pow(2).mean()
 
         return {"sparse": graph_breaks(sparse_loss, self.batch), "supernet": graph_breaks(supernet_loss, self.batch)}
 
