@@ -123,3 +123,30 @@ def plot_comparison(
         if path is not None:
             save_figure(fig, path, style)
     return fig
+
+
+def plot_fronts(fronts: dict[str, Sequence[dict[str, Any]]], metric: str, path: Path | str | None = None,
+                title: str | None = None, style: FigureStyle | None = None) -> Figure:
+    """Test score against trainable parameters: one line of points per strategy (``fronts``:
+    name -> rows with ``trainable_params``, ``test`` and optionally ``k``), each point labelled
+    by its K. Writes the figure to ``path`` when given and returns it."""
+    style = style or FigureStyle()
+    with styled(style):
+        fig = new_figure(style, (6.0, 4.0))
+        ax = fig.add_subplot()
+        for i, (name, rows) in enumerate(fronts.items()):
+            rows = sorted(rows, key=lambda r: float(r["trainable_params"]))
+            xs = [float(r["trainable_params"]) / 1000 for r in rows]
+            ys = [100 * float(r["test"]) for r in rows]
+            ax.plot(xs, ys, marker="os^vD<>"[i % 7], color=PALETTE[(i + 4) % len(PALETTE)], label=name)
+            for x, y, r in zip(xs, ys, rows):
+                if r.get("k") not in (None, ""):
+                    ax.annotate(f"K={r['k']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize="x-small")
+        ax.set_xlabel("trainable parameters (thousands)")
+        ax.set_ylabel(f"test {metric} (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small", frameon=False)
+        ax.set_title(title or f"Test {metric} against size", fontsize="medium")
+        if path is not None:
+            save_figure(fig, path, style)
+    return fig

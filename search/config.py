@@ -109,6 +109,14 @@ class TaskConfig(Section):
             raise ConfigError("task.labels", f"has duplicates: {self.labels}")
 
 
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def _check_schedule(section: Section) -> None:
+    section.one_of("lr_scheduler", SCHEDULERS, "scheduler")
+    section.require("warmup_ratio", 0 <= section.warmup_ratio < 1, "in [0, 1)")
+
+
 @dataclass
 class SearchConfig(Section):
     """The SPT-DARTS supernet search.
@@ -120,6 +128,11 @@ class SearchConfig(Section):
         eval_batch_size: examples per evaluation batch.
         d1_fraction: share of the shuffled training set in D1 each epoch (the rest is D2).
         lr, weight_decay: AdamW for generators and head (``omega``).
+        lr_scheduler: ``constant``, ``linear`` (decay to 0) or ``cosine`` (to 0), for the
+            weights and the gates alike, after ``warmup_ratio`` of the steps of linear warm-up.
+        warmup_ratio: share of the steps over which learning rates rise from 0.
+        gradient_accumulation_steps: weight updates every this many batches (gradients
+            summed, the loss of each batch divided by it); gate steps stay one per batch.
         arch_lr, arch_weight_decay: Adam for the gate logits ``a``.
         arch_betas: Adam's betas for the gate logits; (0.5, 0.999) as in DARTS, whose
             architecture steps forget old gradients faster than the default 0.9.
@@ -133,6 +146,9 @@ class SearchConfig(Section):
         log_every: write the gates to ``gates.csv`` every this many steps.
         checkpoint_every: save a resumable checkpoint every this many steps (and each epoch end).
         max_steps: stop after this many steps (null: run all epochs).
+        budget_params: search under a parameter budget: the gates' expected generator
+            parameters are held at this many during the search (one global shift of the gate
+            logits, solved each step); select with ``select.budget`` for the same budget.
     """
 
     epochs: int = 5
@@ -142,6 +158,9 @@ class SearchConfig(Section):
     d1_fraction: float = 0.5
     lr: float = 3e-3
     weight_decay: float = 0.01
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
     arch_lr: float = 5e-2
     arch_weight_decay: float = 0.0
     arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
@@ -153,11 +172,14 @@ class SearchConfig(Section):
     log_every: int = 1
     checkpoint_every: int = 50
     max_steps: int | None = None
+    budget_params: int | None = None
 
     SECTION: ClassVar[str] = "search"
 
     def check(self) -> None:
-        self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every", "max_steps")
+        self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every",
+                      "max_steps", "gradient_accumulation_steps", "budget_params")
+        _check_schedule(self)
         self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
         self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")
         self.require("d1_fraction", 0 < self.d1_fraction < 1, "in (0, 1)")
@@ -202,8 +224,10 @@ class RetrainConfig(Section):
 
     Attributes:
         epochs, batch_size, lr, weight_decay, grad_clip: as in ``search``.
+        lr_scheduler, warmup_ratio, gradient_accumulation_steps: as in ``search``.
         eval_every: evaluate on dev every this many steps (0: at each epoch end); the best
             dev score's weights are kept.
+        patience: stop after this many dev evaluations without a better score (null: never).
         init_from_supernet: start from the supernet's generator and head weights.
     """
 
@@ -212,14 +236,19 @@ class RetrainConfig(Section):
     lr: float = 3e-3
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    lr_scheduler: str = "constant"
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
     eval_every: int = 0
+    patience: int | None = None
     init_from_supernet: bool = False
 
     SECTION: ClassVar[str] = "retrain"
 
     def check(self) -> None:
-        self.positive("epochs", "batch_size", "lr")
+        self.positive("epochs", "batch_size", "lr", "gradient_accumulation_steps", "patience")
         self.non_negative("weight_decay", "grad_clip", "eval_every")
+        _check_schedule(self)
 
 
 @dataclass
@@ -331,6 +360,8 @@ class RuntimeConfig(Section):
             step whose graph is the same each time (the sparse model, the baselines, the
             gate step; the supernet's weight step changes with its sampled mask and stays
             eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``).
+        tensorboard: also write the per-epoch metrics as TensorBoard events under
+            ``<run>/tensorboard`` (needs the ``track`` extra: ``pip install 'spt-search[track]'``).
     """
 
     device: str = "auto"
@@ -338,6 +369,7 @@ class RuntimeConfig(Section):
     progress: bool = True
     precision: str = "fp32"
     compile: str = "none"
+    tensorboard: bool = False
 
     SECTION: ClassVar[str] = "runtime"
 

@@ -147,37 +147,52 @@ def _text(record: dict[str, Any], spec: str, where: str, field_name: str) -> str
 
 def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
     """Read one split (``train``, ``dev`` or ``test``) as declared in ``task``."""
+    return [example for _, example in read_examples(task, split, seed)]
+
+
+def read_examples(task: TaskConfig, split: str, seed: int = 0, path: str | Path | None = None,
+                  require_labels: bool = True) -> list[tuple[str, Example]]:
+    """``(position, example)`` of one split, or of the file ``path`` laid out as that split.
+
+    Without ``require_labels`` a record with no label field is kept with label -1
+    (unknown): new text to predict.
+    """
     label_index = {label: i for i, label in enumerate(task.labels)}
     task, split_path = split_view(task, split)
-    if task.format == "hf":
+    if task.format == "hf" and path is None:
         records = _records_hf(task, split, seed)
         source = f"{task.hf['path']}[{split}]"
     else:
-        path = Path(split_path)
-        if not path.is_file():
-            raise DataError(f"task.{split}", f"file {path} does not exist")
-        source = str(path)
+        file = Path(path if path is not None else split_path)
+        if not file.is_file():
+            raise DataError("--input" if path is not None else f"task.{split}", f"file {file} does not exist")
+        source = str(file)
         readers = {
-            "tsv": lambda: _records_tsv_csv(path, task, "\t"),
-            "csv": lambda: _records_tsv_csv(path, task, ","),
-            "jsonl": lambda: _records_jsonl(path),
-            "json": lambda: _records_json(path),
-            "label_text": lambda: _records_label_text(path),
+            "tsv": lambda: _records_tsv_csv(file, task, "\t"),
+            "csv": lambda: _records_tsv_csv(file, task, ","),
+            "jsonl": lambda: _records_jsonl(file),
+            "json": lambda: _records_json(file),
+            "label_text": lambda: _records_label_text(file),
         }
+        if task.format not in readers:
+            raise DataError("task.format", f"{task.format!r} data cannot be read from a file; give a file in another format")
         records = readers[task.format]()
     examples = []
     for position, record in records:
         where = f"{source} {position}"
-        if task.label not in record:
+        label = -1
+        if task.label in record:
+            value = _label_value(record[task.label])
+            if value not in label_index:
+                raise DataError(where, f"label {value!r} is not in task.labels {task.labels}")
+            label = label_index[value]
+        elif require_labels:
             raise DataError(where, f"no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
-        label = _label_value(record[task.label])
-        if label not in label_index:
-            raise DataError(where, f"label {label!r} is not in task.labels {task.labels}")
         text_a = _text(record, task.text_a, where, "text_a")
         text_b = _text(record, task.text_b, where, "text_b") if task.text_b else None
-        examples.append(Example(text_a, text_b, label_index[label]))
+        examples.append((position, Example(text_a, text_b, label)))
     if not examples:
-        raise DataError(f"task.{split}", f"{source} has no examples")
+        raise DataError(f"task.{split}" if path is None else "--input", f"{source} has no examples")
     return examples
 
 

@@ -170,8 +170,9 @@ def trial_config(config: RunConfig, params: dict[str, Any]) -> RunConfig:
 
 
 def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: str | None = None,
-            progress: bool = False) -> Any:
-    """Run ``trials`` trials in this worker (fewer if the study reaches ``max_trials``)."""
+            progress: bool = False, timeout: float | None = None) -> Any:
+    """Run ``trials`` trials in this worker (fewer if the study reaches ``max_trials``, or once
+    ``timeout`` seconds have passed: a trial running then is finished, no new one starts)."""
     import optuna
     from optuna.trial import TrialState
 
@@ -211,6 +212,8 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
 
         mask, metrics = run_job(prep, run, progress=progress, on_eval=report)
         trial.set_user_attr("selected_layers", mask.selected_layers)
+        trial.set_user_attr("layer_scores", dict(zip(map(str, mask.candidate_layers), mask.scores)))
+        trial.set_user_attr("gates", [round(a, 4) for a in run.status()["search"]["alphas"]])
         trial.set_user_attr("test", metrics["test"][metric])
         score = metrics["dev"][metric]
         logger.info("trial %d (%s): %s -> layers %s, dev %s %.4f (%.0fs)", trial.number, worker,
@@ -223,7 +226,7 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if trials > 0:
-        study.optimize(objective, n_trials=trials, callbacks=callbacks, catch=())
+        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=callbacks, catch=())
     return study
 
 

@@ -5,6 +5,7 @@ Each stage reads and writes the run directory described in DESIGN.md §3.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,16 +16,17 @@ from typing import Any
 import torch
 
 from spt.backbone import Backbone, load_backbone
+from spt.config import PromptConfig
 from spt.errors import UserError
 from spt.files import write_json_atomic
 from spt.heads import build_head, head_parameter_count
+from spt.inputs import EncodedSplit, encode_split
 from spt.model import PromptSupernet, SparsePromptModel
-from spt.serialization import load_prompt_model, save_prompt_model
+from spt.serialization import load_prompt_model, save_prompt_model, write_model_card
 from spt.trainable import TrainableModel
 
 from . import distributed
-from .batches import EncodedSplit, encode_split
-from .callbacks import Checkpointer, DevEvaluator, GateHistory, Progress, StepLimit
+from .callbacks import Checkpointer, DevEvaluator, GateHistory, MetricHistory, Progress, StepLimit, tensorboard_writer
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
@@ -103,7 +105,8 @@ def prepare(config: RunConfig) -> Prepared:
     backbone = cached_backbone(config.model.backbone, config.head.verbalizer, backbone_dtype(config.runtime.precision))
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     backbone.check_length(config.model.max_length, config.prompt.length)
-    # Refuse an impossible selection now, not after a search has run.
+    # Refuse an impossible selection or budget now, not after a search has run.
+    search_prompt(config, backbone).validate(backbone.num_layers, backbone.hidden_size)
     choose_k(
         len(config.prompt.candidates(backbone.num_layers)), config.select.k, config.select.budget,
         generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
@@ -125,18 +128,33 @@ def build_supernet(prep: Prepared) -> PromptSupernet:
     config = prep.config
     torch.manual_seed(config.seed)  # the seed fixes generator, gate and head initialisation
     head = build_head(prep.backbone, config.head, prep.data.labels)
-    return PromptSupernet(prep.backbone, config.prompt, head, config.head, prep.data.labels)
+    return PromptSupernet(prep.backbone, search_prompt(config, prep.backbone), head, config.head, prep.data.labels,
+                          config.model.max_length, config.task.instruction)
+
+
+def search_prompt(config: RunConfig, backbone: Backbone) -> PromptConfig:
+    """The supernet's prompt settings: ``search.budget_params`` becomes the gates' budget,
+    counted in generators (every generator has the same size)."""
+    if config.search.budget_params is None:
+        return config.prompt
+    per_generator = generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
+    return dataclasses.replace(config.prompt, gate_budget=config.search.budget_params / per_generator)
 
 
 def build_sparse(prep: Prepared, layers: list[int]) -> SparsePromptModel:
     config = prep.config
     torch.manual_seed(config.seed)
     head = build_head(prep.backbone, config.head, prep.data.labels)
-    return SparsePromptModel(prep.backbone, config.prompt, head, config.head, prep.data.labels, layers)
+    return SparsePromptModel(prep.backbone, config.prompt, head, config.head, prep.data.labels, layers, config.model.max_length,
+                             config.task.instruction)
 
 
 def _format_gates(alphas: torch.Tensor) -> str:
     return " ".join(f"{a:.2f}" for a in alphas.tolist())
+
+
+def _tensorboard(prep: Prepared, run: RunDir):
+    return tensorboard_writer(run.file("tensorboard")) if prep.config.runtime.tensorboard else None
 
 
 # ---------------------------------------------------------------------- search
@@ -153,17 +171,17 @@ class SearchResult:
 def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResult:
     """SPT-DARTS search; resumes from ``run``'s checkpoint when there is one."""
     config, s = prep.config, prep.config.search
+    n_train = len(prep.train)
+    total = search_steps(n_train, s.epochs, s.warmup_epochs, s.batch_size, s.d1_fraction, s.max_steps)
     model = build_supernet(prep)
     trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
                       loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
-                      compile_step=config.runtime.compile == "step")
+                      compile_step=config.runtime.compile == "step", total_steps=total)
     ckpt_path = run.file(CHECKPOINT_FILE)
     state = TrainState()
     if ckpt_path.is_file():
         state = load_checkpoint(ckpt_path, trainer)
         logger.info("resuming the search from step %d (epoch %d) of %s", state.step, state.epoch, run.path)
-    n_train = len(prep.train)
-    total = search_steps(n_train, s.epochs, s.warmup_epochs, s.batch_size, s.d1_fraction, s.max_steps)
     layers = model.candidate_layers
     logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
                 prep.backbone.name, config.task.name, len(layers), n_train, total)
@@ -173,7 +191,8 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
 
     callbacks: list[Callback] = [StepLimit(total)]
     if distributed.is_main():  # under torchrun only rank 0 writes
-        callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every)]
+        callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every),
+                      MetricHistory(run.file("metrics.csv"), "search", layers, s.epochs, tensorboard=_tensorboard(prep, run))]
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
 
     def schedule(epoch: int):
@@ -265,26 +284,31 @@ def train_and_evaluate(
     desc: str = "retrain",
     evaluate_test: bool = True,
     on_eval: Callable[[int, float], None] | None = None,
+    run: RunDir | None = None,
 ) -> TrainResult:
     """Train ``model`` (a sparse prompt model or a baseline) on all of train, evaluate on
     dev as ``settings`` say, keep the dev-best weights and score them on test.
 
-    ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in here).
+    ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in
+    here); with ``run``, per-epoch metrics go to its ``metrics.csv`` (and TensorBoard).
     """
     config, r = prep.config, settings
-    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
-                      compile_step=config.runtime.compile == "step")
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
+    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
+                      compile_step=config.runtime.compile == "step", total_steps=total)
     metric = config.task.metric
-    dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval)
+    dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval, r.patience)
 
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
 
-    progress_bar = Progress(total, desc, describe, enabled=progress and distributed.is_main())
-    state = trainer.fit(steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs),
-                        [dev, progress_bar])
+    callbacks: list[Callback] = [dev]
+    if run is not None and distributed.is_main():
+        candidates = config.prompt.candidates(prep.backbone.num_layers)
+        callbacks.append(MetricHistory(run.file("metrics.csv"), desc, candidates, r.epochs, dev, _tensorboard(prep, run)))
+    callbacks.append(Progress(total, desc, describe, enabled=progress and distributed.is_main()))
+    state = trainer.fit(steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs), callbacks)
     test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
     return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
 
@@ -315,7 +339,7 @@ def run_retrain(
         mask.selected_layers, prep.backbone.name, model.num_trainable_parameters(),
         steps_per_epoch(len(prep.train), r.batch_size) * r.epochs,
     )
-    result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval)
+    result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval, run=run)
     if distributed.is_main():
         save_prompt_model(model, run.file("sparse"))
     return result
@@ -343,6 +367,7 @@ def run_job(prep: Prepared, run: RunDir, progress: bool = True,
     metrics = None
     if distributed.is_main():
         metrics = write_metrics(run, prep.config, mask, result, search.get("seconds"))
+        write_model_card(run.file("sparse"), metrics)
         run.mark("retrain", seconds=round(result.seconds, 3))
     return mask, metrics
 

@@ -23,9 +23,9 @@ from spt.backbone import Backbone
 from spt.config import HeadConfig
 from spt.errors import MissingHeadError, UserError
 from spt.heads import build_head
+from spt.inputs import answered, encode_split
 
 from .baselines import FrozenModel
-from .batches import answered, encode_split
 from .pipeline import Prepared, backbone_dtype, cached_backbone
 
 

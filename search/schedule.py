@@ -85,3 +85,16 @@ def steps_from(schedule_for_epoch: Callable[[int], list[ScheduledStep]], epochs:
     for e in range(epoch, epochs):
         steps = schedule_for_epoch(e)
         yield from steps[batch_in_epoch if e == epoch else 0 :]
+
+
+def lr_factor(step: int, total: int, scheduler: str, warmup_ratio: float) -> float:
+    """The learning-rate multiplier at ``step`` of ``total``: linear warm-up over
+    ``warmup_ratio`` of the steps, then constant, linear decay to 0 or a cosine to 0.
+    A pure function of the step, so a resumed run needs no scheduler state."""
+    warmup = int(warmup_ratio * total)
+    if step < warmup:
+        return (step + 1) / warmup
+    if scheduler == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 1.0 - progress) if scheduler == "linear" else 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

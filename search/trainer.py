@@ -22,15 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from spt.inputs import EncodedSplit, collate
 from spt.trainable import TrainableModel
 
 from . import distributed
 from .architect import Architect, compiled
-from .batches import EncodedSplit, collate
 from .config import RetrainConfig, SearchConfig
 from .losses import TaskLoss, task_loss
 from .metrics import compute_metrics
-from .schedule import ScheduledStep, batch_indices, step_seed
+from .schedule import ScheduledStep, batch_indices, lr_factor, step_seed
 
 
 @dataclass
@@ -76,7 +76,7 @@ class Trainer:
     def __init__(
         self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
         device: torch.device | str = "cpu", precision: str = "fp32", loss: TaskLoss = task_loss,
-        fused_optimizer: bool | None = None, compile_step: bool = False,
+        fused_optimizer: bool | None = None, compile_step: bool = False, total_steps: int | None = None,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -96,6 +96,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay,
                                            fused=fused) if self.weights else None
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
+        self.total_steps = total_steps  # for learning-rate schedules
+        self.accumulate = settings.gradient_accumulation_steps
         distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
 
     # ------------------------------------------------------------------ the loop
@@ -109,7 +111,9 @@ class Trainer:
             if state.stop:
                 break
             started = time.perf_counter()
-            stats = self.weight_step(step.omega, state.step)
+            self.schedule_learning_rates(state.step)
+            update = (state.step + 1) % self.accumulate == 0 or step.last
+            stats = self.weight_step(step.omega, state.step, update)
             if step.arch is not None and self.architect is not None:
                 stats.update(self.architect.step(step.arch, state.step))
             state.advance(step)
@@ -122,8 +126,20 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
-    def weight_step(self, indices: list[int], step: int) -> dict[str, torch.Tensor]:
-        """One update of ``omega`` on the global batch ``indices`` (this rank's share under torchrun)."""
+    def schedule_learning_rates(self, step: int) -> None:
+        """Set the weights' and the gates' learning rates for ``step`` (``lr_scheduler``, ``warmup_ratio``)."""
+        s = self.settings
+        if self.total_steps is None or (s.lr_scheduler == "constant" and s.warmup_ratio == 0):
+            return
+        factor = lr_factor(step, self.total_steps, s.lr_scheduler, s.warmup_ratio)
+        optimizers = [(self.optimizer, s.lr)] + ([(self.architect.optimizer, s.arch_lr)] if self.architect else [])
+        for optimizer, base in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = base * factor
+
+    def weight_step(self, indices: list[int], step: int, update: bool = True) -> dict[str, torch.Tensor]:
+        """The weights' step on the global batch ``indices`` (this rank's share under torchrun):
+        gradients of its loss, and (``update``) the optimizer step on what has accumulated."""
         torch.manual_seed(step_seed(self.seed, step, stream=1))
         self.model.train()
         batch, scale = self.local_batch(indices)
@@ -132,9 +148,10 @@ class Trainer:
             inputs = self.loss.inputs(step)
             with self.training(self.weights):
                 terms = self.compute_loss(self.model, batch, *inputs)
-                (terms["loss"] * scale).backward()
+                (terms["loss"] * (scale / self.accumulate)).backward()
             stats = {k: v.detach() for k, v in terms.items()}
-        self.clip_and_step(self.optimizer, self.weights)
+        if update:
+            self.clip_and_step(self.optimizer, self.weights)
         return stats
 
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:

@@ -27,6 +27,9 @@ class PromptConfig(Section):
         gate_init: initial gate logit ``a_i`` (0 gives ``alpha = 0.5``).
         candidate_layers: layers that may receive a prompt (``None``: every layer
             ``0 .. L-1``). Layer 0 is the embedding output.
+        gate_budget: supernet only: the expected number of open gates, held during the search
+            by one global shift of the gate logits, solved each pass (S3Delta's shifted
+            sigmoid); set from ``search.budget_params`` (null: no budget).
         normalize: supernet only: scale each generated prompt vector to the root mean square
             of the layer's token states, so that a generator cannot grow or shrink its output
             to say what its gate should say; the sparse model never rescales.
@@ -41,6 +44,7 @@ class PromptConfig(Section):
     reparam_gates: bool = True
     gate_init: float = 0.0
     candidate_layers: list[int] | None = None
+    gate_budget: float | None = None
     normalize: bool = False
 
     SECTION: ClassVar[str] = "prompt"
@@ -50,6 +54,7 @@ class PromptConfig(Section):
         self.one_of("activation", tuple(sorted(ACTIVATIONS)))
         self.require("dropout", 0.0 <= self.dropout < 1.0, "in [0, 1)")
         self.require("discard", self.discard in (0, 1), "0 (add) or 1 (replace)")
+        self.positive("gate_budget")
         if self.candidate_layers is not None:
             if not self.candidate_layers:
                 raise ConfigError("prompt.candidate_layers", "is empty; give at least one layer or null for all")
@@ -59,6 +64,9 @@ class PromptConfig(Section):
     def validate(self, num_layers: int | None = None, hidden_size: int | None = None) -> None:
         """Check the fields against a backbone with ``num_layers`` layers of width ``hidden_size``."""
         self.check()
+        if self.gate_budget is not None and num_layers is not None and self.gate_budget >= len(self.candidates(num_layers)):
+            raise ConfigError("prompt.gate_budget", f"must be below the {len(self.candidates(num_layers))} candidate layers, "
+                              f"got {self.gate_budget}")
         if self.candidate_layers is not None:
             if num_layers is not None:
                 bad = [i for i in self.candidate_layers if not 0 <= i < num_layers]

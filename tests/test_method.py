@@ -199,3 +199,23 @@ def test_gate_scores_average_the_last_steps_or_the_last_epoch():
     assert means == pytest.approx([0.8, 0.2]) and spread == pytest.approx([0.1414214, 0.1414214])
     assert gate_scores(rows, [0, 1], 0)[0] == pytest.approx([0.8, 0.2])  # 0: the steps of the last epoch
     assert gate_scores(rows, [0, 1], 3)[0] == pytest.approx([0.7333333, 0.2666667])
+
+
+def test_budget_aware_gates_hold_the_expected_parameter_count_during_the_search(tmp_path, tiny_bert):
+    """``search.budget_params``: one global shift of the gate logits keeps sum(alpha) * per-generator
+    parameters at the budget, within 1%, at every logged step."""
+    from helpers import tiny_config
+
+    from search.cli import main
+    from search.selection import generator_parameters, read_gate_history
+
+    per_generator = generator_parameters(32, 8, 2)  # tiny_config: hidden 32, bottleneck 8, PHM n 2
+    budget = int(1.7 * per_generator)
+    config = tiny_config(tmp_path, tiny_bert, search={"budget_params": budget, "epochs": 3}, select={"k": None, "budget": budget})
+    assert main(["search", str(config), "--out", str(tmp_path / "run"), "--quiet"]) == 0
+    rows = read_gate_history(tmp_path / "run" / "gates.csv")
+    for step in sorted({r["step"] for r in rows}):
+        expected = sum(r["alpha"] for r in rows if r["step"] == step) * per_generator
+        assert expected == pytest.approx(budget, rel=0.01), step
+    finals = [r["alpha"] for r in rows if r["step"] == max(r["step"] for r in rows)]
+    assert max(finals) - min(finals) > 0.01  # the gates still rank the layers

@@ -7,12 +7,12 @@ import pytest
 import torch
 from helpers import tiny_config
 
-from search.batches import collate
 from search.config import RetrainConfig, SearchConfig, load_config
 from search.losses import search_loss
 from search.pipeline import build_sparse, build_supernet, prepare
 from search.profiling import count_ops, graph_breaks
 from search.trainer import Trainer
+from spt.inputs import collate
 from spt.model import make_plan
 
 

@@ -100,6 +100,19 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    def fingerprint(self) -> str:
+        """A short hash of the architecture and of some weights: two backbones with the same
+        fingerprint compute the same thing, whatever name or folder they were loaded from."""
+        import hashlib
+        import json
+
+        config = {k: v for k, v in self.config.to_dict().items() if not k.startswith(("_", "transformers_version", "architectures", "torch_dtype", "dtype"))}
+        # (rounded to bf16, so a backbone stored in bf16 has the fingerprint of its fp32 original)
+        weights = self.base.get_input_embeddings().weight[:4].detach().to(torch.bfloat16).float().cpu()
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+        digest.update(weights.numpy().tobytes())
+        return digest.hexdigest()[:16]
+
     def train(self, mode: bool = True) -> Backbone:
         # Frozen means frozen: no dropout in the backbone, whatever the caller asks.
         return super().train(False)
@@ -159,16 +172,20 @@ class Backbone(nn.Module):
         """
         return self.runner.context(hidden, key_mask, prefix)
 
-    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0) -> torch.Tensor:
+    def run_layer(self, index: int, hidden: torch.Tensor, context: LayerContext, queries_from: int = 0,
+                  queries: torch.Tensor | None = None) -> torch.Tensor:
         """Apply transformer layer ``index`` to ``hidden`` (B, S, d).
 
         With ``queries_from = p`` only positions ``p:`` are computed (the result has
         ``S - p`` positions); positions ``:p`` still serve as keys and values. Prompt slots
-        whose outputs nobody reads need no queries and no feed-forward pass.
+        whose outputs nobody reads need no queries and no feed-forward pass. ``queries``:
+        ``hidden[:, p:]`` where the caller holds it as a tensor of its own (no slice to undo
+        in the backward pass).
         """
         layer = self.layers[index]
         if queries_from:
-            return self.runner.keys_values_only(layer, hidden, context, queries_from)
+            queries = hidden[:, queries_from:] if queries is None else queries
+            return self.runner.keys_values_only(layer, hidden, context, queries)
         return self.runner.run_layer(layer, hidden, context)
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -89,15 +89,15 @@ class GPT2Layers(DecoderLayers):
         out = layer(hidden, attention_mask=context.attention_mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
-        attn, d = layer.attn, hidden.shape[-1]
+    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, queries: torch.Tensor) -> torch.Tensor:
+        attn, d, start = layer.attn, hidden.shape[-1], hidden.shape[1] - queries.shape[1]
         normed = layer.ln_1(hidden)
         weight, bias = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: x @ weight + bias, columns q | k | v
         q = normed[:, start:] @ weight[:, :d] + bias[:d]
         k, v = (normed @ weight[:, d:] + bias[d:]).split(d, dim=-1)
         mask = slice_queries(context.attention_mask, start, hidden.shape[1])
         scores = self.attend(attn, *(split_heads(x, attn.head_dim) for x in (q, k, v)), mask)
-        h = hidden[:, start:] + attn.resid_dropout(attn.c_proj(merge_heads(scores)))
+        h = queries + attn.resid_dropout(attn.c_proj(merge_heads(scores)))
         return h + layer.mlp(layer.ln_2(h))
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -131,15 +131,15 @@ class LlamaLayers(DecoderLayers):
         out = layer(hidden, attention_mask=context.attention_mask, position_embeddings=context.rotary)
         return out[0] if isinstance(out, tuple) else out
 
-    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
-        attn = layer.self_attn
+    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, queries: torch.Tensor) -> torch.Tensor:
+        attn, start = layer.self_attn, hidden.shape[1] - queries.shape[1]
         normed = layer.input_layernorm(hidden)
         cos, sin = context.rotary
         q = _rotate(split_heads(attn.q_proj(normed[:, start:]), attn.head_dim), cos[:, start:], sin[:, start:])
         k = _rotate(split_heads(attn.k_proj(normed), attn.head_dim), cos, sin)
         v = split_heads(attn.v_proj(normed), attn.head_dim)
         mask = slice_queries(context.attention_mask, start, hidden.shape[1])
-        h = hidden[:, start:] + attn.o_proj(merge_heads(self.attend(attn, q, k, v, mask)))
+        h = queries + attn.o_proj(merge_heads(self.attend(attn, q, k, v, mask)))
         return h + layer.mlp(layer.post_attention_layernorm(h))
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -41,8 +41,8 @@ class BertLayers(LayerRunner):
         out = layer(hidden, context.attention_mask)
         return out[0] if isinstance(out, tuple) else out
 
-    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
-        queries = hidden[:, start:]
+    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, queries: torch.Tensor) -> torch.Tensor:
+        start = hidden.shape[1] - queries.shape[1]
         mask = slice_queries(context.attention_mask, start, hidden.shape[1])
         attn = layer.attention.self
         head_dim = hidden.shape[-1] // self.config.num_attention_heads
@@ -74,9 +74,9 @@ class MPNetLayers(BertLayers):
         out = layer(hidden, context.attention_mask, context.position_bias)
         return out[0] if isinstance(out, tuple) else out
 
-    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
-        B, S, _ = hidden.shape
-        queries = hidden[:, start:]
+    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, queries: torch.Tensor) -> torch.Tensor:
+        S = hidden.shape[1]
+        start = S - queries.shape[1]
         mask = slice_queries(context.attention_mask, start, S)
         head_dim = hidden.shape[-1] // self.config.num_attention_heads
         attn = layer.attention.attn

@@ -78,8 +78,9 @@ class LayerRunner:
     def run_layer(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext) -> torch.Tensor:
         raise NotImplementedError
 
-    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, start: int) -> torch.Tensor:
-        """The layer's outputs for positions ``start:`` (positions ``:start`` serve as keys and values only)."""
+    def keys_values_only(self, layer: nn.Module, hidden: torch.Tensor, context: LayerContext, queries: torch.Tensor) -> torch.Tensor:
+        """The layer's outputs for the last positions, whose states are ``queries`` (``hidden[:, start:]``);
+        positions ``:start`` serve as keys and values only."""
         raise NotImplementedError
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,9 @@
-"""Tokenize examples once (plain segments or verbalizer templates, after an instruction and
-in-context demonstrations), then cut them into right-padded tensor batches."""
+"""A model's inputs: tokenize examples once (plain segments, or verbalizer templates after an
+instruction and in-context demonstrations), then cut them into right-padded tensor batches.
+
+An example is anything with ``text_a``, ``text_b`` (or None) and an integer ``label``
+(the task data's :class:`search.data.Example`, or :class:`TextInput` for new text).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,18 @@ from dataclasses import dataclass
 
 import torch
 
-from spt.config import HeadConfig
-from spt.errors import UserError
-from spt.generator import adaptive_pool_weights
+from .config import HeadConfig
+from .errors import UserError
+from .generator import adaptive_pool_weights
 
-from .data import Example
+
+@dataclass(frozen=True)
+class TextInput:
+    """New text to score: one segment, or a pair; ``label`` only where it is known."""
+
+    text_a: str
+    text_b: str | None = None
+    label: int = 0
 
 
 @dataclass
@@ -36,7 +47,7 @@ def lines(*parts: str | None) -> str:
     return "\n".join(p for p in parts if p)
 
 
-def answered(template: str, example: Example, word: str) -> str:
+def answered(template: str, example: TextInput, word: str) -> str:
     """A demonstration: ``template`` filled with ``example`` and its label ``word`` at ``{mask}``."""
     return template.format(text_a=example.text_a, text_b=example.text_b or "", mask=word)
 
@@ -50,7 +61,7 @@ def _template_ids(tokenizer, text: str, kind: str) -> list[int]:
     return ids
 
 
-def _apply_template(tokenizer, template: str, example: Example, max_length: int, kind: str = "mlm",
+def _apply_template(tokenizer, template: str, example: TextInput, max_length: int, kind: str = "mlm",
                     context: str = "", cut: bool = True) -> tuple[list[int], int] | None:
     """Token ids of ``context`` and the filled template, and where the label word is scored
     (``mlm``: the mask token; ``clm``: the last token, the template read up to ``{mask}``).
@@ -79,7 +90,7 @@ def _apply_template(tokenizer, template: str, example: Example, max_length: int,
                     + (" after task.instruction" if context else ""))
 
 
-def _in_context(tokenizer, head: HeadConfig, example: Example, max_length: int, instruction: str | None,
+def _in_context(tokenizer, head: HeadConfig, example: TextInput, max_length: int, instruction: str | None,
                 demonstrations: Sequence[str]) -> tuple[list[int], int, int]:
     """The template of ``example`` after the instruction and as many of the demonstrations (the
     last ones) as fit uncut; with none left, the example's text is cut as usual."""
@@ -91,7 +102,7 @@ def _in_context(tokenizer, head: HeadConfig, example: Example, max_length: int, 
     raise AssertionError("unreachable: the last try cuts the text")
 
 
-def encode_split(tokenizer, examples: Sequence[Example], max_length: int, head: HeadConfig,
+def encode_split(tokenizer, examples: Sequence[TextInput], max_length: int, head: HeadConfig,
                  instruction: str | None = None, demonstrations: Sequence[str] = ()) -> EncodedSplit:
     """Tokenize ``examples`` for ``head``: plain segments, or a verbalizer's template.
 

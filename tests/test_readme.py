@@ -1,0 +1,58 @@
+"""The README as a user reads it: every `spt` command line it shows parses, and its Python
+snippet runs as written (on a tiny run put where the snippet looks)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from helpers import tiny_config
+
+from search.cli import build_parser, main
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+BLOCKS = re.findall(r"```(\w+)\n(.*?)```", README, flags=re.S)
+
+
+def _command_lines() -> list[str]:
+    lines = []
+    for language, body in BLOCKS:
+        if language != "bash":
+            continue
+        for line in body.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0].strip()
+            if line.startswith("spt "):
+                lines.append(line[len("spt "):])
+            elif " -m search " in line:
+                lines.append(line.split(" -m search ", 1)[1])
+    return lines
+
+
+def test_the_readme_shows_commands_of_every_kind():
+    shown = {shlex.split(line)[0] for line in _command_lines()}
+    assert {"run", "search", "select", "retrain", "predict", "evaluate", "runs", "plot", "compare", "hpo", "models"} <= shown
+
+
+@pytest.mark.parametrize("line", _command_lines())
+def test_every_command_line_in_the_readme_parses(line):
+    try:
+        build_parser().parse_args(shlex.split(line))
+    except SystemExit as exc:  # --help and --version exit 0; a bad line exits 2
+        assert exc.code == 0, line
+
+
+def test_the_python_snippets_run_as_written(tmp_path, tiny_bert, monkeypatch, capsys):
+    snippets = [body for language, body in BLOCKS if language == "python"]
+    config = tiny_config(tmp_path, tiny_bert)
+    monkeypatch.chdir(tmp_path)
+    for command, out in (("run", "runs/sst2-k2"), ("search", "runs/sst2"), ("search", "runs/rte")):  # where the snippets look
+        assert main([command, str(config), "--out", out, "--quiet", "--set", f"task.name={Path(out).name}"]) == 0
+    for snippet in snippets:
+        capsys.readouterr()
+        exec(compile(snippet, "README.md", "exec"), {})
+        printed = capsys.readouterr().out.splitlines()
+        if "predict" in snippet:
+            assert len(printed) == 2 and all(line.split()[0] in ("0", "1") for line in printed)
+    assert len(snippets) >= 2 and (tmp_path / "heatmap.pdf").is_file()
