@@ -24,7 +24,7 @@ from spt.trainable import TrainableModel
 
 from . import distributed
 from .batches import EncodedSplit, encode_split
-from .callbacks import Checkpointer, DevEvaluator, GateHistory, Progress, StepLimit
+from .callbacks import Checkpointer, DevEvaluator, FiniteCheck, GateHistory, Progress, StepLimit
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
@@ -170,7 +170,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{s.epochs} loss {loss:.3f} α {_format_gates(model.alphas())}"
 
-    callbacks: list[Callback] = [StepLimit(total)]
+    callbacks: list[Callback] = [StepLimit(total), FiniteCheck("search", (s.log_every, s.checkpoint_every), total)]
     if distributed.is_main():  # under torchrun only rank 0 writes
         callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every)]
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
@@ -282,8 +282,9 @@ def train_and_evaluate(
         return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
 
     progress_bar = Progress(total, desc, describe, enabled=progress and distributed.is_main())
+    finite = FiniteCheck("retrain", (r.eval_every,), total)
     state = trainer.fit(steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs),
-                        [dev, progress_bar])
+                        [finite, dev, progress_bar])
     test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
     return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
 
