@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from spt.errors import UserError
+from spt.files import check_writable, write_text_atomic
 
 from .comparison import plot_comparison
 from .heatmap import HeatmapData, heatmap_data, render_heatmap
@@ -52,6 +53,7 @@ def plot(
             raise UserError(f"--out: {path} already exists; pass --force to overwrite it")
     if kind not in ("heatmap", "trajectory"):
         raise UserError(f"--kind: must be heatmap or trajectory, got {kind!r}")
+    check_writable(out, "--out")
     style = FigureStyle(size=tuple(size) if size is not None else None, font_size=font_size, dpi=dpi)
     runs = [load_run(p) for p in run_dirs]
     if kind == "heatmap":
@@ -63,5 +65,5 @@ def plot(
         text = trajectory_markdown(runs)
     out.parent.mkdir(parents=True, exist_ok=True)  # only once everything is checked and drawn
     save_figure(figure, out, style)
-    summary.write_text(f"# {title or kind}\n\n![{kind}]({out.name})\n\n{text}\n")
+    write_text_atomic(summary, f"# {title or kind}\n\n![{kind}]({out.name})\n\n{text}\n")
     return figure

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from spt.errors import UserError
+from spt.files import read_text, write_text_atomic
 
 from .style import PALETTE, FigureStyle, new_figure, save_figure, styled
 
@@ -21,16 +25,21 @@ COLUMNS = [
 
 
 def write_rows_csv(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    """Write the result rows (atomically: a kill leaves the previous rows or the new ones)."""
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in COLUMNS})
+    write_text_atomic(path, buffer.getvalue())
 
 
 def read_rows_csv(path: Path) -> list[dict[str, Any]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
+    reader = csv.DictReader(io.StringIO(read_text(path, str(path)), newline=""))
+    try:
+        return list(reader)
+    except csv.Error as exc:
+        raise UserError(f"{path} line {reader.line_num}", f"is damaged ({exc}); delete it to compare from scratch") from None
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from spt.errors import UserError
 
 
@@ -75,6 +73,7 @@ def distinct_descriptions(runs: list[RunGates]) -> list[str]:
 
 def load_run(path: str | Path) -> RunGates:
     """Load a search or run directory; a directory without a gate history is refused."""
+    from search.runs import RunDir
     from search.selection import rank_layers, read_gate_history, read_mask
 
     path = Path(path)
@@ -85,7 +84,11 @@ def load_run(path: str | Path) -> RunGates:
         raise UserError(f"run_dir: {path} has no config.yaml; is it an spt run directory?")
     if not (path / "gates.csv").is_file():
         raise UserError(f"run_dir: {path} has no gate history (gates.csv): only searches can be plotted; run `spt search` first")
-    config = yaml.safe_load(config_path.read_text())
+    config = RunDir(path).recorded_config() or {}
+    try:
+        task, backbone, seed = str(config["task"]["name"]), str(config["model"]["backbone"]), int(config.get("seed", 0))
+    except (KeyError, TypeError, ValueError):
+        raise UserError(str(config_path), "is damaged (task.name, model.backbone or seed missing or unreadable)") from None
     rows = read_gate_history(path / "gates.csv")
     candidates = sorted({r["layer"] for r in rows})
     steps = sorted({r["step"] for r in rows})
@@ -99,14 +102,15 @@ def load_run(path: str | Path) -> RunGates:
         mask = read_mask(mask_path)
         num_layers, selected = mask.num_layers, mask.selected_layers
     else:  # a search still running: rank by the latest gates
-        k = (config.get("select") or {}).get("k") or 1
+        select = config.get("select")
+        k = select.get("k") if isinstance(select, dict) and isinstance(select.get("k"), int) else 1
         selected = sorted(rank_layers(candidates, history[-1])[:k])
         num_layers = max(candidates) + 1
     return RunGates(
         path=path,
-        task=config["task"]["name"],
-        backbone=Path(config["model"]["backbone"]).name,  # an alias, or the last part of a path / hub id
-        seed=int(config.get("seed", 0)),
+        task=task,
+        backbone=Path(backbone).name,  # an alias, or the last part of a path / hub id
+        seed=seed,
         num_layers=num_layers,
         candidate_layers=candidates,
         steps=steps,

@@ -2,6 +2,7 @@
 
 * :class:`StepLimit` - stop after a number of steps;
 * :class:`GateHistory` - ``gates.csv``, one row per logged step and candidate layer;
+* :class:`FiniteCheck` - stop a diverging run (NaN or infinite loss or gates);
 * :class:`Checkpointer` - the resumable checkpoint;
 * :class:`DevEvaluator` - dev evaluations, the dev-best weights, early stopping, pruning hooks;
 * :class:`Progress` - a progress bar on a terminal, a line per 10% otherwise;
@@ -11,8 +12,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,8 +25,9 @@ import torch
 from tqdm import tqdm
 
 from spt.errors import UserError
-from spt.files import write_text_atomic
+from spt.files import read_text, write_text_atomic
 
+from . import distributed
 from .checkpoint import save_checkpoint
 from .schedule import ScheduledStep
 from .selection import GATES_HEADER
@@ -50,20 +54,22 @@ class GateHistory(Callback):
     """``gates.csv`` (step, epoch, layer, alpha), written as it goes; step 0 holds the initial gates.
 
     On resume the rows logged after the checkpoint's step are dropped: the resumed run
-    logs them again.
+    logs them again. A history that vanished (deleted while the search ran, or before it
+    resumed) stops the search with a :class:`UserError`: rows are never silently lost.
     """
 
     def __init__(self, path: Path, layers: list[int], log_every: int, total: int) -> None:
         self.path, self.layers, self.log_every, self.total = path, layers, log_every, total
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
-        if state.step == 0 or not self.path.is_file():
+        if state.step == 0:
             write_text_atomic(self.path, ",".join(GATES_HEADER) + "\n")
-            if state.step == 0:
-                self._write(0, 0, trainer.model.alphas())
+            self._write(0, 0, trainer.model.alphas())
             return
-        with open(self.path, newline="", encoding="utf-8") as handle:
-            rows = [r for r in csv.reader(handle)][1:]
+        if not self.path.is_file():
+            raise UserError("gates.csv", f"{self.path} is missing, but the search resumes from step {state.step}: the gate "
+                            "history before that step is lost; start the search over with --force")
+        rows = list(csv.reader(io.StringIO(read_text(self.path, str(self.path)), newline="")))[1:]
         kept = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= state.step]
         write_text_atomic(self.path, "".join(",".join(r) + "\n" for r in [GATES_HEADER, *kept]))
 
@@ -72,10 +78,58 @@ class GateHistory(Callback):
             self._write(state.step, step.epoch, trainer.model.alphas())
 
     def _write(self, step: int, epoch: int, alphas: torch.Tensor) -> None:
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: a vanished file is not recreated
+        except FileNotFoundError:
+            raise UserError("gates.csv", f"{self.path} was deleted while the search ran (before step {step}); the gate "
+                            "history is lost: start the search over with --force") from None
+        with open(fd, "a", newline="", encoding="utf-8") as handle:
             writer = csv.writer(handle)
             for layer, alpha in zip(self.layers, alphas.tolist()):
                 writer.writerow([step, epoch, layer, f"{alpha:.6f}"])
+
+
+class TrainingDiverged(UserError):
+    """The loss or the gates stopped being finite numbers."""
+
+
+class FiniteCheck(Callback):
+    """Stop training with :class:`TrainingDiverged` once the loss or the gates are NaN or infinite.
+
+    Every step folds ``isfinite(loss)`` into a flag on the device, which costs no host-device
+    sync; the flag and the gates are read only at the steps that read the device anyway
+    (steps divisible by one of ``periods``: gates logged, a checkpoint or a dev evaluation
+    due; and the last step of each epoch). Placed before those callbacks, it stops the run
+    before anything non-finite is logged, saved or kept.
+    """
+
+    def __init__(self, section: str, periods: tuple[int, ...], total: int) -> None:
+        self.section, self.periods, self.total = section, tuple(p for p in periods if p), total
+        self.flag: torch.Tensor | None = None
+        self.checked = 0
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        self.flag, self.checked = None, state.step
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        loss = stats.get("loss")
+        if loss is not None:
+            bad = ~torch.isfinite(loss).all()
+            self.flag = bad if self.flag is None else self.flag | bad
+        if not (step.last or state.step == self.total or any(state.step % p == 0 for p in self.periods)):
+            return
+        checks = [] if self.flag is None else [self.flag]
+        if trainer.architect is not None:
+            checks += [~torch.isfinite(p.detach()).all() for p in trainer.architect.params]
+        # Every rank joins (a rank without a share of these batches too): the ranks stop together.
+        bad = torch.stack(checks).any() if checks else torch.zeros((), dtype=torch.bool, device=trainer.device)
+        if distributed.any_rank(bad):
+            lrs = f"{self.section}.lr" + (" or search.arch_lr" if trainer.architect is not None else "")
+            raise TrainingDiverged(
+                self.section, f"training diverged at step {state.step}: the loss or the gates are NaN or infinite "
+                f"(finite at step {self.checked}); lower {lrs} (or set {self.section}.grad_clip) and start over with --force"
+            )
+        self.flag, self.checked = None, state.step
 
 
 class Checkpointer(Callback):

@@ -15,7 +15,7 @@ import torch
 
 from spt.errors import UserError
 from spt.files import save_tensors_atomic
-from spt.serialization import load_tensors, load_trainable_state
+from spt.serialization import load_trainable_state, read_tensor_file
 
 if TYPE_CHECKING:
     from .trainer import Trainer, TrainState
@@ -59,23 +59,39 @@ def save_checkpoint(path: Path, trainer: Trainer, state: TrainState) -> None:
     save_tensors_atomic(tensors, path, metadata)
 
 
-def load_checkpoint(path: Path, trainer: Trainer) -> TrainState:
-    """Restore model and optimizers from ``path``; returns the training state."""
-    from safetensors import safe_open
+def _fix(path: Path) -> str:
+    return f"; delete {path.name} to restart this search from its beginning, or start over with --force"
 
+
+def check_checkpoint(path: Path) -> None:
+    """Refuse a damaged checkpoint before a resumed job writes anything (no file: nothing to check)."""
+    if path.is_file():
+        _read(path)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], TrainState, dict[str, Any]]:
+    """The tensors, training state and optimizer metadata of a checkpoint, checked."""
     from .trainer import TrainState
 
-    tensors = load_tensors(path, "checkpoint")
+    tensors, metadata = read_tensor_file(path, "checkpoint", _fix(path))
     try:
-        with safe_open(str(path), "pt") as handle:
-            metadata = handle.metadata() or {}
         state = TrainState.from_dict(json.loads(metadata["state"]))
         optim_meta = json.loads(metadata["optimizers"])
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise UserError("checkpoint", f"{path} has no valid training state ({exc}); delete it or run with --force") from None
+        raise UserError("checkpoint", f"{path} has no valid training state ({exc}){_fix(path)}") from None
+    return tensors, state, optim_meta
+
+
+def load_checkpoint(path: Path, trainer: Trainer) -> TrainState:
+    """Restore model and optimizers from ``path``; returns the training state.
+
+    A damaged file (a tensor that does not match its checksum, a broken header or state)
+    is a :class:`UserError`: nothing is loaded from it.
+    """
+    tensors, state, optim_meta = _read(path)
     load_trainable_state(trainer.model, {k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")}, str(path))
     for name, optimizer in trainer.optimizers().items():
         if name not in optim_meta:
-            raise UserError("checkpoint", f"{path} has no state for optimizer {name!r}")
+            raise UserError("checkpoint", f"{path} has no state for optimizer {name!r}{_fix(path)}")
         optimizer.load_state_dict(_unflatten_optimizer(name, tensors, optim_meta[name]))
     return state

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from spt.errors import UserError
-from spt.files import write_text_atomic
+from spt.files import check_writable, write_text_atomic
 
 logger = logging.getLogger("spt")
 
@@ -62,7 +62,8 @@ def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
     p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
     p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
-    p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, sqlite:///spt-hpo.db)")
+    p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, else OUT/spt-hpo.db); ${NAME} reads an "
+                   "environment variable, and $SPT_STORAGE_PASSWORD supplies a password the URL leaves out")
     p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
     p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
     p.add_argument("--export-best", metavar="FILE", help="write the best trial's config, runnable with spt run")
@@ -158,16 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What Ctrl-C leaves behind, per command: each line says what running the command again does.
+INTERRUPTED = {
+    "run": "run the same command again: the search resumes from its last checkpoint, a retraining starts over",
+    "search": "run the same command again to resume the search from its last checkpoint",
+    "retrain": "run the same command again to retrain from the start (a retraining keeps no checkpoint)",
+    "compare": "run the same command again: finished results are kept in compare.csv, the interrupted one starts over",
+    "hpo": "the running trial is marked failed and is not resumed; run the same command again to continue the study "
+           "with new trials",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .lock import release_all
+
     args = build_parser().parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
+        return 2
+    except OSError as exc:  # a disk or folder that fails mid-run: still one line, not a traceback
+        if exc.filename is None:
+            raise
+        print(f"error: {exc.filename}: {exc.strerror or exc}; check that disk and folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        print(f"interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)
         return 130
+    finally:
+        release_all()
 
 
 # ---------------------------------------------------------------------- commands
@@ -180,6 +201,7 @@ def _start(args: argparse.Namespace, stages: list[str]):
     take the same decision (new run or resume).
     """
     from . import distributed
+    from .checkpoint import CHECKPOINT_FILE, check_checkpoint
     from .config import load_config
     from .pipeline import prepare
     from .runs import open_run_dir, setup_logging
@@ -191,6 +213,8 @@ def _start(args: argparse.Namespace, stages: list[str]):
     if world.active and args.out is None:
         raise UserError("--out", "under torchrun give the run directory explicitly, so every rank uses the same one")
     run = open_run_dir(args.out, config, stages, force=args.force, create=False)
+    if run.resume:
+        check_checkpoint(run.path / CHECKPOINT_FILE)  # damaged: refused before the resumed run writes anything
     setup_logging(None, verbose=not args.quiet and world.is_main)
     prep = prepare(config)
     return config, run, prep
@@ -238,26 +262,26 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from .config import config_from_run_dict
     from .pipeline import prepare, select_from_run
     from .runs import RunDir
     from .selection import write_mask
 
-    run = RunDir(Path(args.run_dir))
-    recorded = run.recorded_config()
-    if recorded is None:
-        raise UserError("run_dir", f"{args.run_dir} has no config.yaml; is it an spt run directory?")
     if args.k is not None and args.k < 1:
         raise UserError("--k", f"must be at least 1, got {args.k}")
     if args.budget is not None and args.budget < 1:
         raise UserError("--budget", f"must be at least 1, got {args.budget}")
-    config = config_from_run_dict(recorded)
+    run = RunDir(Path(args.run_dir))
+    config = run.config()
     suffix = (f"k{args.k}" if args.k is not None else f"budget{args.budget}") + (f".{args.method}" if args.method else "")
-    out = Path(args.out) if args.out else run.file(f"layer_mask.{suffix}.json")
+    out = Path(args.out) if args.out else run.path / f"layer_mask.{suffix}.json"
     if out.exists() and not args.force:
         raise UserError("--out", f"{out} already exists; pass --force to overwrite it")
+    check_writable(out, "--out")
+    into_run = out.absolute().parent == run.path.absolute()
+    if into_run:  # the run directory's lock (no search may be running there), later its manifest
+        run.open_for_writing()
     mask = select_from_run(run, prepare(config), k=args.k, budget=args.budget, method=args.method)
-    write_mask(mask, out, force=args.force)
+    write_mask(mask, run.file(out.name) if into_run else out, force=args.force)
     scores = ", ".join(f"{layer}:{s:.3f}±{d:.3f}" for layer, s, d in zip(mask.candidate_layers, mask.scores, mask.spread))
     print(f"selected layers {mask.selected_layers} (K={mask.k}, {mask.trainable_params:,} trainable parameters)")
     print(f"{mask.method} scores {scores}" + (" (uncertain: the K-th and next layer are within their spread)" if mask.uncertain else ""))
@@ -321,7 +345,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 def cmd_hpo(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .hpo import export_best, run_hpo, study_table
+    from .hpo import check_export, export_best, run_hpo, study_table
     from .runs import setup_logging
 
     if args.trials < 0:
@@ -332,6 +356,8 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     if args.study:
         extra.append(f"hpo.study={args.study}")
     config = load_config(args.config, extra)
+    if args.export_best:
+        check_export(args.export_best, args.force)  # before the study is created or run
     setup_logging(None, verbose=not args.quiet)
     if args.timeout is not None and args.timeout <= 0:
         raise UserError("--timeout", f"must be more than 0 seconds, got {args.timeout}")

@@ -37,11 +37,11 @@ def run_compare(config: RunConfig, out: str | Path | None, force: bool = False, 
         raise UserError("--seeds", "give at least one seed")
     run = open_run_dir(out, config, ["compare"], force=force, create=False, with_compare=True)
     first = prepare(_for_seed(config, cfg.seeds[0]))
-    context = Context(k=config.select.k, workdir=run.path, progress=progress)
+    context = Context(k=config.select.k, workdir=run.path, progress=progress, run=run)
     for strategy in strategies:
         strategy.check(first, context)
     create_run_dir(run, config)
-    masks = run.path / "masks"
+    masks = run.file("masks")
     masks.mkdir(exist_ok=True)
     csv_path = run.file("compare.csv")
     rows = read_rows_csv(csv_path) if csv_path.is_file() else []

@@ -17,9 +17,11 @@ import yaml
 
 from spt.config import HeadConfig, PromptConfig, config_from_dict
 from spt.errors import ConfigError, UserError
+from spt.files import read_text
 from spt.typed import Section
 
 from .selection import METHODS
+from .storage import mask_secrets
 
 METRICS = ("accuracy", "macro_f1", "f1", "mcc")
 FORMATS = ("tsv", "csv", "jsonl", "json", "label_text", "hf")
@@ -327,22 +329,34 @@ class HpoConfig(Section):
         sampler: ``tpe``, ``random``, ``cmaes``, ``gp`` or ``qmc``.
         pruner: ``median`` (prune on the retraining's dev evaluations) or ``none``.
         storage: an Optuna storage URL shared by the workers: ``sqlite:///file.db``,
-            ``postgresql://user@host/db``, or ``journal:/path/file.log`` (a journal file).
+            ``postgresql://user@host/db``, or ``journal:/path/file.log`` (a journal file)
+            (null: ``sqlite:///<out_dir>/spt-hpo.db``). ``${NAME}`` is replaced by the
+            environment variable ``NAME``, and a URL with a user but no password takes
+            ``$SPT_STORAGE_PASSWORD``; files and messages show passwords as ``***``.
         study: study name (null: ``<task>-<backbone>``).
         out_dir: where trial run directories go (null: ``runs/hpo-<study>``).
+        heartbeat_interval: RDB storages: seconds between a running trial's heartbeats (0: none).
+        grace_period: seconds without a heartbeat after which a trial counts as dead, is
+            failed and retried (null: twice ``heartbeat_interval``).
+        max_retry: how often a dead worker's trial is retried with the same parameters.
     """
 
     space: dict[str, Any] = field(default_factory=_default_space)
     sampler: str = "tpe"
     pruner: str = "median"
-    storage: str = "sqlite:///spt-hpo.db"
+    storage: str | None = None
     study: str | None = None
     out_dir: str | None = None
+    heartbeat_interval: int = 60
+    grace_period: int | None = None
+    max_retry: int = 2
 
     SECTION: ClassVar[str] = "hpo"
 
     def check(self) -> None:
         self.one_of("pruner", ("median", "none"))
+        self.non_negative("heartbeat_interval", "max_retry")
+        self.positive("grace_period")
 
 
 @dataclass
@@ -552,9 +566,7 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
     if not path.is_file():
         raise UserError("config", f"{path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except UnicodeDecodeError as exc:
-        raise UserError("config", f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+        data = yaml.safe_load(read_text(path, "config")) or {}
     except yaml.YAMLError as exc:
         raise UserError("config", f"{path} is not valid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -583,4 +595,8 @@ def config_from_run_dict(data: dict[str, Any]) -> RunConfig:
 
 
 def dump_config(config: RunConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The config as YAML, with the storage URL's password masked (``***``)."""
+    data = config.to_dict()
+    if data["hpo"]["storage"] is not None:
+        data["hpo"]["storage"] = mask_secrets(data["hpo"]["storage"])
+    return yaml.safe_dump(data, sort_keys=False)

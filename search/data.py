@@ -6,15 +6,18 @@ Every problem names the file, the line (or record) and the field, so a user can 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 import re
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from spt.errors import UserError
+from spt.files import read_text
 
 from .config import TaskConfig, split_view
 
@@ -46,12 +49,16 @@ class DataError(UserError):
     """A data file cannot be read as declared."""
 
 
-def _records_tsv_csv(path: Path, task: TaskConfig, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
+# A TSV/CSV field may be as long as the file: no 128 KiB limit (a long document is data, not an error).
+csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def _records_tsv_csv(path: Path, text: str, task: TaskConfig, delimiter: str) -> Iterator[tuple[str, dict[str, Any]]]:
     quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.reader(handle, delimiter=delimiter, quoting=quoting)
-        names = task.columns
-        for line_no, row in enumerate(reader, start=1):
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting)
+    names = task.columns
+    try:
+        for row in reader:
             if not row or all(not cell.strip() for cell in row):
                 continue
             if task.header and names is None:
@@ -61,29 +68,30 @@ def _records_tsv_csv(path: Path, task: TaskConfig, delimiter: str) -> Iterator[t
                 names = [str(i) for i in range(len(row))]
             if len(row) != len(names):
                 raise DataError(
-                    f"{path} line {line_no}: {len(row)} columns, expected {len(names)} ({', '.join(names)}); "
+                    f"{path} line {reader.line_num}: {len(row)} columns, expected {len(names)} ({', '.join(names)}); "
                     f"check task.format ({task.format}) and task.header"
                 )
-            yield f"line {line_no}", dict(zip(names, row))
+            yield f"line {reader.line_num}", dict(zip(names, row))
+    except csv.Error as exc:
+        raise DataError(f"{path} line {reader.line_num}", f"cannot be read as {task.format} ({exc})") from None
 
 
-def _records_jsonl(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path} line {line_no}", f"not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path} line {line_no}", f"expected a JSON object, got {type(record).__name__}")
-            yield f"line {line_no}", record
+def _records_jsonl(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path} line {line_no}", f"not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path} line {line_no}", f"expected a JSON object, got {type(record).__name__}")
+        yield f"line {line_no}", record
 
 
-def _records_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+def _records_json(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path} line {exc.lineno}", f"not valid JSON ({exc.msg})") from None
     items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list) else None
@@ -95,16 +103,14 @@ def _records_json(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield f"record {key!r}", record
 
 
-def _records_label_text(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    with open(path, encoding="utf-8-sig") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            parts = line.split(None, 1)
-            if len(parts) != 2:
-                raise DataError(f"{path} line {line_no}", f"expected 'label text', got {line[:60]!r}")
-            yield f"line {line_no}", {"label": parts[0], "text": parts[1]}
+def _records_label_text(path: Path, text: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for line_no, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise DataError(f"{path} line {line_no}", f"expected 'label text', got {line[:60]!r}")
+        yield f"line {line_no}", {"label": parts[0], "text": parts[1]}
 
 
 def _records_hf(task: TaskConfig, split: str, seed: int) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -123,6 +129,15 @@ def _records_hf(task: TaskConfig, split: str, seed: int) -> Iterator[tuple[str, 
         yield f"record {index}", dict(record)
 
 
+def _scalar(record: dict[str, Any], name: str, where: str, field_name: str) -> Any:
+    """A field's value, refused when it is a list or mapping (text and labels are scalars)."""
+    value = record[name]
+    if isinstance(value, (list, dict)):
+        raise DataError(where, f"field {name!r} for {field_name} holds a JSON {'list' if isinstance(value, list) else 'object'}, "
+                        "expected text or a number; point the task at a text field")
+    return value
+
+
 def _label_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -139,10 +154,10 @@ def _text(record: dict[str, Any], spec: str, where: str, field_name: str) -> str
         raise DataError(
             f"{where}: no field {missing[0]!r} for task.{field_name} (fields: {', '.join(map(str, record))})"
         )
+    values = {n: _scalar(record, n, where, f"task.{field_name}") for n in names}
     if "{" not in spec:
-        value = record[spec]
-        return "" if value is None else str(value)
-    return spec.format_map({n: "" if record[n] is None else record[n] for n in names})
+        return "" if values[spec] is None else str(values[spec])
+    return spec.format_map({n: "" if v is None else v for n, v in values.items()})
 
 
 def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
@@ -163,16 +178,18 @@ def read_examples(task: TaskConfig, split: str, seed: int = 0, path: str | Path 
         records = _records_hf(task, split, seed)
         source = f"{task.hf['path']}[{split}]"
     else:
+        field = "--input" if path is not None else f"task.{split}"
         file = Path(path if path is not None else split_path)
         if not file.is_file():
-            raise DataError("--input" if path is not None else f"task.{split}", f"file {file} does not exist")
+            raise DataError(field, f"file {file} does not exist")
         source = str(file)
+        text = read_text(file, field)
         readers = {
-            "tsv": lambda: _records_tsv_csv(file, task, "\t"),
-            "csv": lambda: _records_tsv_csv(file, task, ","),
-            "jsonl": lambda: _records_jsonl(file),
-            "json": lambda: _records_json(file),
-            "label_text": lambda: _records_label_text(file),
+            "tsv": lambda: _records_tsv_csv(file, text, task, "\t"),
+            "csv": lambda: _records_tsv_csv(file, text, task, ","),
+            "jsonl": lambda: _records_jsonl(file, text),
+            "json": lambda: _records_json(file, text),
+            "label_text": lambda: _records_label_text(file, text),
         }
         if task.format not in readers:
             raise DataError("task.format", f"{task.format!r} data cannot be read from a file; give a file in another format")
@@ -181,13 +198,13 @@ def read_examples(task: TaskConfig, split: str, seed: int = 0, path: str | Path 
     for position, record in records:
         where = f"{source} {position}"
         label = -1
+        if task.label not in record and require_labels:
+            raise DataError(where, f"no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
         if task.label in record:
-            value = _label_value(record[task.label])
+            value = _label_value(_scalar(record, task.label, where, "task.label"))
             if value not in label_index:
                 raise DataError(where, f"label {value!r} is not in task.labels {task.labels}")
             label = label_index[value]
-        elif require_labels:
-            raise DataError(where, f"no field {task.label!r} for task.label (fields: {', '.join(map(str, record))})")
         text_a = _text(record, task.text_a, where, "text_a")
         text_b = _text(record, task.text_b, where, "text_b") if task.text_b else None
         examples.append((position, Example(text_a, text_b, label)))

@@ -98,6 +98,15 @@ def average_gradients(params: Sequence[torch.nn.Parameter]) -> None:
         offset += n
 
 
+def any_rank(flag: torch.Tensor) -> bool:
+    """Whether ``flag`` (a boolean tensor) is true on any rank (one host sync)."""
+    if not _WORLD.active:
+        return bool(flag)
+    value = flag.to(torch.int32).reshape(1)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_parameters(params: Sequence[torch.nn.Parameter]) -> None:
     """Make every rank start from rank 0's values."""
     if not _WORLD.active:

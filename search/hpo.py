@@ -16,56 +16,24 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from spt.errors import ConfigError, UserError
+from spt.files import check_writable, write_text_atomic
 
+from . import lock
+from .callbacks import TrainingDiverged
 from .config import RunConfig, config_from_run_dict, dump_config
-from .pipeline import prepare, run_job
-from .runs import create_run_dir, open_run_dir
+from .pipeline import Prepared, prepare, run_job
+from .runs import RunDir, create_run_dir, open_run_dir
+from .storage import default_storage, open_storage, resolve_url, retry_callback, storage_file
 from .strategies import make_sampler
 
 logger = logging.getLogger("spt")
-
-
-def open_storage(url: str):
-    """An Optuna storage for ``url``; an unreachable or malformed one is a :class:`UserError`."""
-    import optuna
-
-    try:
-        if url.startswith("journal:"):
-            from optuna.storages.journal import JournalFileBackend
-
-            path = Path(url[len("journal:") :]).expanduser()
-            if not path.parent.is_dir():
-                raise UserError("--storage", f"folder {path.parent} of journal file {path.name} does not exist")
-            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
-        if "://" not in url:
-            raise UserError("--storage", f"{url!r} is not a storage URL; use sqlite:///file.db, postgresql://user@host/db or journal:/path/file.log")
-        return _rdb_storage(url)
-    except UserError:
-        raise
-    except Exception as exc:  # SQLAlchemy and drivers raise many types for an unreachable server
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError("--storage", f"cannot open {url!r} ({type(exc).__name__}: {first})") from None
-
-
-def _rdb_storage(url: str, attempts: int = 6):
-    """An RDB storage; workers that start together on an empty database race to create its
-    tables, and the losers of that race retry once the winner's tables exist."""
-    import optuna
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
-
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True})
-        except (IntegrityError, ProgrammingError):
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.5 * (attempt + 1))
 
 
 def _set_path(data: dict[str, Any], key: str, value: Any) -> None:
@@ -169,26 +137,71 @@ def trial_config(config: RunConfig, params: dict[str, Any]) -> RunConfig:
     return config_from_run_dict(data)
 
 
-def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: str | None = None,
+def hpo_root(config: RunConfig, out: str | Path | None = None) -> Path:
+    """The folder of the trial run directories (and of the default SQLite study)."""
+    return Path(out or config.hpo.out_dir or Path("runs") / f"hpo-{study_name(config)}")
+
+
+def storage_url(config: RunConfig, root: Path) -> str:
+    """``hpo.storage``, or the SQLite file ``spt-hpo.db`` in ``root``."""
+    return config.hpo.storage or default_storage(root)
+
+
+def check_destinations(config: RunConfig, root: Path) -> None:
+    """Refuse, before the study is created or opened, trial and storage folders that cannot be written."""
+    check_writable(root, "--out")
+    path = storage_file(resolve_url(storage_url(config, root)))
+    if path is not None:
+        check_writable(path, "--storage")
+
+
+def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: str | Path | None = None,
             progress: bool = False, timeout: float | None = None) -> Any:
     """Run ``trials`` trials in this worker (fewer if the study reaches ``max_trials``, or once
-    ``timeout`` seconds have passed: a trial running then is finished, no new one starts)."""
+    ``timeout`` seconds have passed: a trial running then is finished, no new one starts).
+
+    A trial interrupted here (Ctrl-C) is marked failed and not resumed; a trial whose worker
+    died (no heartbeat, or a dead process of this host on a journal storage) is failed and
+    retried with the same parameters in its own run directory, resuming from its checkpoint.
+    """
     import optuna
     from optuna.trial import TrialState
 
     check_space(config)
+    root = hpo_root(config, out)
+    check_destinations(config, root)
     prepare(config)  # the base config's data and backbone: a problem there is the user's, not a trial's
-    storage = open_storage(config.hpo.storage)
+    # Optuna's own lines (a study created, a trial failed with its traceback) would repeat ours.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    hpo = config.hpo
+    if hpo.storage is None:
+        root.mkdir(parents=True, exist_ok=True)  # the default study lives there
+    storage = open_storage(storage_url(config, root), hpo.heartbeat_interval, hpo.grace_period, hpo.max_retry)
     study = open_study(config, storage)
-    root = Path(out or config.hpo.out_dir or Path("runs") / f"hpo-{study.study_name}")
+    if not (hpo.heartbeat_interval and isinstance(storage, optuna.storages.RDBStorage)):
+        fail_dead_local_trials(study, hpo.max_retry)
     root.mkdir(parents=True, exist_ok=True)
+    callbacks = []
+    if max_trials is not None:
+        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+    if trials > 0:
+        study.optimize(make_objective(config, root, progress), n_trials=trials, timeout=timeout, callbacks=callbacks, catch=())
+    return study
+
+
+def make_objective(config: RunConfig, root: Path, progress: bool) -> Callable[[Any], float]:
+    """The objective: one trial's search, selection and retraining in ``root/trial-NNNN``."""
+    import optuna
+
     worker = f"{socket.gethostname()}:{os.getpid()}"
-    metric = config.task.metric
     base = config.to_dict()
 
     def objective(trial: optuna.Trial) -> float:
-        params = {key: _suggest(trial, key, spec, _get_path(base, key)) for key, spec in config.hpo.space.items()}
+        previous = trial.user_attrs.get("worker")  # set: a retry of a dead worker's trial
+        name = str(trial.user_attrs.get("run_dir") or f"trial-{trial.number:04d}")
         trial.set_user_attr("worker", worker)
+        trial.set_user_attr("run_dir", name)  # relative to --out: no user's folder layout in the study
+        params = {key: _suggest(trial, key, spec, _get_path(base, key)) for key, spec in config.hpo.space.items()}
         try:
             cfg = trial_config(config, params)
             prep = prepare(cfg)
@@ -199,35 +212,62 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
             trial.set_user_attr("invalid", str(exc))
             logger.info("trial %d: invalid combination (%s), pruned", trial.number, exc)
             raise optuna.TrialPruned() from None
-        # Trial numbers are unique within a study; a directory already there belongs to
-        # another study sharing this --out, and is refused rather than overwritten.
-        run = create_run_dir(open_run_dir(root / f"trial-{trial.number:04d}", cfg, ["search", "retrain"], create=False), cfg)
-        trial.set_user_attr("run_dir", str(run.path))
-        started = time.perf_counter()
+        if previous:
+            lock.known_dead(previous)
+            logger.warning("trial %d retries %s of dead worker %s, resuming from its checkpoint", trial.number, name, previous)
+        return _run_trial(trial, prep, root / name, params, retry=bool(previous), progress=progress)
 
-        def report(step: int, dev: float) -> None:
-            trial.report(dev, step)
-            if trial.should_prune():
-                raise optuna.TrialPruned()
+    return objective
 
+
+def _run_trial(trial: Any, prep: Prepared, path: Path, params: dict[str, Any], retry: bool, progress: bool) -> float:
+    import optuna
+
+    cfg, started = prep.config, time.perf_counter()
+    metric = cfg.task.metric
+    # A directory already there belongs to a retried trial (resumed; redone if its worker
+    # died after finishing it) or to another study sharing this --out (refused, not overwritten).
+    redo = retry and path.is_dir() and RunDir(path).done("retrain")
+    run = create_run_dir(open_run_dir(path, cfg, ["search", "retrain"], force=redo, create=False), cfg)
+
+    def report(step: int, dev: float) -> None:
+        trial.report(dev, step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    try:
         mask, metrics = run_job(prep, run, progress=progress, on_eval=report)
-        trial.set_user_attr("selected_layers", mask.selected_layers)
-        trial.set_user_attr("layer_scores", dict(zip(map(str, mask.candidate_layers), mask.scores)))
-        trial.set_user_attr("gates", [round(a, 4) for a in run.status()["search"]["alphas"]])
-        trial.set_user_attr("test", metrics["test"][metric])
-        score = metrics["dev"][metric]
-        logger.info("trial %d (%s): %s -> layers %s, dev %s %.4f (%.0fs)", trial.number, worker,
-                    ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
-                    mask.selected_layers, metric, score, time.perf_counter() - started)
-        return score
+    except TrainingDiverged as exc:
+        trial.set_user_attr("diverged", str(exc))
+        logger.info("trial %d: %s, pruned", trial.number, exc)
+        raise optuna.TrialPruned() from None
+    finally:
+        run.release()
+    trial.set_user_attr("selected_layers", mask.selected_layers)
+    trial.set_user_attr("layer_scores", dict(zip(map(str, mask.candidate_layers), mask.scores)))
+    trial.set_user_attr("gates", [round(a, 4) for a in run.status()["search"]["alphas"]])
+    trial.set_user_attr("test", metrics["test"][metric])
+    score = metrics["dev"][metric]
+    logger.info("trial %d (%s): %s -> layers %s, dev %s %.4f (%.0fs)", trial.number, trial.user_attrs["worker"],
+                ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
+                mask.selected_layers, metric, score, time.perf_counter() - started)
+    return score
 
-    callbacks = []
-    if max_trials is not None:
-        callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if trials > 0:
-        study.optimize(objective, n_trials=trials, timeout=timeout, callbacks=callbacks, catch=())
-    return study
+
+def fail_dead_local_trials(study: Any, max_retry: int | None) -> None:
+    """For storages without a heartbeat (journal files, ``hpo.heartbeat_interval: 0``): a
+    running trial whose worker is a dead process of this host is failed, and retried with
+    the same parameters. (With a heartbeat, Optuna does this before each trial.)"""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        host, _, pid = str(trial.user_attrs.get("worker", "")).rpartition(":")
+        if not (pid.isdigit() and lock.Holder(int(pid), host).stale()):
+            continue
+        failed = study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+        logger.warning("trial %d: its worker %s is dead; failed, and retried with the same parameters",
+                       trial.number, trial.user_attrs["worker"])
+        retry_callback(max_retry)(study, failed)
 
 
 def study_table(study) -> str:
@@ -248,16 +288,23 @@ def study_table(study) -> str:
 
 
 def export_best(config: RunConfig, study, path: str | Path, force: bool = False) -> Path:
-    """Write the best trial's full config: ``spt run PATH`` reproduces it."""
+    """Write the best trial's full config (storage password masked): ``spt run PATH`` reproduces it."""
     from optuna.trial import TrialState
 
     if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
         raise UserError("--export-best", f"study {study.study_name!r} has no completed trial yet")
     path = Path(path)
-    if path.exists() and not force:
-        raise UserError("--export-best", f"{path} already exists; pass --force to overwrite it")
+    check_export(path, force)
     best = trial_config(config, study.best_trial.params)
     text = f"# Best trial {study.best_trial.number} of study {study.study_name!r} (dev {study.best_trial.value:.4f}).\n"
-    path.write_text(text + dump_config(best))
-    yaml.safe_load(path.read_text())
-    return path
+    text += dump_config(best)
+    yaml.safe_load(text)
+    return write_text_atomic(path, text)
+
+
+def check_export(path: str | Path, force: bool) -> None:
+    """Refuse an ``--export-best`` file that exists (without ``force``) or cannot be written."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise UserError("--export-best", f"{path} already exists; pass --force to overwrite it")
+    check_writable(path, "--export-best")

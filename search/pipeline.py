@@ -26,7 +26,16 @@ from spt.serialization import load_prompt_model, save_prompt_model, write_model_
 from spt.trainable import TrainableModel
 
 from . import distributed
-from .callbacks import Checkpointer, DevEvaluator, GateHistory, MetricHistory, Progress, StepLimit, tensorboard_writer
+from .callbacks import (
+    Checkpointer,
+    DevEvaluator,
+    FiniteCheck,
+    GateHistory,
+    MetricHistory,
+    Progress,
+    StepLimit,
+    tensorboard_writer,
+)
 from .checkpoint import CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
@@ -189,7 +198,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{s.epochs} loss {loss:.3f} α {_format_gates(model.alphas())}"
 
-    callbacks: list[Callback] = [StepLimit(total)]
+    callbacks: list[Callback] = [StepLimit(total), FiniteCheck("search", (s.log_every, s.checkpoint_every), total)]
     if distributed.is_main():  # under torchrun only rank 0 writes
         callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every),
                       MetricHistory(run.file("metrics.csv"), "search", layers, s.epochs, tensorboard=_tensorboard(prep, run))]
@@ -303,7 +312,7 @@ def train_and_evaluate(
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
 
-    callbacks: list[Callback] = [dev]
+    callbacks: list[Callback] = [FiniteCheck("retrain", (r.eval_every,), total), dev]
     if run is not None and distributed.is_main():
         candidates = config.prompt.candidates(prep.backbone.num_layers)
         callbacks.append(MetricHistory(run.file("metrics.csv"), desc, candidates, r.epochs, dev, _tensorboard(prep, run)))

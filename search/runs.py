@@ -1,5 +1,6 @@
-"""Run directories: creation without silent overwrites, resume detection, the recorded
-config and environment, the log, and per-stage status."""
+"""Run directories: creation without silent overwrites, resume detection, the lock and
+the manifest of what spt wrote, the recorded config and environment, the log, and
+per-stage status."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import logging
 import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Iterable
@@ -18,12 +18,19 @@ from typing import Any
 import yaml
 
 from spt.errors import UserError
+from spt.files import check_writable, read_text, write_json_atomic, write_text_atomic
 
-from .config import RunConfig, dump_config, run_identity
+from . import lock
+from .config import RunConfig, config_from_run_dict, dump_config, run_identity
+from .manifest import MANIFEST_FILE, Manifest
+from .storage import mask_secrets
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
+ENVIRONMENT_FILE = "environment.json"
 DEFAULT_ROOT = Path("runs")
+BOOKKEEPING = (MANIFEST_FILE, lock.LOCK_FILE)  # what an otherwise empty run directory may hold
+DAMAGED_FIX = "restore it, or pass --force to start this run over (spt deletes only the files it wrote)"
 
 
 def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
@@ -37,33 +44,84 @@ def _first_difference(a: Any, b: Any, prefix: str = "") -> str | None:
 
 
 class RunDir:
-    """A run directory and what is known about its stages."""
+    """A run directory and what is known about its stages.
 
-    def __init__(self, path: Path) -> None:
+    While a job writes the directory (after :meth:`open_for_writing`), every name asked
+    for with :meth:`file` is recorded in the directory's manifest: the one place where
+    run files are named is the one place that records them.
+    """
+
+    def __init__(self, path: Path, stages: Iterable[str] = ()) -> None:
         self.path = path
+        self.stages = list(stages)  # what the job that opens it will write
         self.resume = False  # an unfinished run with the same config, to be continued
-        self.clear = False  # --force: remove what is there before writing
+        self.clear = False  # --force: remove what spt wrote there before writing
+        self.manifest: Manifest | None = None  # set while this job writes the directory
 
     def file(self, name: str) -> Path:
+        if self.manifest is not None:
+            self.manifest.add(name)
         return self.path / name
 
+    def has_content(self) -> bool:
+        """Whether the directory holds anything beyond spt's lock and manifest."""
+        return self.path.is_dir() and any(p.name not in BOOKKEEPING for p in self.path.iterdir())
+
+    def open_for_writing(self) -> None:
+        """Take the directory's lock and its manifest (a new one if it has none)."""
+        lock.acquire(self.path)
+        self.manifest = Manifest.read(self.path) or Manifest(self.path, self.stages)
+
+    def release(self) -> None:
+        lock.release(self.path)
+
     def status(self) -> dict[str, Any]:
-        path = self.file(STATUS_FILE)
-        return json.loads(path.read_text()) if path.is_file() else {}
+        path = self.path / STATUS_FILE
+        if not path.is_file():
+            return {}
+        try:
+            status = json.loads(read_text(path, str(path)))
+        except json.JSONDecodeError as exc:
+            raise UserError(str(path), f"is damaged (not valid JSON: {exc.msg}, line {exc.lineno}); {DAMAGED_FIX}") from None
+        if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
+            raise UserError(str(path), f"is damaged (not a mapping of stage -> status); {DAMAGED_FIX}")
+        return status
 
     def mark(self, stage: str, **info: Any) -> None:
         status = self.status()
         status[stage] = {"done": True, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}
-        tmp = self.file(STATUS_FILE + ".tmp")
-        tmp.write_text(json.dumps(status, indent=2) + "\n")
-        tmp.replace(self.file(STATUS_FILE))
+        write_json_atomic(self.file(STATUS_FILE), status)
 
     def done(self, stage: str) -> bool:
         return bool(self.status().get(stage, {}).get("done"))
 
     def recorded_config(self) -> dict[str, Any] | None:
-        path = self.file(CONFIG_FILE)
-        return yaml.safe_load(path.read_text()) if path.is_file() else None
+        path = self.path / CONFIG_FILE
+        if not path.is_file():
+            return None
+        try:
+            data = yaml.safe_load(read_text(path, str(path)))
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UserError(str(path), f"is damaged (not valid YAML: {problem}); {DAMAGED_FIX}") from None
+        if not isinstance(data, dict):
+            raise UserError(str(path), f"is damaged (not a mapping of config sections); {DAMAGED_FIX}")
+        return data
+
+    def config(self) -> RunConfig:
+        """The run's recorded config, checked like any config (errors name the file)."""
+        recorded = self.recorded_config()
+        if recorded is None:
+            raise UserError("run_dir", f"{self.path} has no config.yaml; is it an spt run directory?")
+        try:
+            return config_from_run_dict(recorded)
+        except UserError as exc:
+            raise UserError(str(self.path / CONFIG_FILE), f"{exc}; {DAMAGED_FIX}") from None
+
+    def recorded_stages(self) -> set[str]:
+        """The stages of the job(s) that wrote the directory: its manifest's and its status's."""
+        manifest = Manifest.read(self.path)
+        return set(manifest.stages if manifest else ()) | set(self.status())
 
 
 def default_run_path(task: str, root: Path = DEFAULT_ROOT) -> Path:
@@ -83,49 +141,74 @@ def open_run_dir(
     """The run directory for a job made of ``stages``: new, or reopened to resume.
 
     * a new or empty directory is used as is;
-    * a run directory with the same config whose stages are not all done is resumed;
-    * a finished run, or one with another config, is refused unless ``force`` (which
-      clears it); a non-empty directory that is not a run directory is always refused.
+    * a run directory with the same config, written by a job whose stages are among
+      ``stages``, whose stages are not all done, is resumed;
+    * a finished run, one with another config, or one holding another job's stages is
+      refused unless ``force``, which deletes what its manifest lists (and nothing else);
+    * a non-empty directory without a manifest is never cleared, and without a config
+      never used; a directory another live job holds (its lock) is refused.
 
     With ``create=False`` only the checks run and nothing is written, so a job can
     refuse bad input before it leaves anything behind; call :func:`create_run_dir` next.
     """
     path = Path(out) if out is not None else default_run_path(config.task.name)
-    run = RunDir(path)
+    run = RunDir(path, stages)
     if path.exists() and not path.is_dir():
         raise UserError("--out", f"{path} is a file, not a directory")
-    if path.is_dir() and any(path.iterdir()):
-        recorded = run.recorded_config()
-        if recorded is None:
-            raise UserError("--out", f"{path} is not empty and is not an spt run directory; choose a new or empty directory")
+    check_writable(path, "--out")
+    if path.is_dir():
+        lock.check_free(path)
+    if run.has_content():
         if force:
+            if Manifest.read(path) is None:
+                raise UserError("--out", f"{path} is not empty and is not an spt run directory with a manifest "
+                                f"({MANIFEST_FILE}), so --force deletes nothing there; choose a new or empty directory")
             run.clear = True
         else:
-            if with_compare:  # a comparison's result depends on its strategies and seeds too
-                diff = _first_difference({k: v for k, v in recorded.items() if k != "runtime"},
-                                         {k: v for k, v in config.to_dict().items() if k != "runtime"})
-            else:
-                diff = _first_difference(run_identity(recorded), config.identity())
-            if diff is not None:
-                raise UserError(
-                    f"--out: {path} holds a run with a different config ({diff} differs); "
-                    "choose another --out, or pass --force to replace that run"
-                )
-            if all(run.done(stage) for stage in stages):
-                raise UserError("--out", f"{path} already holds this finished run; pass --force to run it again")
+            _check_resumable(run, config, with_compare)
             run.resume = True
     return create_run_dir(run, config) if create else run
 
 
+def _check_resumable(run: RunDir, config: RunConfig, with_compare: bool) -> None:
+    """Refuse (without --force) a directory this job must not continue."""
+    path = run.path
+    recorded = run.recorded_config()
+    if recorded is None:
+        raise UserError("--out", f"{path} is not empty and is not an spt run directory; choose a new or empty directory")
+    if with_compare:  # a comparison's result depends on its strategies and seeds too
+        diff = _first_difference({k: v for k, v in recorded.items() if k != "runtime"},
+                                 {k: v for k, v in config.to_dict().items() if k != "runtime"})
+    else:
+        diff = _first_difference(run_identity(recorded), config.identity())
+    if diff is not None:
+        raise UserError(
+            f"--out: {path} holds a run with a different config ({diff} differs); "
+            "choose another --out, or pass --force to replace that run"
+        )
+    foreign = sorted(run.recorded_stages() - set(run.stages))
+    if foreign:
+        raise UserError("--out", f"{path} holds another job's results (stage {', '.join(foreign)}), which this job "
+                        f"({', '.join(run.stages)}) would overwrite; choose another --out, or pass --force to replace them")
+    if all(run.done(stage) for stage in run.stages):
+        raise UserError("--out", f"{path} already holds this finished run; pass --force to run it again")
+
+
 def create_run_dir(run: RunDir, config: RunConfig) -> RunDir:
-    """Write what :func:`open_run_dir` decided: clear (``--force``), create, record."""
+    """Write what :func:`open_run_dir` decided: lock, clear (``--force``), create, record."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.open_for_writing()
+    assert run.manifest is not None
     if run.clear:
-        shutil.rmtree(run.path)
+        run.manifest.clear()
         run.clear = False
+    elif not run.resume and run.has_content():
+        run.release()
+        raise UserError("--out", f"{run.path} was written by another job meanwhile; choose another --out")
+    run.manifest.add_stages(run.stages)
     if not run.resume:
-        run.path.mkdir(parents=True, exist_ok=True)
-        (run.path / CONFIG_FILE).write_text(dump_config(config))
-        (run.path / "environment.json").write_text(json.dumps(environment(), indent=2) + "\n")
+        write_text_atomic(run.file(CONFIG_FILE), dump_config(config))
+        write_json_atomic(run.file(ENVIRONMENT_FILE), environment())
     return run
 
 
@@ -145,10 +228,17 @@ def environment() -> dict[str, Any]:
         "packages": packages,
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "command": _private(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "pid": os.getpid(),
     }
+
+
+def _private(text: str) -> str:
+    """``text`` with storage passwords masked and the home folder written ``~``."""
+    home = str(Path.home())
+    text = mask_secrets(text)
+    return text.replace(home + os.sep, "~" + os.sep) if home not in ("", os.sep) else text
 
 
 class _TqdmHandler(logging.StreamHandler):

@@ -18,6 +18,7 @@ layer are not separated beyond it.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -25,8 +26,10 @@ from pathlib import Path
 from typing import Any
 
 from spt.errors import UserError
-from spt.files import write_json_atomic
+from spt.files import read_text, write_json_atomic
+from spt.hub import same_model
 from spt.phm import phm_parameter_count
+from spt.typed import field_types, typed
 
 MASK_FORMAT = "spt-layer-mask"
 MASK_VERSION = 2  # 2 adds method, spread, uncertain, gate_scores, perturbation_scores
@@ -176,7 +179,7 @@ def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | N
     if not path.is_file():
         raise UserError(where, "file does not exist")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(read_text(path, where))
     except json.JSONDecodeError as exc:
         raise UserError(where, f"not valid JSON (line {exc.lineno}: {exc.msg})") from None
     if not isinstance(data, dict) or data.get("format") != MASK_FORMAT:
@@ -191,9 +194,23 @@ def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | N
     unknown = sorted(set(data) - set(LayerMask.__dataclass_fields__))
     if unknown:
         raise UserError(where, f"unknown field {unknown[0]!r}")
-    mask = LayerMask(**data)
+    types = field_types(LayerMask)
+    mask = LayerMask(**{name: typed(value, types[name], f"{where}: field {name}", UserError) for name, value in data.items()})
+    _check_mask(mask, where)
+    if backbone is not None and not same_model(mask.backbone, backbone):
+        raise UserError(
+            f"{where}: made for backbone {mask.backbone!r}, but the config uses {backbone!r}; "
+            f"retrain with --set model.backbone={mask.backbone} or search again for this backbone"
+        )
+    if num_layers is not None and mask.num_layers != num_layers:
+        raise UserError(where, f"made for {mask.num_layers} layers, but the backbone has {num_layers}")
+    return mask
+
+
+def _check_mask(mask: LayerMask, where: str) -> None:
+    """The fields of a mask agree with each other."""
     n = mask.num_layers
-    if not isinstance(n, int) or n < 1:
+    if n < 1:
         raise UserError(where, f"field num_layers must be a positive integer, got {n!r}")
     if len(mask.mask) != n or any(v not in (0, 1) for v in mask.mask):
         raise UserError(where, f"field mask must be {n} values of 0/1, got {mask.mask}")
@@ -201,20 +218,14 @@ def read_mask(path: str | Path, backbone: str | None = None, num_layers: int | N
         raise UserError(where, f"fields mask and selected_layers disagree ({mask.mask} vs {mask.selected_layers})")
     if not mask.selected_layers:
         raise UserError(where, "field selected_layers is empty")
+    if not set(mask.candidate_layers) <= set(range(n)) or len(set(mask.candidate_layers)) != len(mask.candidate_layers):
+        raise UserError(where, f"field candidate_layers must be distinct layers in 0..{n - 1}, got {mask.candidate_layers}")
     if not set(mask.selected_layers) <= set(mask.candidate_layers):
         raise UserError(where, f"selected_layers {mask.selected_layers} are not all in candidate_layers {mask.candidate_layers}")
     if len(mask.scores) != len(mask.candidate_layers):
         raise UserError(where, f"field scores has {len(mask.scores)} values for {len(mask.candidate_layers)} candidate layers")
     if mask.k != len(mask.selected_layers):
         raise UserError(where, f"field k={mask.k} but {len(mask.selected_layers)} layers are selected")
-    if backbone is not None and mask.backbone != backbone:
-        raise UserError(
-            f"{where}: made for backbone {mask.backbone!r}, but the config uses {backbone!r}; "
-            f"retrain with --set model.backbone={mask.backbone} or search again for this backbone"
-        )
-    if num_layers is not None and n != num_layers:
-        raise UserError(where, f"made for {n} layers, but the backbone has {num_layers}")
-    return mask
 
 
 # ---------------------------------------------------------------------- gate history
@@ -224,22 +235,36 @@ GATES_HEADER = ["step", "epoch", "layer", "alpha"]
 
 
 def read_gate_history(path: Path) -> list[dict[str, Any]]:
-    """Rows of ``gates.csv`` as dicts with typed values."""
+    """Rows of ``gates.csv`` as dicts with typed values; a damaged row names its line."""
     if not path.is_file():
         raise UserError(path.parent, f"no gate history ({path.name}); is it a finished or running search directory?")
-    with open(path, newline="") as handle:
-        reader = csv.DictReader(handle)
-        if reader.fieldnames != GATES_HEADER:
-            raise UserError(path, f"header must be {','.join(GATES_HEADER)}, got {reader.fieldnames}")
-        rows = []
-        for line_no, row in enumerate(reader, start=2):
-            try:
-                rows.append({"step": int(row["step"]), "epoch": int(row["epoch"]), "layer": int(row["layer"]), "alpha": float(row["alpha"])})
-            except (TypeError, ValueError):
-                raise UserError(f"{path} line {line_no}", f"not a valid gate row: {row}") from None
+    reader = csv.reader(io.StringIO(read_text(path, str(path)), newline=""))
+    rows = []
+    try:
+        header = next(reader, None)
+        if header != GATES_HEADER:
+            raise UserError(path, f"header must be {','.join(GATES_HEADER)}, got {header}")
+        for row in reader:
+            if row:
+                rows.append(_gate_row(row, f"{path} line {reader.line_num}"))
+    except csv.Error as exc:
+        raise UserError(f"{path} line {reader.line_num}", f"not a valid gate row ({exc})") from None
     if not rows:
         raise UserError(path, "the gate history is empty; the search logged no step")
     return rows
+
+
+def _gate_row(row: list[str], where: str) -> dict[str, Any]:
+    problem = f"not a valid gate row: {row}; the gate history is damaged (search again with --force)"
+    if len(row) != len(GATES_HEADER):
+        raise UserError(where, problem)
+    try:
+        step, epoch, layer, alpha = int(row[0]), int(row[1]), int(row[2]), float(row[3])
+    except ValueError:
+        raise UserError(where, problem) from None
+    if min(step, epoch, layer) < 0 or not 0 <= alpha <= 1:  # a gate is a probability (NaN fails too)
+        raise UserError(where, problem)
+    return {"step": step, "epoch": epoch, "layer": layer, "alpha": alpha}
 
 
 def gate_scores(rows: list[dict[str, Any]], candidates: list[int], average_last: int = 1) -> tuple[list[float], list[float]]:

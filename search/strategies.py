@@ -78,6 +78,11 @@ class Context:
     workdir: Path
     progress: bool = False
     score_test: bool = False  # exhaustive/optuna: also score test for each trial (the benchmark's oracle)
+    run: RunDir | None = None  # the comparison's run directory, whose manifest records what strategies write
+
+    def folder(self, name: str) -> Path:
+        """A folder in ``workdir`` for a strategy's files (recorded in the run's manifest)."""
+        return self.run.file(name) if self.run is not None else self.workdir / name
 
 
 def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None, method: str = "fixed") -> LayerMask:
@@ -218,7 +223,7 @@ class SptStrategy(Strategy):
     name = "spt"
 
     def propose(self, prep: Prepared, ctx: Context) -> list[Proposal]:
-        run = RunDir(ctx.workdir / f"spt-seed{prep.config.seed}")
+        run = RunDir(ctx.folder(f"spt-seed{prep.config.seed}"))
         run.path.mkdir(parents=True, exist_ok=True)
         if run.done("search"):  # an interrupted comparison: the search itself had finished
             done = run.status()["search"]

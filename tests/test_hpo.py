@@ -3,65 +3,21 @@ export, and refusals that leave the study untouched."""
 
 from __future__ import annotations
 
-import glob
 import os
-import shutil
-import socket
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-import pytest
-from helpers import tiny_config
+from helpers import free_port, spt_command, spt_env, tiny_config
 
 from search.cli import main
 
-REPO = Path(__file__).resolve().parent.parent
 HPO = {"hpo": {"space": {"search.lr": {"low": 1e-3, "high": 1e-2, "log": True}, "select.k": [1, 2]}}, "search": {"epochs": 1}}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def postgres_url():
-    """``SPT_TEST_POSTGRES_URL`` (CI starts a cluster), else a throw-away cluster started here."""
-    if os.environ.get("SPT_TEST_POSTGRES_URL"):
-        yield os.environ["SPT_TEST_POSTGRES_URL"]
-        return
-    bins = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
-    if not bins:
-        pytest.skip("no PostgreSQL server here (.ci/run installs one and sets SPT_TEST_POSTGRES_URL)")
-    pytest.importorskip("psycopg2")
-    bindir = Path(bins[-1]).parent
-    root = Path(tempfile.mkdtemp(prefix="spt-pg-"))  # outside pytest's root-only tmp tree
-    run_as = []
-    if os.geteuid() == 0:  # the server refuses to run as root
-        if shutil.which("runuser") is None:
-            pytest.skip("running as root without runuser")
-        os.chmod(root, 0o777)
-        run_as = ["runuser", "-u", "postgres", "--"]
-    data, port = root / "data", _free_port()
-    subprocess.run([*run_as, str(bindir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"], check=True, capture_output=True)
-    subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                    f"-p {port} -k {root} -c listen_addresses=127.0.0.1", "start"], check=True, capture_output=True)
-    try:
-        yield f"postgresql+psycopg2://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run([*run_as, str(bindir / "pg_ctl"), "-D", str(data), "-m", "fast", "stop"], capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
-
-
 def _two_workers(config: Path, storage: str, study: str, out: Path, trials: int = 2) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "search", "hpo", str(config), "--trials", str(trials), "--storage", storage,
-               "--study", study, "--out", str(out), "--quiet"]
-    workers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    command = spt_command("hpo", config, "--trials", trials, "--storage", storage, "--study", study, "--out", out, "--quiet")
+    workers = [subprocess.Popen(command, env=spt_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     for w in workers:
         stdout, stderr = w.communicate(timeout=600)
         assert w.returncode == 0, stderr
@@ -79,7 +35,7 @@ def _check_cooperation(storage_url: str, study: str, out: Path, expected: int) -
     assert all(t.state == TrialState.COMPLETE for t in trials)
     workers = [t.user_attrs["worker"] for t in trials]
     assert len(set(workers)) == 2 and all(workers.count(w) == expected // 2 for w in set(workers))
-    dirs = [Path(t.user_attrs["run_dir"]) for t in trials]
+    dirs = [out / t.user_attrs["run_dir"] for t in trials]  # relative: the study keeps no user's folder layout
     assert len(set(dirs)) == expected and all((d / "metrics.json").is_file() for d in dirs)
     assert sorted(p.name for p in out.iterdir()) == [f"trial-{i:04d}" for i in range(expected)]
 
@@ -109,7 +65,7 @@ def test_two_workers_share_a_journal_file_and_a_rerun_continues(tmp_path, tiny_b
 
 def test_bad_storage_and_conflicting_study_are_refused_without_harm(tmp_path, tiny_bert, capsys):
     config = tiny_config(tmp_path, tiny_bert, **HPO)
-    port = _free_port()
+    port = free_port()
     code = main(["hpo", str(config), "--trials", "1", "--storage", f"postgresql+psycopg2://nobody@127.0.0.1:{port}/x", "--quiet"])
     assert code == 2 and "--storage: cannot" in capsys.readouterr().err
     assert main(["hpo", str(config), "--trials", "1", "--storage", "nonsense", "--quiet"]) == 2

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import json
-import os
-import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import assert_same_gates, kill_during_search, spt_command, spt_env, tiny_config
 
 from search.cli import main
 from search.config import SearchConfig, load_config
@@ -21,8 +16,6 @@ from search.pipeline import build_supernet, prepare
 from search.schedule import search_schedule
 from search.selection import Ranking, read_gate_history, read_mask, select_layers
 from search.trainer import Trainer
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _gate_rows(run_dir: Path) -> list[dict]:
@@ -162,34 +155,18 @@ def test_retrain_refuses_bad_masks(tmp_path, tiny_bert, tiny_models, capsys):
 
 def test_kill_and_resume_reaches_the_same_gates(tmp_path, tiny_bert):
     config = tiny_config(tmp_path, tiny_bert, n_train=160, search={"epochs": 3, "checkpoint_every": 3})
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    command = [sys.executable, "-m", "search", "search", str(config), "--quiet"]
+    command = spt_command("search", config, "--quiet")
 
     reference = tmp_path / "reference"
-    subprocess.run([*command, "--out", str(reference)], check=True, env=env, capture_output=True)
+    subprocess.run([*command, "--out", str(reference)], check=True, env=spt_env(), capture_output=True)
 
     interrupted = tmp_path / "interrupted"
-    proc = subprocess.Popen([*command, "--out", str(interrupted)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        gates = interrupted / "gates.csv"
-        if (interrupted / "checkpoint.safetensors").exists() and gates.exists():
-            with open(gates) as handle:
-                if sum(1 for _ in csv.reader(handle)) > 4 * 25:  # past step 24 of 60
-                    break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (interrupted / "status.json").exists(), "the search finished before it could be killed"
+    kill_during_search([*command, "--out", str(interrupted)], interrupted, past_step=24)  # of 60
 
-    resumed = subprocess.run([*command, "--out", str(interrupted)], env=env, capture_output=True, text=True)
+    resumed = subprocess.run([*command, "--out", str(interrupted)], env=spt_env(), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming the search from step" in (interrupted / "log.txt").read_text()
-    ref_rows, new_rows = _gate_rows(reference), _gate_rows(interrupted)
-    assert [(r["step"], r["layer"]) for r in new_rows] == [(r["step"], r["layer"]) for r in ref_rows]
-    for a, b in zip(ref_rows, new_rows):
-        assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
-    assert read_mask(reference / "layer_mask.json").selected_layers == read_mask(interrupted / "layer_mask.json").selected_layers
+    assert_same_gates(reference, interrupted)
 
 
 def test_bf16_autocast_run(tmp_path, tiny_bert):

@@ -1,0 +1,83 @@
+"""The manifest of a run directory: what spt wrote there, so that ``--force`` deletes
+exactly that.
+
+``.spt-manifest.json`` lists the job's stages and every top-level file and folder spt
+created in the directory; :class:`~search.runs.RunDir` adds a name the first time a job
+writing the directory asks for it. Clearing deletes the listed names (and a ``.tmp`` left
+by an interrupted write of one of them), never anything else: a user's own files stay,
+and a folder without a manifest is never cleared.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+from spt.errors import UserError
+from spt.files import read_text, write_json_atomic
+
+MANIFEST_FILE = ".spt-manifest.json"
+FORMAT = "spt-run-manifest"
+
+
+class Manifest:
+    """The job's ``stages`` and the ``entries`` (top-level names) spt wrote in ``directory``."""
+
+    def __init__(self, directory: Path, stages: Iterable[str] = (), entries: Iterable[str] = ()) -> None:
+        self.directory = directory
+        self.stages = sorted(set(stages))
+        self.entries = set(entries)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / MANIFEST_FILE
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest | None:
+        """The manifest of ``directory`` (``None``: it has none); a damaged one is a :class:`UserError`."""
+        path = directory / MANIFEST_FILE
+        if not path.is_file():
+            return None
+        fix = "restore it, or remove the folder yourself (spt deletes only files a manifest lists)"
+        try:
+            data = json.loads(read_text(path, "--out"))
+        except json.JSONDecodeError as exc:
+            raise UserError("--out", f"{path} is damaged (not valid JSON: {exc.msg}); {fix}") from None
+        entries, stages = (data.get(k) if isinstance(data, dict) else None for k in ("entries", "stages"))
+        if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(stages, list)
+                and isinstance(entries, list) and all(_plain_name(e) for e in entries)):
+            raise UserError("--out", f"{path} is damaged (not an {FORMAT} with stages and entries); {fix}")
+        return cls(directory, map(str, stages), entries)
+
+    def add(self, name: str) -> None:
+        """Record that spt writes the top-level entry holding ``name`` (saved at once)."""
+        top = Path(name).parts[0]
+        if top not in self.entries and top != MANIFEST_FILE:
+            self.entries.add(top)
+            self.save()
+
+    def add_stages(self, stages: Iterable[str]) -> None:
+        self.stages = sorted(set(self.stages) | set(stages))
+        self.save()
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"format": FORMAT, "version": 1, "stages": self.stages, "entries": sorted(self.entries)})
+
+    def clear(self) -> None:
+        """Delete every listed entry (and its ``.tmp``); the manifest then lists nothing, no stage either."""
+        for name in sorted(self.entries):
+            for path in (self.directory / name, self.directory / (name + ".tmp")):
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        self.entries.clear()
+        self.stages = []
+        self.save()
+
+
+def _plain_name(entry: object) -> bool:
+    """A name inside the directory: no separator, not ``..`` (a manifest never reaches outside)."""
+    return isinstance(entry, str) and entry not in ("", ".", "..") and "/" not in entry and "\\" not in entry
