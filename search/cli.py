@@ -67,6 +67,11 @@ def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
     p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
     p.add_argument("--export-best", metavar="FILE", help="write the best trial's config, runnable with spt run")
+    p.add_argument("--max-params", type=int, metavar="N", help="--export-best: the best trial with at most N trainable parameters")
+    p.add_argument("--objectives", nargs="+", choices=["dev", "params", "step_ms"],
+                   help="what each trial reports (default: hpo.objectives, dev); more than one: a multi-objective study")
+    p.add_argument("--mode", choices=["search", "subsets"], help="search: SPT's search per trial (default); "
+                   "subsets: each trial retrains a layer subset it suggests (default: hpo.mode)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     p.add_argument("--force", action="store_true", help="overwrite the --export-best file")
     p.add_argument("--quiet", action="store_true", help="only warnings and the final table")
@@ -355,6 +360,12 @@ def cmd_hpo(args: argparse.Namespace) -> int:
         extra.append(f"hpo.storage={args.storage}")
     if args.study:
         extra.append(f"hpo.study={args.study}")
+    if args.objectives:
+        extra.append("hpo.objectives=[" + ", ".join(args.objectives) + "]")
+    if args.mode:
+        extra.append(f"hpo.mode={args.mode}")
+    if args.max_params is not None and args.max_params < 1:
+        raise UserError("--max-params", f"must be at least 1, got {args.max_params}")
     config = load_config(args.config, extra)
     if args.export_best:
         check_export(args.export_best, args.force)  # before the study is created or run
@@ -364,7 +375,7 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out, timeout=args.timeout)
     print(study_table(study))
     if args.export_best:
-        print(f"wrote {export_best(config, study, args.export_best, force=args.force)}")
+        print(f"wrote {export_best(config, study, args.export_best, force=args.force, max_params=args.max_params)}")
     return 0
 
 

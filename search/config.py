@@ -112,6 +112,7 @@ class TaskConfig(Section):
 
 
 SCHEDULERS = ("constant", "linear", "cosine")
+OBJECTIVES = {"dev": "maximize", "params": "minimize", "step_ms": "minimize"}
 
 
 def _check_schedule(section: Section) -> None:
@@ -339,6 +340,14 @@ class HpoConfig(Section):
         grace_period: seconds without a heartbeat after which a trial counts as dead, is
             failed and retried (null: twice ``heartbeat_interval``).
         max_retry: how often a dead worker's trial is retried with the same parameters.
+        objectives: what a trial reports: ``dev`` (the retrained dev score, maximised),
+            ``params`` (trainable parameters) and ``step_ms`` (a training step's time), both
+            minimised. More than one makes a multi-objective study (TPE or ``nsga2``, no
+            pruning) whose Pareto front is written as ``pareto.md`` and ``pareto.png``.
+        mode: ``search``: each trial runs SPT's search, selection and retraining; ``subsets``:
+            each trial retrains a layer subset it suggests itself (one yes/no per candidate
+            layer, AutoPEFT style), with the suggested values of ``space`` - a black-box
+            search to compare SPT's single-search front with.
     """
 
     space: dict[str, Any] = field(default_factory=_default_space)
@@ -350,11 +359,17 @@ class HpoConfig(Section):
     heartbeat_interval: int = 60
     grace_period: int | None = None
     max_retry: int = 2
+    objectives: list[str] = field(default_factory=lambda: ["dev"])
+    mode: str = "search"
 
     SECTION: ClassVar[str] = "hpo"
 
     def check(self) -> None:
         self.one_of("pruner", ("median", "none"))
+        self.one_of("mode", ("search", "subsets"))
+        bad = [o for o in self.objectives if o not in OBJECTIVES]
+        self.require("objectives", not bad and self.objectives and "dev" in self.objectives and len(set(self.objectives)) == len(self.objectives),
+                     f"a list of distinct objectives among {', '.join(OBJECTIVES)} holding dev")
         self.non_negative("heartbeat_interval", "max_retry")
         self.positive("grace_period")
 

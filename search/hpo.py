@@ -27,9 +27,10 @@ from spt.files import check_writable, write_text_atomic
 
 from . import lock
 from .callbacks import TrainingDiverged
-from .config import RunConfig, config_from_run_dict, dump_config
-from .pipeline import Prepared, prepare, run_job
+from .config import OBJECTIVES, RunConfig, config_from_run_dict, dump_config
+from .pipeline import Prepared, prepare, run_job, run_retrain, write_metrics
 from .runs import RunDir, create_run_dir, open_run_dir
+from .selection import write_mask
 from .storage import default_storage, open_storage, resolve_url, retry_callback, storage_file
 from .strategies import make_sampler
 
@@ -86,14 +87,16 @@ def open_study(config: RunConfig, storage):
     import optuna
 
     name = study_name(config)
-    space = json.dumps(config.hpo.space, sort_keys=True)
+    hpo = config.hpo
+    space = json.dumps({"space": hpo.space, "objectives": hpo.objectives, "mode": hpo.mode}, sort_keys=True)
     fingerprint = _fingerprint(config)
     try:
         existing = optuna.study.get_all_study_names(storage)
     except Exception as exc:
         raise UserError("--storage", f"cannot read studies ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    sampler = make_sampler(config.hpo.sampler, config.seed + os.getpid())
-    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if config.hpo.pruner == "median" else optuna.pruners.NopPruner()
+    sampler = make_sampler(hpo.sampler, config.seed + os.getpid(), "hpo.sampler")
+    single = len(hpo.objectives) == 1  # (Optuna cannot prune a multi-objective trial)
+    pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if hpo.pruner == "median" and single else optuna.pruners.NopPruner()
     if name in existing:
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
         attrs = study.user_attrs
@@ -107,8 +110,8 @@ def open_study(config: RunConfig, storage):
             return study
         if attrs.get("spt_space") != space:
             raise UserError(
-                f"--study: study {name!r} exists with another search space ({attrs.get('spt_space')}); "
-                "choose another --study name or use the same hpo.space"
+                f"--study: study {name!r} exists with another search space, objectives or mode ({attrs.get('spt_space')}); "
+                "choose another --study name or use the same hpo.space, hpo.objectives and hpo.mode"
             )
         if attrs.get("spt_config") != fingerprint:
             raise UserError(
@@ -117,7 +120,7 @@ def open_study(config: RunConfig, storage):
             )
         return study
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
-                                direction="maximize", load_if_exists=True)
+                                directions=[OBJECTIVES[o] for o in hpo.objectives], load_if_exists=True)
     _record_settings(study, space, fingerprint, config.task.metric)
     return study
 
@@ -186,6 +189,8 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if trials > 0:
         study.optimize(make_objective(config, root, progress), n_trials=trials, timeout=timeout, callbacks=callbacks, catch=())
+    if len(hpo.objectives) > 1 and study.best_trials:
+        write_pareto(study, root, config.task.metric)
     return study
 
 
@@ -202,6 +207,7 @@ def make_objective(config: RunConfig, root: Path, progress: bool) -> Callable[[A
         trial.set_user_attr("worker", worker)
         trial.set_user_attr("run_dir", name)  # relative to --out: no user's folder layout in the study
         params = {key: _suggest(trial, key, spec, _get_path(base, key)) for key, spec in config.hpo.space.items()}
+        layers = _suggest_layers(trial, config) if config.hpo.mode == "subsets" else None
         try:
             cfg = trial_config(config, params)
             prep = prepare(cfg)
@@ -215,28 +221,47 @@ def make_objective(config: RunConfig, root: Path, progress: bool) -> Callable[[A
         if previous:
             lock.known_dead(previous)
             logger.warning("trial %d retries %s of dead worker %s, resuming from its checkpoint", trial.number, name, previous)
-        return _run_trial(trial, prep, root / name, params, retry=bool(previous), progress=progress)
+        return _run_trial(trial, prep, root / name, params, retry=bool(previous), progress=progress, layers=layers)
 
     return objective
 
 
-def _run_trial(trial: Any, prep: Prepared, path: Path, params: dict[str, Any], retry: bool, progress: bool) -> float:
+def _suggest_layers(trial: Any, config: RunConfig) -> list[int]:
+    """``subsets`` mode: one yes/no per candidate layer (at least one yes: else the first)."""
+    candidates = config.prompt.candidate_layers or list(range(_num_layers(config)))
+    chosen = [c for c in candidates if trial.suggest_categorical(f"layer_{c}", [0, 1])]
+    return chosen or [candidates[0]]
+
+
+def _num_layers(config: RunConfig) -> int:
+    from .pipeline import cached_backbone
+
+    return cached_backbone(config.model.backbone, config.head.type == "mlm").num_layers
+
+
+def _run_trial(trial: Any, prep: Prepared, path: Path, params: dict[str, Any], retry: bool, progress: bool,
+               layers: list[int] | None = None) -> float | tuple[float, ...]:
     import optuna
 
     cfg, started = prep.config, time.perf_counter()
     metric = cfg.task.metric
+    stages = ["search", "retrain"] if layers is None else ["retrain"]
     # A directory already there belongs to a retried trial (resumed; redone if its worker
     # died after finishing it) or to another study sharing this --out (refused, not overwritten).
     redo = retry and path.is_dir() and RunDir(path).done("retrain")
-    run = create_run_dir(open_run_dir(path, cfg, ["search", "retrain"], force=redo, create=False), cfg)
+    run = create_run_dir(open_run_dir(path, cfg, stages, force=redo, create=False), cfg)
 
     def report(step: int, dev: float) -> None:
-        trial.report(dev, step)
-        if trial.should_prune():
-            raise optuna.TrialPruned()
+        if len(cfg.hpo.objectives) == 1:
+            trial.report(dev, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
 
     try:
-        mask, metrics = run_job(prep, run, progress=progress, on_eval=report)
+        if layers is None:
+            mask, metrics = run_job(prep, run, progress=progress, on_eval=report)
+        else:
+            mask, metrics = retrain_subset(prep, run, layers, progress, report)
     except TrainingDiverged as exc:
         trial.set_user_attr("diverged", str(exc))
         logger.info("trial %d: %s, pruned", trial.number, exc)
@@ -244,14 +269,36 @@ def _run_trial(trial: Any, prep: Prepared, path: Path, params: dict[str, Any], r
     finally:
         run.release()
     trial.set_user_attr("selected_layers", mask.selected_layers)
-    trial.set_user_attr("layer_scores", dict(zip(map(str, mask.candidate_layers), mask.scores)))
-    trial.set_user_attr("gates", [round(a, 4) for a in run.status()["search"]["alphas"]])
+    if layers is None:
+        trial.set_user_attr("layer_scores", dict(zip(map(str, mask.candidate_layers), mask.scores)))
+        trial.set_user_attr("gates", [round(a, 4) for a in run.status()["search"]["alphas"]])
     trial.set_user_attr("test", metrics["test"][metric])
-    score = metrics["dev"][metric]
-    logger.info("trial %d (%s): %s -> layers %s, dev %s %.4f (%.0fs)", trial.number, trial.user_attrs["worker"],
+    values = objective_values(metrics, cfg.hpo.objectives)
+    trial.set_user_attr("params", metrics["trainable_params"])
+    logger.info("trial %d (%s): %s -> layers %s, %s (%.0fs)", trial.number, trial.user_attrs["worker"],
                 ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items()),
-                mask.selected_layers, metric, score, time.perf_counter() - started)
-    return score
+                mask.selected_layers, ", ".join(f"{o} {v:.4g}" for o, v in zip(cfg.hpo.objectives, values)), time.perf_counter() - started)
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def objective_values(metrics: dict[str, Any], objectives: list[str]) -> list[float]:
+    """A trial's values: the dev score, the trainable parameters, the mean training step in ms."""
+    every = {"dev": metrics["dev"][metrics["metric"]], "params": float(metrics["trainable_params"]),
+             "step_ms": 1000 * metrics["retrain_seconds"] / max(1, metrics["retrain_steps"])}
+    return [every[o] for o in objectives]
+
+
+def retrain_subset(prep: Prepared, run: RunDir, layers: list[int], progress: bool,
+                   on_eval: Callable[[int, float], None]) -> tuple[Any, dict[str, Any]]:
+    """``subsets`` mode: the sparse model of ``layers`` trained and scored (no search)."""
+    from .strategies import fixed_proposal
+
+    mask = fixed_proposal(prep, layers).mask
+    write_mask(mask, run.file("layer_mask.json"), force=True)
+    result = run_retrain(prep, mask, run, progress=progress, on_eval=on_eval)
+    metrics = write_metrics(run, prep.config, mask, result, None)
+    run.mark("retrain", seconds=round(result.seconds, 3))
+    return mask, metrics
 
 
 def fail_dead_local_trials(study: Any, max_retry: int | None) -> None:
@@ -273,30 +320,61 @@ def fail_dead_local_trials(study: Any, max_retry: int | None) -> None:
 def study_table(study) -> str:
     from optuna.trial import TrialState
 
-    lines = ["| trial | state | dev | test | layers | worker | params |", "|---|---|---|---|---|---|---|"]
+    objectives = json.loads(study.user_attrs.get("spt_space", "{}")).get("objectives", ["dev"])
+    lines = [f"| trial | state | {' | '.join(objectives)} | test | layers | worker | suggested |", "|---|---|" + "---|" * len(objectives) + "---|---|---|---|"]
     for t in study.get_trials(deepcopy=False):
-        value = f"{t.value:.4f}" if t.value is not None else "-"
+        values = " | ".join(f"{v:.4g}" for v in t.values) if t.values else " | ".join("-" for _ in objectives)
         test = t.user_attrs.get("test")
         params = ", ".join(f"{k.split('.')[-1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.')[-1]}={v}" for k, v in t.params.items())
-        lines.append(f"| {t.number} | {t.state.name} | {value} | {'-' if test is None else f'{test:.4f}'} | "
+        lines.append(f"| {t.number} | {t.state.name} | {values} | {'-' if test is None else f'{test:.4f}'} | "
                      f"{t.user_attrs.get('selected_layers', '-')} | {t.user_attrs.get('worker', '-')} | {params} |")
-    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
-    if done:
-        best = study.best_trial
-        lines += ["", f"best: trial {best.number}, dev {best.value:.4f}, params {best.params}"]
+    if any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+        if len(objectives) == 1:
+            best = study.best_trial
+            lines += ["", f"best: trial {best.number}, dev {best.value:.4f}, params {best.params}"]
+        else:
+            lines += ["", "Pareto front: trials " + ", ".join(str(t.number) for t in sorted(study.best_trials, key=lambda t: t.number))]
     return "\n".join(lines)
 
 
-def export_best(config: RunConfig, study, path: str | Path, force: bool = False) -> Path:
-    """Write the best trial's full config (storage password masked): ``spt run PATH`` reproduces it."""
+def write_pareto(study, root: Path, metric: str) -> Path:
+    """``pareto.md`` and ``pareto.png`` in ``root``: the non-dominated trials, dev score against size."""
+    from analysis.comparison import plot_fronts
+
+    front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("params", 0))
+    rows = [{"trainable_params": t.user_attrs.get("params", 0), "test": t.values[0], "k": len(t.user_attrs.get("selected_layers", [])),
+             "trial": t.number, "layers": t.user_attrs.get("selected_layers")} for t in front]
+    table = "\n".join(["| trial | K | layers | trainable params | dev |", "|---|---|---|---|---|"] + [
+        f"| {r['trial']} | {r['k']} | {r['layers']} | {int(r['trainable_params']):,} | {r['test']:.4f} |" for r in rows])
+    title = f"Pareto front of study {study.study_name!r}: dev {metric} against trainable parameters"
+    write_text_atomic(root / "pareto.md", f"# {title}\n\n![front](pareto.png)\n\n{table}\n")
+    plot_fronts({"pareto front (dev)": rows}, metric, root / "pareto.png", title)
+    return root / "pareto.md"
+
+
+def export_best(config: RunConfig, study, path: str | Path, force: bool = False, max_params: int | None = None) -> Path:
+    """Write the best trial's full config (storage password masked): ``spt run PATH`` reproduces it.
+
+    The best trial is the one with the best dev score, among those with at most
+    ``max_params`` trainable parameters when given.
+    """
     from optuna.trial import TrialState
 
-    if not any(t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False)):
+    done = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.COMPLETE]
+    if not done:
         raise UserError("--export-best", f"study {study.study_name!r} has no completed trial yet")
+    fits = [t for t in done if max_params is None or t.user_attrs.get("params", 0) <= max_params]
+    if not fits:
+        smallest = min(t.user_attrs.get("params", 0) for t in done)
+        raise UserError("--max-params", f"no completed trial has at most {max_params:,} trainable parameters (the smallest has {smallest:,})")
+    chosen = max(fits, key=lambda t: (t.values[0], -t.number))
     path = Path(path)
     check_export(path, force)
-    best = trial_config(config, study.best_trial.params)
-    text = f"# Best trial {study.best_trial.number} of study {study.study_name!r} (dev {study.best_trial.value:.4f}).\n"
+    best = trial_config(config, {k: v for k, v in chosen.params.items() if not k.startswith("layer_")})
+    if chosen.user_attrs.get("selected_layers") and config.hpo.mode == "subsets":
+        best.prompt.candidate_layers = list(chosen.user_attrs["selected_layers"])  # rerun: those layers are the search's only candidates
+        best.select.k, best.select.budget = len(best.prompt.candidate_layers), None
+    text = f"# Best trial {chosen.number} of study {study.study_name!r} (dev {chosen.values[0]:.4f}).\n"
     text += dump_config(best)
     yaml.safe_load(text)
     return write_text_atomic(path, text)

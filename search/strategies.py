@@ -293,18 +293,19 @@ class ExhaustiveStrategy(Strategy):
         return [Proposal(mask, compute, details={"trials": trials})]
 
 
-def make_sampler(name: str, seed: int):
+def make_sampler(name: str, seed: int, field: str = "compare.optuna_sampler"):
     import optuna
 
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
+        "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),
         "random": lambda: optuna.samplers.RandomSampler(seed=seed),
         "cmaes": lambda: optuna.samplers.CmaEsSampler(seed=seed),
         "gp": lambda: optuna.samplers.GPSampler(seed=seed),
         "qmc": lambda: optuna.samplers.QMCSampler(seed=seed),
     }
     if name not in samplers:
-        raise UserError("compare.optuna_sampler", f"unknown sampler {name!r}; choose one of {', '.join(samplers)}")
+        raise UserError(field, f"unknown sampler {name!r}; choose one of {', '.join(samplers)}")
     return samplers[name]()
 
 

@@ -3,6 +3,7 @@ export, and refusals that leave the study untouched."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -101,3 +102,42 @@ def test_an_impossible_combination_is_pruned_and_the_worker_goes_on(tmp_path, ti
         assert t.state == (TrialState.COMPLETE if valid else TrialState.PRUNED), (t.params, t.state)
         if not valid:
             assert t.user_attrs["invalid"].startswith(("select.k:", "prompt.phm_n:")), t.user_attrs
+
+
+def test_a_multi_objective_study_over_layer_subsets_writes_its_pareto_front(tmp_path, tiny_bert, capsys):
+    """``--objectives dev params --mode subsets``: trials retrain subsets they suggest; the front is
+    the non-dominated trials; ``--max-params`` exports the best one that fits."""
+    import optuna
+
+    config = tiny_config(tmp_path, tiny_bert, hpo={"space": {"prompt.length": [2, 3]}, "sampler": "random"}, retrain={"epochs": 1})
+    db = f"sqlite:///{tmp_path / 'mo.db'}"
+    best = tmp_path / "best.yaml"
+    out = tmp_path / "t"
+    args = ["hpo", str(config), "--trials", "5", "--storage", db, "--study", "mo", "--out", str(out), "--quiet",
+            "--objectives", "dev", "params", "--mode", "subsets"]
+    assert main([*args, "--export-best", str(best), "--max-params", "1000"]) == 0
+    study = optuna.load_study(study_name="mo", storage=db)
+    trials = [t for t in study.trials if t.values]
+    assert len(study.directions) == 2 and len(trials) == 5
+    for t in trials:  # the values are what each trial's run reports
+        metrics = json.loads((out / t.user_attrs["run_dir"] / "metrics.json").read_text())
+        assert t.values == [metrics["dev"]["accuracy"], metrics["trainable_params"]]
+        assert not (out / t.user_attrs["run_dir"] / "gates.csv").exists()  # no search in this mode
+    front = {t.number for t in study.best_trials}
+    for t in trials:  # a trial is on the front iff no other is at least as good on both and better on one
+        dominated = any(o.values[0] >= t.values[0] and o.values[1] <= t.values[1] and o.values != t.values for o in trials)
+        assert (t.number in front) != dominated
+    assert (out / "pareto.md").is_file() and (out / "pareto.png").is_file()
+    exported = load_config_file(best)
+    fits = [t for t in trials if t.values[1] <= 1000]
+    chosen = max(fits, key=lambda t: (t.values[0], -t.number))
+    assert exported.prompt.candidate_layers == chosen.user_attrs["selected_layers"]
+    capsys.readouterr()
+    assert main([*args[:2], "--trials", "0", *args[4:], "--export-best", str(best), "--force", "--max-params", "1"]) == 2
+    assert "--max-params: no completed trial has at most 1 trainable parameters" in capsys.readouterr().err
+
+
+def load_config_file(path):
+    from search.config import load_config
+
+    return load_config(path)
