@@ -29,20 +29,28 @@ SPECIALS = ["[unused0]", "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # [PAD] 
 CHARS = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-()")
 
 
-def _write_tokenizer(directory: Path):
+def _write_tokenizer(directory: Path, legacy: bool = False):
+    """A WordPiece tokenizer over WORDS and single characters.
+
+    ``legacy``: as the tests first built it, from ``vocab_file``, which transformers 5
+    ignores (every word becomes [UNK]); only the stored reference numbers
+    (``tests/reference``) were made with it, so only they use it.
+    """
     from transformers import BertTokenizerFast
 
     vocab = SPECIALS + CHARS + ["##" + c for c in CHARS] + WORDS
     (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    source = {"vocab_file": str(directory / "vocab.txt")} if legacy else {"vocab": {w: i for i, w in enumerate(vocab)}}
     tokenizer = BertTokenizerFast(
-        vocab_file=str(directory / "vocab.txt"), do_lower_case=True,
+        **source, do_lower_case=True,
         pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]",
     )
     tokenizer.save_pretrained(directory)
     return tokenizer, len(vocab)
 
 
-def make_tiny_model(directory: Path, family: str, num_layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+def make_tiny_model(directory: Path, family: str, num_layers: int = 4, hidden: int = 32, seed: int = 0,
+                    legacy_tokenizer: bool = False) -> Path:
     """Save a tiny random ``family`` masked-LM model with a small WordPiece tokenizer."""
     from transformers import (
         BertConfig,
@@ -56,7 +64,7 @@ def make_tiny_model(directory: Path, family: str, num_layers: int = 4, hidden: i
     )
 
     directory.mkdir(parents=True, exist_ok=True)
-    _, vocab_size = _write_tokenizer(directory)
+    _, vocab_size = _write_tokenizer(directory, legacy_tokenizer)
     common = dict(
         vocab_size=vocab_size, hidden_size=hidden, num_hidden_layers=num_layers, num_attention_heads=4,
         intermediate_size=2 * hidden, max_position_embeddings=130, pad_token_id=1,
@@ -137,6 +145,12 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_bert(tiny_models) -> Path:
     return tiny_models["bert"]
+
+
+@pytest.fixture(scope="session")
+def reference_bert(tmp_path_factory) -> Path:
+    """The tiny BERT the stored reference numbers were made with (its tokenizer included)."""
+    return make_tiny_model(tmp_path_factory.mktemp("reference") / "bert", "bert", legacy_tokenizer=True)
 
 
 def encode(tokenizer, texts, pairs=None, max_length: int = 32) -> dict[str, torch.Tensor]:

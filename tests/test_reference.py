@@ -20,10 +20,10 @@ sys.path.insert(0, str(REFERENCE))
 from make_reference import model_cases, write_search_inputs  # noqa: E402
 
 
-def test_a_seeded_search_reaches_the_stored_gates(tmp_path, tiny_bert):
+def test_a_seeded_search_reaches_the_stored_gates(tmp_path, reference_bert):
     """Without dropout (with it, the generators now run for every example of the consistency
     batch and zero the gate where a layer is masked, so dropout draws other random numbers)."""
-    config = write_search_inputs(tmp_path, tiny_bert, 0.0)
+    config = write_search_inputs(tmp_path, reference_bert, 0.0)
     assert yaml.safe_load(config.read_text())["search"]["lr"] == 1e-3  # every setting spelled out
     run = tmp_path / "run"
     assert main(["search", str(config), "--out", str(run), "--quiet"]) == 0
@@ -34,9 +34,9 @@ def test_a_seeded_search_reaches_the_stored_gates(tmp_path, tiny_bert):
         assert b["alpha"] == pytest.approx(a["alpha"], abs=2e-6), (a, b)
 
 
-def test_logits_and_gradients_equal_the_stored_reference(tiny_bert):
+def test_logits_and_gradients_equal_the_stored_reference(reference_bert):
     stored = load_file(str(REFERENCE / "model-reference.safetensors"))
-    now = model_cases(tiny_bert)
+    now = model_cases(reference_bert)
     assert set(stored) <= set(now)
     for name in set(now) - set(stored):  # a generator the pass did not use: no gradient then, a zero one now
         assert ".grad.generators." in name and not now[name].any(), name

@@ -145,7 +145,7 @@ def main() -> None:
 
     work = Path(tempfile.mkdtemp(prefix="spt-reference-"))
     try:
-        model_dir = make_tiny_model(work / "bert", "bert")
+        model_dir = make_tiny_model(work / "bert", "bert", legacy_tokenizer=True)
         for dropout, name in ((0.0, "search-gates-nodropout.csv"),):
             config = write_search_inputs(work / f"d{dropout}", model_dir, dropout)
             run = work / f"run-{dropout}"
