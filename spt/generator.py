@@ -59,9 +59,10 @@ class PromptGenerators(nn.Module):
                 self.down.reset_parameters(index)
                 self.up.reset_parameters(index)
 
-    def weights(self) -> tuple[list, list]:
-        """The down and up ``(weight, bias)`` of every generator, built once for a forward pass."""
-        return self.down.parts(), self.up.parts()
+    def weights(self, dtype: torch.dtype | None = None) -> tuple[list, list]:
+        """The down and up ``(weight, bias)`` of every generator, built (and cast to ``dtype``)
+        once for a forward pass."""
+        return self.down.parts(dtype), self.up.parts(dtype)
 
     def forward(
         self, index: int, hidden: torch.Tensor, pool_weights: torch.Tensor, weights: tuple[list, list] | None = None,
@@ -70,7 +71,9 @@ class PromptGenerators(nn.Module):
         down, up = weights if weights is not None else self.weights()
         # Pooling rows sum to 1 and the down projection is affine, so pooling first
         # gives the same result as projecting every token first, at l/T of the cost.
-        pooled = torch.bmm(pool_weights.to(hidden.dtype), hidden)
+        if pool_weights.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
+            pool_weights = pool_weights.to(hidden.dtype)  # (under autocast the matmul casts both)
+        pooled = torch.bmm(pool_weights, hidden)
         return self.dropout(self.up(self.act(self.down(pooled, index, down)), index, up))
 
 

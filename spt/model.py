@@ -155,7 +155,12 @@ def run_prompted_layers(
     pool = batch.get("pool_weights")  # made on the host by spt.inputs.collate
     if pool is None or pool.shape[1] != prompt_length:
         pool = adaptive_pool_weights(token_mask, prompt_length)
-    weights = generators.weights()
+    # Matmuls run in the autocast dtype (bf16) or the states' own: cast the weights of every
+    # generator and the pooling weights once here, not once per use.
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    weights = generators.weights(None if dtype == torch.float32 else dtype)
+    pool = pool.to(dtype)
     gate_values = gates.unbind(0) if gates is not None else None  # (one unbind, not an index per layer)
     slots: torch.Tensor | None = None
     sequence: torch.Tensor | None = None

@@ -72,23 +72,28 @@ class PHMLinear(nn.Module):
         nn.init.uniform_(self.S[index], -bound, bound)
         nn.init.uniform_(self.bias[index], -bound, bound)
 
-    def weight(self) -> torch.Tensor:
-        """All ``count`` weights ``(count, d_in, d_out)``; cached when no gradient is recorded."""
+    def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """All ``count`` weights ``(count, d_in, d_out)`` (cast to ``dtype`` when given); cached
+        while no gradient is recorded and the parameters do not change."""
         if torch.is_grad_enabled() and (self.A.requires_grad or self.S.requires_grad):
-            return kronecker_sum(self.A, self.S)
-        key = (self.A._version, self.S._version, self.A.data_ptr(), self.S.data_ptr(), torch.is_inference_mode_enabled())
+            weight = kronecker_sum(self.A, self.S)
+            return weight if dtype is None else weight.to(dtype)
+        key = (self.A._version, self.S._version, self.A.data_ptr(), self.S.data_ptr(), torch.is_inference_mode_enabled(), dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                self._cache = (key, kronecker_sum(self.A, self.S))
+                weight = kronecker_sum(self.A, self.S)
+                self._cache = (key, weight if dtype is None else weight.to(dtype))
         return self._cache[1]
 
-    def parts(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``(weight, bias)`` of each layer, split from the stack once per pass.
+    def parts(self, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(weight, bias)`` of each layer, split from the stack once per pass, in ``dtype``.
 
         One ``unbind`` instead of an index per use: its backward is one stack of the
-        gradients, where indexing would zero and copy a whole stack for every use.
+        gradients, where indexing would zero and copy a whole stack for every use; one cast
+        of the stack (bf16) instead of one per matmul.
         """
-        return list(zip(self.weight().unbind(0), self.bias.unbind(0)))
+        bias = self.bias if dtype is None else self.bias.to(dtype)
+        return list(zip(self.weight(dtype).unbind(0), bias.unbind(0)))
 
     def forward(self, x: torch.Tensor, index: int = 0, parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
         """Layer ``index`` applied to ``x (..., d_in)``; ``parts`` from :meth:`parts` when already split."""
