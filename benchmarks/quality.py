@@ -50,11 +50,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from search.config import RunConfig, load_config  # noqa: E402
+from search.config import RunConfig, dump_config, load_config  # noqa: E402
 from search.metrics import compute_metrics  # noqa: E402
 from search.pipeline import Prepared, prepare, run_search, select_from_run  # noqa: E402
 from search.runs import RunDir  # noqa: E402
 from search.strategies import STRATEGIES, Context, fixed_proposal, strategy_results, train_proposal  # noqa: E402
+from spt.files import write_text_atomic  # noqa: E402
 
 OUT = REPO / "benchmarks" / "results" / "quality"
 SEEDS = [13, 21, 42]
@@ -258,6 +259,7 @@ def train_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
 def search_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
     run = RunDir(ctx.workdir / f"seed{job.seed}")
     run.path.mkdir(parents=True, exist_ok=True)
+    record_config(run, prep.config)
     result = run_search(prep, run, progress=False)
     rankings = {}
     for method in METHODS:
@@ -268,6 +270,11 @@ def search_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
     s = prep.config.search
     arch_steps = result.steps - s.warmup_epochs * -(-len(prep.train) // s.batch_size)
     return {"rankings": rankings, "steps": result.steps + max(0, arch_steps), "seconds": result.seconds}
+
+
+def record_config(run: RunDir, config: RunConfig) -> None:
+    """``config.yaml`` in a search's folder, so that ``spt plot`` and ``spt select`` can read it."""
+    write_text_atomic(run.path / "config.yaml", dump_config(config))
 
 
 def majority_score(config: RunConfig) -> float:
