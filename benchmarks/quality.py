@@ -277,6 +277,15 @@ def record_config(run: RunDir, config: RunConfig) -> None:
     write_text_atomic(run.path / "config.yaml", dump_config(config))
 
 
+def backfill_configs(work: Path) -> None:
+    """``config.yaml`` for search folders written before searches recorded it."""
+    for seed_dir in work.glob("*/*/seed*"):
+        task, variant = seed_dir.parent.parent.name, seed_dir.parent.name
+        if task in TASKS and variant in SEARCH_VARIANTS and (seed_dir / "status.json").is_file() and not (seed_dir / "config.yaml").is_file():
+            seed = int(seed_dir.name[len("seed"):])
+            record_config(RunDir(seed_dir), task_config(task, seed, variant_overrides(task, seed, variant, False)))
+
+
 def majority_score(config: RunConfig) -> float:
     prep = prepare(config)
     labels = prep.test.labels
@@ -490,6 +499,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     store = Store(args.out / ("results-quick.jsonl" if args.quick else "results.jsonl"))
     if args.action == "report":
+        backfill_configs(args.out / "work")
         print(report(store, args.tasks, args.seeds, args.quick, args.out / ("quality-quick.md" if args.quick else "quality.md")))
         return
     index, count = (int(x) for x in args.shard.split("/"))
