@@ -114,6 +114,7 @@ SEARCH_VARIANTS: dict[str, list[str]] = {
                "prompt.normalize=true", "select.average_last=0"],
 }
 METHODS = ["gates", "perturbation", "greedy", "combined"]
+TRANSFERRED = "spt: honest, gates"  # the strategy whose masks the transfer matrix moves between tasks
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]
 LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
 QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
@@ -468,6 +469,30 @@ def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict
     return lines
 
 
+def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
+    """Masks found on one task retrained on another (same backbone, same seed): the source's pick
+    scored by the target's oracle, against the target's own pick and a random subset."""
+    usable = [r for r in reports if strategy in r.picks]
+    if len(usable) < 2:
+        return []
+    lines = [f"## Mask transfer ({strategy})", "",
+             "Mean test score on the target (rows: the task the mask was searched on) minus the target's own pick; "
+             "the diagonal is the target's own pick, the last column a random subset (expectation).", "",
+             "| source \\ target | " + " | ".join(r.task for r in usable) + " |", "|---|" + "---|" * len(usable)]
+    for source in usable:
+        cells = []
+        for target in usable:
+            seeds = [s for s in target.seeds if s in source.picks[strategy] and s in target.picks[strategy]]
+            own = _mean([target.oracle["-".join(map(str, target.picks[strategy][s]["layers"]))][s] for s in seeds])
+            moved = _mean([target.oracle["-".join(map(str, source.picks[strategy][s]["layers"]))][s] for s in seeds])
+            cells.append(_fmt(own) if source is target else f"{100 * (moved - own):+.1f}")
+        lines.append(f"| {source.task} | " + " | ".join(cells) + " |")
+    lines += ["", "Random subset (expectation) minus the target's own pick: " + ", ".join(
+        f"{r.task} {100 * (_mean(list(r.strategies['random (expectation)'].values())) - _mean(list(r.strategies[strategy].values()))):+.1f}"
+        for r in usable), ""]
+    return lines
+
+
 def report(store: Store, tasks: list[str], seeds: list[int], quick: bool, out: Path) -> str:
     reports = load_reports(store, tasks, seeds, quick)
     text = ["# Search quality on MiniLM-L6 (K=3 of 6), against a multi-seed oracle", "",
@@ -478,6 +503,7 @@ def report(store: Store, tasks: list[str], seeds: list[int], quick: bool, out: P
         lines, numbers[r.task] = task_section(r)
         text += lines
     text += summary_section(reports, numbers)
+    text += transfer_section(reports, TRANSFERRED)
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)
 
