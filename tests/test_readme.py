@@ -56,3 +56,13 @@ def test_the_python_snippets_run_as_written(tmp_path, tiny_bert, monkeypatch, ca
         if "predict" in snippet:
             assert len(printed) == 2 and all(line.split()[0] in ("0", "1") for line in printed)
     assert len(snippets) >= 2 and (tmp_path / "heatmap.pdf").is_file()
+
+
+def test_the_demo_figures_in_the_readme_are_the_measured_ones():
+    import json
+
+    demo = json.loads((Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "demo" / "demo.json").read_text())
+    paragraph = README[README.index("The demo (700"):README.index("Both targets create")]
+    for key in ("wall_minutes", "search_seconds", "retrain_seconds", "dev_accuracy", "test_accuracy", "date"):
+        assert str(demo[key]) in paragraph, key
+    assert str(demo["selected_layers"]) in paragraph
