@@ -476,8 +476,8 @@ def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
     if len(usable) < 2:
         return []
     lines = [f"## Mask transfer ({strategy})", "",
-             "Mean test score on the target (rows: the task the mask was searched on) minus the target's own pick; "
-             "the diagonal is the target's own pick, the last column a random subset (expectation).", "",
+             "Mean test score on the target (columns) of the mask searched on the source (rows), minus the target's "
+             "own pick, over the seeds both have; the diagonal is the target's own pick.", "",
              "| source \\ target | " + " | ".join(r.task for r in usable) + " |", "|---|" + "---|" * len(usable)]
     for source in usable:
         cells = []
