@@ -7,7 +7,7 @@ lists them without loading torch; a test checks that both name the same strategi
 from __future__ import annotations
 
 STRATEGY_METHODS: dict[str, str] = {
-    "spt": "Selective Prompt Tuning: the supernet search, top-K layers by gate",
+    "spt": "Selective Prompt Tuning: the supernet search, the top-K layers by `select.method` (gates, perturbation, greedy or combined)",
     "first": "a prompt at layer 0 only (prompt tuning)",
     "all": "a prompt at every layer (P-tuning v2 style deep prompts)",
     "middle": "one middle layer (LPT style)",
