@@ -15,7 +15,7 @@ from .model import PromptOutput, PromptSupernet, SparsePromptModel
 from .phm import PHMLinear, phm_parameter_count
 from .serialization import load_prompt_model, save_prompt_model
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Backbone",
