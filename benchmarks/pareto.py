@@ -137,12 +137,13 @@ def main() -> None:
     parser.add_argument("--method", default="gates")
     parser.add_argument("--shard", default="0/1")
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--quality-out", type=Path, default=quality.OUT, help="the quality benchmark's folder (its results.jsonl)")
     args = parser.parse_args()
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    store = quality.Store(quality.OUT / "results.jsonl")
+    store = quality.Store(args.quality_out / "results.jsonl")
     if args.action == "report":
         text = report(store, args.tasks, args.seeds, args.variant, args.method)
         OUT.mkdir(parents=True, exist_ok=True)
