@@ -154,7 +154,7 @@ def main() -> None:
     jobs = [job for task in args.tasks for seed in args.seeds for job in quality.jobs_for(task, seed, ["exhaustive"])]
     for number, job in enumerate(jobs):
         if number % count == index:
-            quality.run_job(job, store, False, quality.OUT / "work")
+            quality.run_job(job, store, False, args.quality_out / "work")
 
 
 if __name__ == "__main__":
