@@ -126,7 +126,8 @@ class SearchConfig(Section):
 
     Attributes:
         epochs: passes over the training set (warm-up epochs included).
-        warmup_epochs: first epochs that train generators and head only, on all of train.
+        warmup_epochs: first epochs that train generators and head only, on all of train,
+            before any gate moves (null: a quarter of ``epochs``, rounded down).
         batch_size: examples per step (D1 and D2 batches alike).
         eval_batch_size: examples per evaluation batch.
         d1_fraction: share of the shuffled training set in D1 each epoch (the rest is D2).
@@ -155,7 +156,7 @@ class SearchConfig(Section):
     """
 
     epochs: int = 5
-    warmup_epochs: int = 0
+    warmup_epochs: int | None = None
     batch_size: int = 16
     eval_batch_size: int = 64
     d1_fraction: float = 0.5
@@ -167,8 +168,8 @@ class SearchConfig(Section):
     arch_lr: float = 5e-2
     arch_weight_decay: float = 0.0
     arch_betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
-    arch_dropout: bool = True
-    arch_batches: int = 1
+    arch_dropout: bool = False
+    arch_batches: int = 2
     consistency_weight: float = 1.0
     mask_prob: float = 0.5
     grad_clip: float = 1.0
@@ -179,12 +180,18 @@ class SearchConfig(Section):
 
     SECTION: ClassVar[str] = "search"
 
+    @property
+    def warmup(self) -> int:
+        """The warm-up epochs in effect (``warmup_epochs``, or a quarter of ``epochs``)."""
+        return self.epochs // 4 if self.warmup_epochs is None else self.warmup_epochs
+
     def check(self) -> None:
         self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every",
                       "max_steps", "gradient_accumulation_steps", "budget_params")
         _check_schedule(self)
         self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
-        self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")
+        if self.warmup_epochs is not None:
+            self.require("warmup_epochs", 0 <= self.warmup_epochs < self.epochs, f"in [0, epochs={self.epochs})")
         self.require("d1_fraction", 0 < self.d1_fraction < 1, "in (0, 1)")
         self.require("mask_prob", 0 <= self.mask_prob <= 1, "in [0, 1]")
         self.require("arch_betas", len(self.arch_betas) == 2 and all(0 <= b < 1 for b in self.arch_betas), "two numbers in [0, 1)")
@@ -209,7 +216,7 @@ class SelectConfig(Section):
     k: int | None = 3
     budget: int | None = None
     method: str = "gates"
-    average_last: int = 1
+    average_last: int = 0
 
     SECTION: ClassVar[str] = "select"
 

@@ -181,7 +181,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     """SPT-DARTS search; resumes from ``run``'s checkpoint when there is one."""
     config, s = prep.config, prep.config.search
     n_train = len(prep.train)
-    total = search_steps(n_train, s.epochs, s.warmup_epochs, s.batch_size, s.d1_fraction, s.max_steps)
+    total = search_steps(n_train, s.epochs, s.warmup, s.batch_size, s.d1_fraction, s.max_steps)
     model = build_supernet(prep)
     trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
                       loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
@@ -205,7 +205,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
 
     def schedule(epoch: int):
-        return search_schedule(n_train, s.warmup_epochs, s.batch_size, s.d1_fraction, config.seed, epoch, s.arch_batches)
+        return search_schedule(n_train, s.warmup, s.batch_size, s.d1_fraction, config.seed, epoch, s.arch_batches)
 
     state = trainer.fit(steps_from(schedule, s.epochs, state.epoch, state.batch_in_epoch), callbacks, state)
     alphas = model.alphas().tolist()

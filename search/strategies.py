@@ -233,7 +233,7 @@ class SptStrategy(Strategy):
         mask = select_from_run(run, prep, k=ctx.k)
         # A search step is a generator step plus, after the warm-up epochs, a gate step.
         s = prep.config.search
-        arch_steps = max(0, result.steps - s.warmup_epochs * steps_per_epoch(len(prep.train), s.batch_size))
+        arch_steps = max(0, result.steps - s.warmup * steps_per_epoch(len(prep.train), s.batch_size))
         return [Proposal(mask, Compute(result.steps + arch_steps, result.seconds), details={"alphas": result.alphas})]
 
 

@@ -45,7 +45,7 @@ class PromptConfig(Section):
     gate_init: float = 0.0
     candidate_layers: list[int] | None = None
     gate_budget: float | None = None
-    normalize: bool = False
+    normalize: bool = True
 
     SECTION: ClassVar[str] = "prompt"
 

@@ -364,7 +364,8 @@ class PromptSupernet(PromptModel):
         """Scores with gates ``alpha~ * m``; ``arch_mask`` (C,) or (B, C) over candidates (host values).
 
         ``hard_gates=True`` uses the mask itself as gate values (1 = prompt inserted at
-        full strength), which is what the sparse model computes.
+        full strength), which is what the sparse model computes (with the supernet's own
+        prompts: rescaled when ``prompt.normalize``, as in its training).
         """
         plan = self._plan(_active_rows(arch_mask, len(self.layers)), hard_gates, self.prompt_config.normalize)
         return self._encode(batch, plan, None if hard_gates else self.gates())

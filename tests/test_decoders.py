@@ -40,6 +40,7 @@ def decoder_supernet(model_dir, head: dict | None = None, dtype=torch.float32, s
     torch.manual_seed(seed)
     head_cfg = HeadConfig(dropout=0.0, **(head or {}))
     backbone = load_backbone(str(model_dir), with_lm_head=head_cfg.verbalizer, dtype=dtype)
+    prompt.setdefault("normalize", False)  # the equations without the supernet's prompt rescaling
     cfg = PromptConfig(length=prompt.pop("length", 3), bottleneck=8, phm_n=2, dropout=0.0, **prompt)
     return PromptSupernet(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS).to(dtype).eval()
 

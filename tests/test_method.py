@@ -16,10 +16,13 @@ from spt import HeadConfig, PromptConfig, PromptSupernet, build_head, load_backb
 LABELS = ["0", "1"]
 
 
-def _supernet(model_dir, discard: float, dtype=torch.float64, candidates=None, pooling="cls") -> PromptSupernet:
+def _supernet(model_dir, discard: float, dtype=torch.float64, candidates=None, pooling="cls", normalize=False) -> PromptSupernet:
+    """(``normalize`` off by default: its target scale is the token states' size, detached, so
+    finite differences, which see that size move with the gates, differ from the gradient.)"""
     torch.manual_seed(0)
     backbone = load_backbone(str(model_dir), dtype=dtype)
-    prompt = PromptConfig(length=3, bottleneck=8, phm_n=2, dropout=0.0, discard=discard, candidate_layers=candidates)
+    prompt = PromptConfig(length=3, bottleneck=8, phm_n=2, dropout=0.0, discard=discard, candidate_layers=candidates,
+                          normalize=normalize)
     head = HeadConfig(pooling=pooling, dropout=0.0)
     net = PromptSupernet(backbone, prompt, build_head(backbone, head, LABELS), head, LABELS).to(dtype).eval()
     with torch.no_grad():
@@ -69,7 +72,11 @@ def _reference_states(net: PromptSupernet, batch: dict[str, torch.Tensor], arch_
     for i, layer in enumerate(backbone.layers):
         if i in net.layers and arch_mask[net.layers.index(i)]:
             g = alpha[net.layers.index(i)]
-            P = (1 - lam * g) * P + g * _generator(net, net.layers.index(i), H, mask, n_slots)
+            G = _generator(net, net.layers.index(i), H, mask, n_slots)
+            if net.prompt_config.normalize:  # each prompt vector at the RMS of the example's real token states
+                target = torch.stack([H[b, mask[b].bool()].pow(2).mean().sqrt() for b in range(H.shape[0])]).view(-1, 1, 1)
+                G = G * target / (G.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+            P = (1 - lam * g) * P + g * G
             started = True
         if started:
             keys = torch.cat([torch.ones(H.shape[0], n_slots), mask], 1)
@@ -80,10 +87,11 @@ def _reference_states(net: PromptSupernet, batch: dict[str, torch.Tensor], arch_
     return H
 
 
+@pytest.mark.parametrize("normalize", [False, True])
 @pytest.mark.parametrize("discard", [1.0, 0.0])
 @pytest.mark.parametrize("arch_mask", [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0]])
-def test_prompted_forward_equals_an_independent_implementation_of_the_equations(tiny_bert, discard, arch_mask):
-    net = _supernet(tiny_bert, discard)
+def test_prompted_forward_equals_an_independent_implementation_of_the_equations(tiny_bert, discard, arch_mask, normalize):
+    net = _supernet(tiny_bert, discard, normalize=normalize)
     batch = encode(net.backbone.tokenizer, SENTENCES)
     with torch.no_grad():
         expected = _reference_states(net, batch, arch_mask)[:, 0]

@@ -65,7 +65,7 @@ def test_search_schedule_splits_d1_d2_freshly_each_epoch():
 
 
 def test_tiny_run_writes_history_mask_metrics_and_select_agrees(tmp_path, tiny_bert, capsys):
-    config = tiny_config(tmp_path, tiny_bert)
+    config = tiny_config(tmp_path, tiny_bert, select={"average_last": 1})  # rank by the final gates
     run = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
     for name in ("config.yaml", "environment.json", "gates.csv", "layer_mask.json", "metrics.json", "log.txt",

@@ -36,15 +36,15 @@ SEARCH = {
     "seed": 7,
     "model": {"max_length": 32},
     "prompt": {"length": 3, "bottleneck": 8, "phm_n": 2, "activation": "relu", "dropout": 0.1, "discard": 1,
-               "reparam_gates": True, "gate_init": 0.0, "candidate_layers": None},
+               "reparam_gates": True, "gate_init": 0.0, "candidate_layers": None, "normalize": False},
     "head": {"type": "classifier", "pooling": "cls", "dropout": 0.1},
     "task": {"name": "toy", "format": "tsv", "train": "train.tsv", "dev": "dev.tsv", "test": "test.tsv",
              "text_a": "sentence", "label": "label", "labels": ["0", "1"]},
     "search": {"epochs": 3, "warmup_epochs": 0, "batch_size": 4, "eval_batch_size": 8, "d1_fraction": 0.5,
                "lr": 1.0e-3, "weight_decay": 0.01, "arch_lr": 5.0e-2, "arch_weight_decay": 0.0,
                "consistency_weight": 1.0, "mask_prob": 0.5, "grad_clip": 1.0, "log_every": 1,
-               "checkpoint_every": 1000},
-    "select": {"k": 2},
+               "checkpoint_every": 1000, "arch_dropout": True, "arch_batches": 1},
+    "select": {"k": 2, "average_last": 1},
     "retrain": {"epochs": 1, "batch_size": 4},
     "runtime": {"progress": False, "threads": 1},
 }
@@ -93,7 +93,7 @@ def model_cases(model_dir: Path) -> dict[str, torch.Tensor]:
     target = torch.tensor([1, 0, 1, 1])
     for discard in (1.0, 0.0):
         torch.manual_seed(0)
-        prompt = PromptConfig(length=3, bottleneck=8, phm_n=2, dropout=0.0, discard=discard)
+        prompt = PromptConfig(length=3, bottleneck=8, phm_n=2, dropout=0.0, discard=discard, normalize=False)
         head_cfg = HeadConfig(pooling="cls", dropout=0.0)
         net = PromptSupernet(backbone, prompt, build_head(backbone, head_cfg, labels), head_cfg, labels)
         with torch.no_grad():
