@@ -1,11 +1,15 @@
 """Regenerate the README's figures in docs/figures/ from run directories.
 
-The figures need real searches, which this repository does not ship; run them first
-(`spt search configs/minilm/<task>.yaml --out runs/<task>`, seed 42, as in the README), then:
+The figures need real searches, which this repository does not ship. The README's figures
+come from the quality benchmark's searches with the current defaults (run
+`python benchmarks/quality.py run` first; any `spt search` run directories work too):
 
+    W=benchmarks/results/quality/work
     python docs/figures/make_gallery.py \
-        --heatmap runs/sst2 runs/sst2-16shot runs/rte-16shot runs/mrpc-16shot runs/qnli-16shot runs/cb runs/wic runs/copa \
-        --trajectory runs/sst2 runs/rte-16shot runs/cb
+        --heatmap $W/sst2-16shot/honest/seed* $W/agnews-8shot/honest/seed* \
+        --trajectory $W/sst2-16shot/honest/seed13 $W/agnews-8shot/honest/seed21
+
+Run directories of the same task (their config's task name) are averaged into one column.
 
 Optional: `--compare runs/cmp-sst2` (an `spt compare` output directory) adds
 docs/figures/<dir name>-compare.png; `--out-dir DIR` writes elsewhere; `--format pdf`
