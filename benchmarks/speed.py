@@ -85,7 +85,7 @@ class Steps:
     def __init__(self, backbone: Backbone, name: str, batch_size: int, length: int, device: torch.device, precision: str) -> None:
         split = encoded(batch_size, length, backbone.config.vocab_size)
         self.indices = list(range(batch_size))
-        self.batch = collate(split, self.indices, device, PROMPT_LENGTH)
+        self.batch = collate(split, self.indices, device, PROMPT_LENGTH, torch.bfloat16 if precision == "bf16" else None)
         cfg, head_cfg = PromptConfig(length=PROMPT_LENGTH), HeadConfig(pooling="mean")
         L = backbone.num_layers
         torch.manual_seed(0)

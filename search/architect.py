@@ -47,7 +47,8 @@ class Architect:
         stats: dict[str, torch.Tensor] = {}
         if batch is not None:
             with trainer.training(self.params):  # the full supernet: one graph every step
-                loss = self.compute_loss(model, batch)["loss"]
+                with trainer.autocast():
+                    loss = self.compute_loss(model, batch)["loss"]
                 (loss * scale).backward()
             stats["arch_loss"] = loss.detach()
         trainer.clip_and_step(self.optimizer, self.params)

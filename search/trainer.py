@@ -147,7 +147,8 @@ class Trainer:
         if batch is not None:  # a rank whose share of a small last batch is empty only joins the all-reduce
             inputs = self.loss.inputs(step)
             with self.training(self.weights):
-                terms = self.compute_loss(self.model, batch, *inputs)
+                with self.autocast():
+                    terms = self.compute_loss(self.model, batch, *inputs)
                 (terms["loss"] * (scale / self.accumulate)).backward()
             stats = {k: v.detach() for k, v in terms.items()}
         if update:
@@ -157,22 +158,32 @@ class Trainer:
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
         """This rank's share of a global batch, and the loss weight of that share."""
         local = distributed.shard(indices)
-        batch = collate(self.train_split, local, self.device, self.prompt_length) if local else None
+        batch = collate(self.train_split, local, self.device, self.prompt_length, self.weights_dtype) if local else None
         return batch, distributed.loss_scale(len(local), len(indices))
 
     @contextlib.contextmanager
     def training(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Autocast (bf16 when asked) with weight gradients computed for ``params`` only."""
+        """Weight gradients computed for ``params`` only.
+
+        The caller runs the forward pass under :meth:`autocast` and the backward pass outside
+        it: autograd gives each backward operator the dtypes of its forward one, and an
+        autocast still in force would cast the gradients of fp32 operators (the generators'
+        weight products) to bf16 and back.
+        """
         chosen = {id(p) for p in params}
         others = [p for p in self.weights + (self.architect.params if self.architect else []) if id(p) not in chosen]
         for p in others:
             p.requires_grad_(False)
         try:
-            with self.autocast():
-                yield
+            yield
         finally:
             for p in others:
                 p.requires_grad_(True)
+
+    @property
+    def weights_dtype(self) -> torch.dtype | None:
+        """The dtype collate gives the pooling weights: what the matmuls that use them run in."""
+        return torch.bfloat16 if self.precision == "bf16" else None
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast when ``precision`` is bf16; otherwise nothing (an outer autocast stays in force)."""
@@ -197,7 +208,7 @@ class Trainer:
         mine = distributed.shard(range(len(split)))
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
-            batch = collate(split, indices, self.device, self.prompt_length)
+            batch = collate(split, indices, self.device, self.prompt_length, self.weights_dtype)
             with self.autocast():
                 logits = self.model(batch, **forward).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()

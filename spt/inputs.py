@@ -127,13 +127,15 @@ def encode_split(tokenizer, examples: Sequence[TextInput], max_length: int, head
 
 def collate(
     split: EncodedSplit, indices: Sequence[int], device: torch.device | str = "cpu", prompt_length: int | None = None,
+    weights_dtype: torch.dtype | None = None,
 ) -> dict[str, torch.Tensor | bool]:
     """A right-padded batch of the examples at ``indices``.
 
     Made on the host, so the model never has to read a tensor to learn it: ``has_padding``
     (a bool), the weights of mean pooling, the last real token of each example and, given
     ``prompt_length``, the generators' pooling weights. Right padding serves decoders too:
-    under causal attention no real token sees the padding after it.
+    under causal attention no real token sees the padding after it. ``weights_dtype``: the
+    pooling weights' dtype (bf16 under bf16 autocast: cast here, not on the device each step).
     """
     rows = [split.input_ids[i] for i in indices]
     width = max(len(r) for r in rows)
@@ -155,6 +157,10 @@ def collate(
         batch["pool_weights"] = adaptive_pool_weights(attention, prompt_length)
     batch["mean_weights"] = attention / attention.sum(1, keepdim=True).clamp(min=1)  # mean pooling as one matmul
     batch["last_positions"] = torch.tensor([len(r) - 1 for r in rows], dtype=torch.long)  # last-token pooling
+    if weights_dtype is not None:
+        for key in ("pool_weights", "mean_weights"):
+            if key in batch:
+                batch[key] = batch[key].to(weights_dtype)
     moved: dict[str, torch.Tensor | bool] = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
     moved["has_padding"] = any(len(r) < width for r in rows)
     return moved

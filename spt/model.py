@@ -121,14 +121,22 @@ def _key_mask(started: Rows | None, token_mask: torch.Tensor, padded: bool, prom
     return None
 
 
-def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
+def _token_rms_weights(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+    """``sqrt(w_t / d)`` per token (B,T,1), ``w`` the mean-pooling weights: the norm of the
+    token states scaled by it is their root mean square over the example's real tokens."""
     weights = batch.get("mean_weights")
     if weights is None:
         mask = batch["attention_mask"].to(hidden.dtype)
         weights = mask / mask.sum(1, keepdim=True).clamp(min=1.0)
-    target = torch.bmm(weights.to(hidden.dtype).unsqueeze(1), hidden.detach().pow(2).mean(-1, keepdim=True)).sqrt()  # (B,1,1)
-    return fresh * (target / fresh.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt())
+    return (weights / hidden.shape[-1]).sqrt().to(hidden.dtype).unsqueeze(-1)
+
+
+def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, rms_weights: torch.Tensor) -> torch.Tensor:
+    """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
+    target = torch.linalg.vector_norm(hidden.detach() * rms_weights, dim=(1, 2), keepdim=True)  # (B,1,1)
+    # rms_norm: one fused kernel each way on a GPU where the spelled-out formula takes ten.
+    # (.to: autocast may run it in fp32; the slots keep the states' dtype.)
+    return (nn.functional.rms_norm(fresh, (fresh.shape[-1],), eps=1e-6) * target).to(fresh.dtype)
 
 
 def run_prompted_layers(
@@ -162,6 +170,7 @@ def run_prompted_layers(
     weights = generators.weights(None if dtype == torch.float32 else dtype)
     pool = pool.to(dtype)
     gate_values = gates.unbind(0) if gates is not None else None  # (one unbind, not an index per layer)
+    rms_weights = _token_rms_weights(batch, hidden) if plan.normalize else None  # (once per pass)
     slots: torch.Tensor | None = None
     sequence: torch.Tensor | None = None
     for step in plan.layers:
@@ -174,7 +183,7 @@ def run_prompted_layers(
                 gate = _on(step.rows, hidden) if gate is None else gate * _on(step.rows, hidden)
             fresh = generators(step.generator, hidden, pool, weights).to(hidden.dtype)  # (autocast: bf16 out)
             if plan.normalize:
-                fresh = _rescaled(fresh, hidden, batch)
+                fresh = _rescaled(fresh, hidden, rms_weights)
             slots, changed = _mix(slots, fresh, gate, discard), True
         joined = changed or sequence is None
         if joined:

@@ -76,14 +76,20 @@ class PHMLinear(nn.Module):
         """All ``count`` weights ``(count, d_in, d_out)`` (cast to ``dtype`` when given); cached
         while no gradient is recorded and the parameters do not change."""
         if torch.is_grad_enabled() and (self.A.requires_grad or self.S.requires_grad):
-            weight = kronecker_sum(self.A, self.S)
+            weight = self._built()
             return weight if dtype is None else weight.to(dtype)
         key = (self.A._version, self.S._version, self.A.data_ptr(), self.S.data_ptr(), torch.is_inference_mode_enabled(), dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                weight = kronecker_sum(self.A, self.S)
+                weight = self._built()
                 self._cache = (key, weight if dtype is None else weight.to(dtype))
         return self._cache[1]
+
+    def _built(self) -> torch.Tensor:
+        # In the parameters' precision, whatever autocast says: the factors are tiny, and
+        # casting the built weight once (and its gradient once) beats casting every factor.
+        with torch.autocast(self.A.device.type, enabled=False):
+            return kronecker_sum(self.A, self.S)
 
     def parts(self, dtype: torch.dtype | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(weight, bias)`` of each layer, split from the stack once per pass, in ``dtype``.

@@ -90,16 +90,18 @@ def kill_during_search(command: list[str], run_dir: Path, past_step: int, layers
     """Start ``command`` (a search into ``run_dir``, fresh or resumed) and SIGKILL it once it
     has logged gates past ``past_step`` and holds a checkpoint; ``while_running(proc)`` is
     called as soon as it holds the run directory's lock."""
+    gates, lock = run_dir / "gates.csv", run_dir / ".spt-lock"
+    # A resumed search rewrites the history first (a new file); read the old one's inode before
+    # the process starts, or a fast machine rewrites it before we look and the kill never comes.
+    old_history = gates.stat().st_ino if gates.exists() else None
     proc = subprocess.Popen(command, env=spt_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + timeout
 
     def wait_for(condition: Callable[[], bool]) -> None:
         while time.time() < deadline and proc.poll() is None and not condition():
-            time.sleep(0.01)
+            time.sleep(0.005)
 
-    gates, lock = run_dir / "gates.csv", run_dir / ".spt-lock"
     wait_for(lambda: lock.is_file() and f'"pid": {proc.pid},' in lock.read_text())
-    old_history = gates.stat().st_ino if gates.exists() else None  # a resumed search rewrites it first
     if while_running is not None:
         while_running(proc)
     wait_for(lambda: gates.exists() and gates.stat().st_ino != old_history and logged_steps(run_dir, layers) > past_step + 1

@@ -50,6 +50,23 @@ def test_the_sync_counter_sees_a_sync():
     assert count_ops(lambda: x.nonzero()).syncs == 1
 
 
+def test_the_kernel_counter_counts_what_a_gpu_launches():
+    x = torch.randn(4, 3)
+    # one operator, one kernel, though the CPU first casts the Python number (a 0-dim copy)
+    assert count_ops(lambda: x * 2.0).kernels == 1
+    # a cast the caller asks for is a kernel, even of a 0-dim tensor (a loss cast to fp32)
+    assert count_ops(lambda: x.sum().to(torch.float64)).kernels == 2
+    # views launch nothing; a fused optimizer step is one kernel however the CPU loops
+    assert count_ops(lambda: x.t().unsqueeze(0)[:, :2].reshape(2, 4)).kernels == 0
+    assert count_ops(lambda: x.t().reshape(12)).kernels == 1  # (a reshape that must copy)
+    params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
+    for p in params:
+        p.grad = torch.ones(3)
+    adamw = torch.optim.AdamW(params, fused=True)
+    adamw.step()
+    assert count_ops(adamw.step).by_op["aten::_fused_adamw_"] == 1
+
+
 @pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
 def test_forward_and_loss_compile_without_graph_breaks(tmp_path, tiny_models, tiny_decoders, family):
     model_dir = {**tiny_models, **tiny_decoders}[family]
@@ -61,26 +78,47 @@ def test_forward_and_loss_compile_without_graph_breaks(tmp_path, tiny_models, ti
     assert graph_breaks(lambda b: pair_loss(supernet, b, [1.0, 0.0, 1.0, 0.0])["loss"], batch) == 0
 
 
-def test_bf16_runs_every_matmul_of_a_step_in_bf16(tmp_path, tiny_bert):
+def test_bf16_runs_every_matmul_on_activations_in_bf16(tmp_path, tiny_bert):
     from torch.utils._python_dispatch import TorchDispatchMode
 
     matmuls = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_attention_math"}
-    seen: list[tuple[str, torch.dtype]] = []
+    seen: list[tuple[str, torch.dtype, tuple[int, ...], bool]] = []
+    in_head = [False]
 
     class Record(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             name = func.__name__.split(".")[0]
             if name in matmuls:
-                seen.append((name, next(a.dtype for a in args if isinstance(a, torch.Tensor))))
+                first = next(a for a in args if isinstance(a, torch.Tensor))
+                seen.append((name, first.dtype, tuple(first.shape), in_head[0]))
             return func(*args, **(kwargs or {}))
 
     prep, trainers = _trainers(tmp_path, tiny_bert, precision="bf16")
     model = trainers["sparse"].model
     assert model.backbone.base.embeddings.word_embeddings.weight.dtype == torch.bfloat16  # stored in bf16
     assert all(p.dtype == torch.float32 for p in model.weight_parameters())  # fp32 master weights
+
+    def enter(*args):
+        in_head[0] = True
+
+    def leave(*args):
+        in_head[0] = False
+
+    model.head.register_forward_pre_hook(enter)
+    model.head.register_forward_hook(leave)
+    model.head.register_full_backward_pre_hook(enter)
+    model.head.register_full_backward_hook(leave)
     with Record():
         trainers["sparse"].weight_step(list(range(4)), 0)
-    assert len(seen) > 20 and {dtype for _, dtype in seen} == {torch.bfloat16}, sorted(set(seen))
+    # Two things stay fp32 by design: the product of each generator's PHM factors (a bmm
+    # over the generators, from the parameters alone, cast once) and the small trainable
+    # classifier (one cast of its input instead of casts of its weights and logits).
+    generators = len(model.layers)
+    phm = [dtype for name, dtype, shape, head in seen if not head and name == "bmm" and shape[0] == generators]
+    head = [dtype for name, dtype, shape, head in seen if head]
+    activations = [dtype for name, dtype, shape, head in seen if not head and not (name == "bmm" and shape[0] == generators)]
+    assert generators != 4 and len(activations) > 20 and set(activations) == {torch.bfloat16}, sorted(map(str, seen))
+    assert set(phm) == {torch.float32} and set(head) == {torch.float32} and len(head) >= 2, sorted(map(str, seen))
 
 
 def test_plans_are_decided_on_the_host():
