@@ -54,6 +54,7 @@ from search.config import RunConfig, dump_config, load_config  # noqa: E402
 from search.metrics import compute_metrics  # noqa: E402
 from search.pipeline import Prepared, prepare, run_search, select_from_run  # noqa: E402
 from search.runs import RunDir  # noqa: E402
+from search.selection import generator_parameters  # noqa: E402
 from search.strategies import STRATEGIES, Context, fixed_proposal, strategy_results, train_proposal  # noqa: E402
 from spt.files import write_text_atomic  # noqa: E402
 
@@ -71,7 +72,7 @@ class Task:
     overrides: list[str]
     per_seed: str = ""  # a format string over {seed} adding overrides, e.g. the LM-BFF split paths
     note: str = ""
-    variants: tuple[str, ...] = ("default", "normalized prompts", "honest")  # search variants run on this task
+    variants: tuple[str, ...] = ("default", "normalized prompts", "honest", "budget")  # search variants run on this task
 
     def seed_overrides(self, seed: int) -> list[str]:
         return [o.format(seed=seed) for o in self.per_seed.split()] if self.per_seed else []
@@ -84,7 +85,7 @@ def _lmbff(folder: str) -> str:
 TASKS: dict[str, Task] = {
     "sst2-16shot": Task("configs/minilm/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
                         "LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE dev sentences",
-                        ("default", "warmup", "clean gate steps", "normalized prompts", "honest")),
+                        ("default", "warmup", "clean gate steps", "normalized prompts", "honest", "budget")),
     "agnews-8shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=8", "model.max_length=64"], "",
                          "8 per label (4 labels) drawn by the seed from the 1000-article pool, dev another 8 per label; "
                          "test: 500 of 1000"),
@@ -118,8 +119,13 @@ SEARCH_VARIANTS: dict[str, list[str]] = {
     "normalized prompts": [*PREVIOUS, "prompt.normalize=true"],
     "honest": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
                "prompt.normalize=true", "select.average_last=0"],
+    # the new defaults with the gates held at K generators' parameters during the search (S3Delta's
+    # shifted sigmoid): against "honest", budget-aware search vs picking K after an unconstrained one
+    "budget": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
+               "prompt.normalize=true", "select.average_last=0", "search.budget_params={budget}"],
 }
-VARIANT_LABELS = {"default": "previous defaults", "honest": "new defaults"}
+VARIANT_LABELS = {"default": "previous defaults", "honest": "new defaults", "budget": "new defaults, budget-aware gates"}
+HIDDEN_SIZE = 384  # MiniLM-L6's width: what one generator's parameter count depends on
 # The settings whose defaults changed after the benchmark began: recipes are hashed against
 # these values, so every stored result keeps its key.
 RECIPE_BASE: dict[str, dict[str, Any]] = {
@@ -231,8 +237,9 @@ def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None =
 
 
 def variant_overrides(task: str, seed: int, variant: str, quick: bool) -> list[str]:
-    epochs = task_config(task, seed, [], quick).search.epochs
-    return [o.format(warmup=max(1, epochs // 4)) for o in SEARCH_VARIANTS[variant]]
+    config = task_config(task, seed, [], quick)
+    budget = K * generator_parameters(HIDDEN_SIZE, config.prompt.bottleneck, config.prompt.phm_n)
+    return [o.format(warmup=max(1, config.search.epochs // 4), budget=budget) for o in SEARCH_VARIANTS[variant]]
 
 
 def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
