@@ -91,7 +91,7 @@ def seed_report(store: quality.Store, task: str, seed: int, variant: str, method
     if len(rows) < 63:
         print(f"{task} seed {seed}: {len(rows)}/63 subsets trained; skipped")
         return None
-    search = store.get(f"{task}|{seed}|search|{variant}|{quality.search_recipe(quality.task_config(task, seed, quality.variant_overrides(task, seed, variant, False)))}")
+    search = _search(store, task, seed, variant)
     if search is None or method not in search["rankings"]:
         print(f"{task} seed {seed}: no {variant} search; skipped")
         return None
@@ -107,6 +107,39 @@ def seed_report(store: quality.Store, task: str, seed: int, variant: str, method
     return {"spt": hypervolume(spt, floor, ceiling) / reference, "tpe": hypervolume(best_per_size(tpe, "dev"), floor, ceiling) / reference,
             "exhaustive by dev": hypervolume(best_per_size(rows, "dev"), floor, ceiling) / reference,
             "spt compute": spt_compute / exhaustive_compute, "tpe trained": len(tpe)}
+
+
+BUDGET_VARIANTS = {1: "budget k=1", 2: "budget k=2", 3: "budget"}
+
+
+def _search(store: quality.Store, task: str, seed: int, variant: str) -> dict | None:
+    overrides = quality.variant_overrides(task, seed, variant, False)
+    return store.get(f"{task}|{seed}|search|{variant}|{quality.search_recipe(quality.task_config(task, seed, overrides))}")
+
+
+def budget_ablation(store: quality.Store, task: str, seeds: list[int], variant: str, method: str) -> list[str]:
+    """Per K: the top-K of a search held at K generators' parameters against the top-K of the
+    unconstrained ``variant`` search, each pick scored by the exhaustive store (mean test over seeds)."""
+    lines = []
+    for k, budget_variant in BUDGET_VARIANTS.items():
+        picks: dict[str, list[float]] = {"budget": [], "post-hoc": [], "best": [], "random": []}
+        same = 0
+        for seed in seeds:
+            rows = subsets_of(store, task, seed)
+            searches = [_search(store, task, seed, v) for v in (budget_variant, variant)]
+            if len(rows) < 63 or any(s is None for s in searches):
+                continue
+            chosen = ["-".join(map(str, sorted(rank_layers(list(range(6)), s["rankings"][method]["scores"])[:k]))) for s in searches]
+            same += chosen[0] == chosen[1]
+            sized = [r["test"] for name, r in rows.items() if len(name.split("-")) == k]
+            for name, value in (("budget", rows[chosen[0]]["test"]), ("post-hoc", rows[chosen[1]]["test"]),
+                                ("best", max(sized)), ("random", statistics.fmean(sized))):
+                picks[name].append(100 * value)
+        if picks["budget"]:
+            mean = {name: statistics.fmean(v) for name, v in picks.items()}
+            lines.append(f"| {task} | {k} | {len(picks['budget'])} | {mean['budget']:.1f} | {mean['post-hoc']:.1f} | "
+                         f"{same} of {len(picks['budget'])} | {mean['random']:.1f} | {mean['best']:.1f} |")
+    return lines
 
 
 def report(store: quality.Store, tasks: list[str], seeds: list[int], variant: str, method: str) -> str:
@@ -125,6 +158,14 @@ def report(store: quality.Store, tasks: list[str], seeds: list[int], variant: st
             mean = {k: statistics.fmean(r[k] for _, r in found) for k in ("spt", "tpe", "exhaustive by dev", "spt compute")}
             lines.append(f"| {task} | mean | {mean['spt']:.3f} | {mean['tpe']:.3f} | {mean['exhaustive by dev']:.3f} | "
                          f"{100 * mean['spt compute']:.1f}% | |")
+    ablation = [line for task in tasks for line in budget_ablation(store, task, seeds, variant, method)]
+    if ablation:
+        lines += ["", "## Budget-aware gates against picking K after the search", "",
+                  f"Test score (mean over seeds) of the top-K by `{method}` from a search whose gates are held at K "
+                  f"generators' parameters (`search.budget_params`), and from the unconstrained `{variant}` search; "
+                  "`random`: the mean of all K-subsets; `best`: the best K-subset at each seed (by test).", "",
+                  "| task | K | seeds | budget-aware search | post-hoc top-K | same pick | random | best |",
+                  "|---|---|---|---|---|---|---|---|", *ablation]
     return "\n".join(lines) + "\n"
 
 
@@ -151,7 +192,9 @@ def main() -> None:
         print(text)
         return
     index, count = (int(x) for x in args.shard.split("/"))
-    jobs = [job for task in args.tasks for seed in args.seeds for job in quality.jobs_for(task, seed, ["exhaustive"])]
+    jobs = [job for task in args.tasks for seed in args.seeds
+            for job in [*quality.jobs_for(task, seed, ["spt"], list(BUDGET_VARIANTS.values())),
+                        *quality.jobs_for(task, seed, ["exhaustive"])]]
     for number, job in enumerate(jobs):
         if number % count == index:
             quality.run_job(job, store, False, args.quality_out / "work")
