@@ -6,7 +6,7 @@ come from the quality benchmark's searches with the current defaults (run
 
     W=benchmarks/results/quality/work
     python docs/figures/make_gallery.py \
-        --heatmap $W/sst2-16shot/honest/seed* $W/agnews-8shot/honest/seed* \
+        --heatmap $W/sst2-16shot/honest/seed* $W/agnews-8shot/honest/seed* $W/cb-8shot/honest/seed* \
         --trajectory $W/sst2-16shot/honest/seed13 $W/agnews-8shot/honest/seed21
 
 Run directories of the same task (their config's task name) are averaged into one column.
