@@ -118,7 +118,7 @@ def prepare(config: RunConfig) -> Prepared:
     search_prompt(config, backbone).validate(backbone.num_layers, backbone.hidden_size)
     choose_k(
         len(config.prompt.candidates(backbone.num_layers)), config.select.k, config.select.budget,
-        generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
+        per_generator(config, backbone),
     )
     data = load_task(config.task, config.seed)
     if len(data.train) < 2:
@@ -141,13 +141,17 @@ def build_supernet(prep: Prepared) -> PromptSupernet:
                           config.model.max_length, config.task.instruction)
 
 
+def per_generator(config: RunConfig, backbone: Backbone) -> int:
+    """Trainable parameters of one prompt generator on ``backbone`` (every generator has this size)."""
+    return generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
+
+
 def search_prompt(config: RunConfig, backbone: Backbone) -> PromptConfig:
     """The supernet's prompt settings: ``search.budget_params`` becomes the gates' budget,
     counted in generators (every generator has the same size)."""
     if config.search.budget_params is None:
         return config.prompt
-    per_generator = generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
-    return dataclasses.replace(config.prompt, gate_budget=config.search.budget_params / per_generator)
+    return dataclasses.replace(config.prompt, gate_budget=config.search.budget_params / per_generator(config, backbone))
 
 
 def build_sparse(prep: Prepared, layers: list[int]) -> SparsePromptModel:
@@ -259,7 +263,7 @@ def select_from_run(run: RunDir, prep: Prepared, k: int | None = None, budget: i
     mask = select_layers(
         backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
         ranking=rank_candidates(run, prep, method), k=k, budget=budget,
-        per_generator=generator_parameters(backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n),
+        per_generator=per_generator(config, backbone),
         head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(config.task.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )

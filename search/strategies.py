@@ -37,13 +37,14 @@ from .pipeline import (
     TrainResult,
     build_sparse,
     evaluate_model,
+    per_generator,
     run_search,
     select_from_run,
     train_and_evaluate,
 )
 from .runs import RunDir
 from .schedule import steps_per_epoch
-from .selection import LayerMask, Ranking, generator_parameters, rank_layers, select_layers
+from .selection import LayerMask, Ranking, rank_layers, select_layers
 
 logger = logging.getLogger("spt")
 
@@ -95,7 +96,7 @@ def _mask(prep: Prepared, layers: list[int], scores: list[float] | None = None, 
     return select_layers(
         backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
         ranking=Ranking(method, scores, [0.0] * len(candidates), order), k=len(layers), budget=None,
-        per_generator=_generator_parameters(prep),
+        per_generator=per_generator(prep.config, prep.backbone),
         head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(prep.data.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )
@@ -395,7 +396,7 @@ class BaselineStrategy(Strategy):
         self.check(prep, ctx)
         return build_baseline(
             self.name, config.model.backbone, len(prep.data.labels), config.head.pooling_for(prep.backbone.is_decoder),
-            config.head.dropout, config.prompt.length, target_params=ctx.k * _generator_parameters(prep),
+            config.head.dropout, config.prompt.length, target_params=ctx.k * per_generator(prep.config, prep.backbone),
             lora_r=config.compare.lora_r, ptuning_hidden=config.compare.ptuning_hidden,
             adapter_kind=config.compare.adapter_kind, adapter_size=config.compare.adapter_size,
         )
@@ -433,11 +434,6 @@ class PromptingStrategy(Strategy):
         count = prep.config.compare.demonstrations if self.in_context else 0
         scored, model = prompting.prompted(prep, self.name, count)
         return evaluate_model(scored, model), prompting.demonstrations_note(scored, count)
-
-
-def _generator_parameters(prep: Prepared) -> int:
-    config = prep.config
-    return generator_parameters(prep.backbone.hidden_size, config.prompt.bottleneck, config.prompt.phm_n)
 
 
 STRATEGIES: dict[str, Strategy] = {

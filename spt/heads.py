@@ -49,9 +49,8 @@ class ClassifierHead(nn.Module):
         return states[:, 0]
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:
-        # In its weights' dtype (fp32) whatever autocast says: the classifier is small and trainable, and one cast
-        # of the (B, d) representation replaces casts of its weight, its bias and the logits
-        # in both passes.
+        # In its weights' dtype (fp32) whatever autocast says: one cast of the (B, d)
+        # representation replaces casts of the weight, the bias and the logits in both passes.
         with torch.autocast(representation.device.type, enabled=False):
             return self.classifier(self.dropout(representation.to(self.classifier.weight.dtype)))
 
