@@ -4,10 +4,13 @@ On a GPU a training step of a small model is bound by kernel launches and by the
 waiting for the device; CPU wall time hides both. :func:`count_ops` runs a function
 under ``torch.profiler`` and counts, among the ATen operators it calls,
 
-* **kernels**: leaf operators that compute (a view, a reshape into a view, an empty
-  allocation or a detach launches nothing and is not counted); a multi-tensor
-  (``_foreach_*``), fused (``_fused_adamw_``) or dropout operator counts once, as on a GPU,
-  however the CPU carries it out;
+* **kernels**: operators that compute and call no other computing operator (a view, a
+  reshape into a view, an empty allocation or a detach launches nothing and is not
+  counted); an operator that is one kernel on a GPU counts once however the CPU carries it
+  out: a GEMM, layer norm or flash attention (a library kernel), a reduction, a multi-tensor
+  (``_foreach_*``) or fused (``_fused_adamw_``, ``_fused_rms_norm``) operator, dropout; a
+  Python number cast to a tensor's dtype inside an operator is a kernel argument on a GPU
+  and is not counted;
 * **syncs**: operators whose result the host must read before going on
   (``.item()``/``bool()``/``int()`` -> ``_local_scalar_dense``, ``nonzero``, ``equal``...),
   each of which makes the host wait for the GPU.
@@ -25,7 +28,7 @@ NO_KERNEL = frozenset({
     "aten::detach", "aten::detach_", "aten::alias", "aten::_unsafe_view", "aten::empty", "aten::empty_strided",
     "aten::empty_like", "aten::resolve_conj", "aten::resolve_neg", "aten::lift_fresh", "aten::numpy_T",
     "aten::split", "aten::unbind", "aten::chunk", "aten::narrow", "aten::_nested_tensor_from_mask_left_aligned",
-    "aten::set_", "aten::result_type", "aten::is_same_size", "aten::to", "aten::_has_compatible_shallow_copy_type",
+    "aten::set_", "aten::resize_", "aten::new_empty", "aten::new_empty_strided", "aten::result_type", "aten::is_same_size", "aten::to", "aten::_has_compatible_shallow_copy_type",
     "aten::requires_grad_", "aten::contiguous", "aten::expand_as", "aten::view_as", "aten::flatten", "aten::unflatten",
     "aten::movedim", "aten::diagonal", "aten::_unique", "aten::is_nonzero_", "aten::sym_size", "aten::sym_stride",
     "aten::sym_numel", "aten::size", "aten::stride", "aten::dim", "aten::is_floating_point", "aten::item_",
@@ -39,19 +42,32 @@ SYNC_OPS = frozenset({"aten::_local_scalar_dense", "aten::nonzero", "aten::equal
 FUSED_PREFIXES = ("aten::_foreach_", "aten::_fused_")
 # One kernel on a GPU (native_dropout), several on a CPU (bernoulli_, div_, mul).
 ONE_KERNEL_ON_GPU = frozenset({"aten::dropout", "aten::feature_dropout"})
+# One library kernel on a GPU (cuBLAS, the layer-norm and flash-attention kernels); on a CPU
+# they allocate, zero or copy a bias inside, which is part of the same kernel there.
+LIBRARY_KERNELS = frozenset({
+    "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
+    "aten::native_layer_norm", "aten::native_layer_norm_backward",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_backward",
+    "aten::_scaled_dot_product_efficient_attention", "aten::_scaled_dot_product_efficient_attention_backward",
+    # a reduction is one kernel on a GPU; a CPU first fills the output (sum) or divides after (mean)
+    "aten::sum", "aten::mean", "aten::linalg_vector_norm",
+})
+CASTS = frozenset({"aten::to", "aten::_to_copy"})
 
 
-def _fused(event) -> bool:
-    return event.name.startswith(FUSED_PREFIXES) or (event.name in ONE_KERNEL_ON_GPU and bool(event.cpu_children))
+def _one_kernel(event) -> bool:
+    name = event.name
+    if name.startswith(FUSED_PREFIXES) or name in LIBRARY_KERNELS:
+        return True
+    return name in ONE_KERNEL_ON_GPU and bool(event.cpu_children)
 
 
-def _inside_fused(event) -> bool:
-    parent = event.cpu_parent
-    while parent is not None:
-        if _fused(parent):
-            return True
-        parent = parent.cpu_parent
-    return False
+def _scalar_promotion(event) -> bool:
+    """A Python number cast to the tensor's dtype inside an operator: a kernel argument on a
+    GPU, a 0-dim copy on a CPU."""
+    shapes = event.input_shapes
+    return event.name in CASTS and bool(shapes) and shapes[0] == []
 
 
 @dataclass
@@ -63,6 +79,36 @@ class OpCounts:
     by_op: Counter = field(default_factory=Counter)
     sync_ops: Counter = field(default_factory=Counter)
 
+    def _add(self, event, nested: bool) -> int:
+        """Count ``event``'s subtree; return its kernels."""
+        name = event.name
+        if _one_kernel(event):  # one (library, fused or multi-tensor) kernel on a GPU; the CPU loops
+            self.kernels += 1
+            self.by_op[name] += 1
+            return 1
+        if nested and _scalar_promotion(event):
+            return 0
+        if name in SYNC_OPS:
+            self.syncs += 1
+            self.sync_ops[name] += 1
+        # a cast's own copy is what it computes: nested only if the cast is
+        nested_below = nested if name in CASTS else True
+        inside = sum(self._add(child, nested_below) for child in event.cpu_children if child.name.startswith("aten::"))
+        if inside or name in NO_KERNEL or name in SYNC_OPS:
+            return inside
+        self.kernels += 1  # an operator that computes and calls no other computing operator
+        self.by_op[name] += 1
+        return 1
+
+
+def _has_aten_ancestor(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.startswith("aten::"):
+            return True
+        parent = parent.cpu_parent
+    return False
+
 
 def count_ops(fn: Callable[[], object]) -> OpCounts:
     """Run ``fn`` once under the profiler and count its kernels and syncs.
@@ -71,24 +117,12 @@ def count_ops(fn: Callable[[], object]) -> OpCounts:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
     counts = OpCounts()
     for event in prof.events():
-        name = event.name
-        if not name.startswith("aten::") or _inside_fused(event):
-            continue
-        if _fused(event):  # one (multi-tensor) kernel on a GPU; the CPU loops
-            counts.kernels += 1
-            counts.by_op[name] += 1
-            continue
-        if name in SYNC_OPS:
-            counts.syncs += 1
-            counts.sync_ops[name] += 1
-        has_aten_child = any(child.name.startswith("aten::") for child in event.cpu_children)
-        if not has_aten_child and name not in NO_KERNEL and name not in SYNC_OPS:
-            counts.kernels += 1
-            counts.by_op[name] += 1
+        if event.name.startswith("aten::") and not _has_aten_ancestor(event):
+            counts._add(event, nested=False)
     return counts
 
 

@@ -59,6 +59,15 @@ def test_the_kernel_counter_counts_what_a_gpu_launches():
     # views launch nothing; a fused optimizer step is one kernel however the CPU loops
     assert count_ops(lambda: x.t().unsqueeze(0)[:, :2].reshape(2, 4)).kernels == 0
     assert count_ops(lambda: x.t().reshape(12)).kernels == 1  # (a reshape that must copy)
+    # a GEMM, a layer norm, a reduction: one library kernel each, whatever the CPU does inside
+    other = torch.randn(3, 5)
+    assert count_ops(lambda: x @ other).by_op == {"aten::mm": 1}
+    assert count_ops(lambda: torch.nn.functional.layer_norm(x, (3,))).by_op == {"aten::native_layer_norm": 1}
+    assert count_ops(lambda: x.mean()).by_op == {"aten::mean": 1}
+    # a linear layer's step: addmm; the loss's sum; its seed gradient; two GEMMs and a bias sum back
+    linear, inputs = torch.nn.Linear(3, 2), torch.randn(4, 3, requires_grad=True)
+    by_op = count_ops(lambda: linear(inputs).sum().backward()).by_op
+    assert by_op == {"aten::addmm": 1, "aten::sum": 2, "aten::fill_": 1, "aten::mm": 2}
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
     for p in params:
         p.grad = torch.ones(3)
