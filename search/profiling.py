@@ -8,7 +8,8 @@ under ``torch.profiler`` and counts, among the ATen operators it calls,
   reshape into a view, an empty allocation or a detach launches nothing and is not
   counted); an operator that is one kernel on a GPU counts once however the CPU carries it
   out: a GEMM, layer norm or flash attention (a library kernel), a reduction, a multi-tensor
-  (``_foreach_*``) or fused (``_fused_adamw_``, ``_fused_rms_norm``) operator, dropout; a
+  (``_foreach_*``) or fused (``_fused_adamw_``, ``_fused_rms_norm`` and its backward, which
+  a CPU build differentiates operator by operator) operator, dropout; a
   Python number cast to a tensor's dtype inside an operator is a kernel argument on a GPU
   and is not counted;
 * **syncs**: operators whose result the host must read before going on
@@ -110,6 +111,40 @@ def _has_aten_ancestor(event) -> bool:
     return False
 
 
+def _rms_norm_calls(events) -> dict[int, int]:
+    """Sequence number of each operator a CPU spells ``_fused_rms_norm`` with -> that call's.
+
+    CUDA runs rms_norm's backward as one ``_fused_rms_norm_backward`` kernel; a CPU build
+    has no such kernel and differentiates the spelled-out operators one by one. Their
+    backward nodes carry the forward operators' sequence numbers, which ties them to the call.
+    """
+    calls: dict[int, int] = {}
+    for event in events:
+        if event.name == "aten::_fused_rms_norm":
+            stack = [event]
+            while stack:
+                op = stack.pop()
+                # an operator that computes nothing (a cast to the same dtype) makes no backward
+                # node, and its number is the next operator's, maybe outside the call
+                if op.sequence_nr >= 0 and _computes(op):
+                    calls[op.sequence_nr] = event.sequence_nr
+                stack.extend(op.cpu_children)
+    return calls
+
+
+def _computes(event) -> bool:
+    if event.name not in NO_KERNEL and not event.cpu_children:
+        return True
+    return any(_computes(child) for child in event.cpu_children if child.name.startswith("aten::"))
+
+
+def _backward_node(event):
+    parent = event.cpu_parent
+    while parent is not None and not parent.name.startswith("autograd::engine::evaluate_function"):
+        parent = parent.cpu_parent
+    return parent
+
+
 def count_ops(fn: Callable[[], object]) -> OpCounts:
     """Run ``fn`` once under the profiler and count its kernels and syncs.
 
@@ -119,10 +154,19 @@ def count_ops(fn: Callable[[], object]) -> OpCounts:
 
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         fn()
-    counts = OpCounts()
-    for event in prof.events():
-        if event.name.startswith("aten::") and not _has_aten_ancestor(event):
+    events = prof.events()
+    counts, rms_norm_calls, rms_norm_backwards = OpCounts(), _rms_norm_calls(events), set()
+    for event in events:
+        if not event.name.startswith("aten::") or _has_aten_ancestor(event):
+            continue
+        node = _backward_node(event)
+        call = None if node is None else rms_norm_calls.get(node.sequence_nr)
+        if call is None:
             counts._add(event, nested=False)
+        elif call not in rms_norm_backwards:  # the call's whole backward: one kernel on a GPU
+            rms_norm_backwards.add(call)
+            counts.kernels += 1
+            counts.by_op["aten::_fused_rms_norm_backward"] += 1
     return counts
 
 

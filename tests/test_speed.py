@@ -68,6 +68,11 @@ def test_the_kernel_counter_counts_what_a_gpu_launches():
     linear, inputs = torch.nn.Linear(3, 2), torch.randn(4, 3, requires_grad=True)
     by_op = count_ops(lambda: linear(inputs).sum().backward()).by_op
     assert by_op == {"aten::addmm": 1, "aten::sum": 2, "aten::fill_": 1, "aten::mm": 2}
+    # rms_norm: one fused kernel each way on a GPU; a CPU build spells both passes out
+    states = torch.randn(4, 6, requires_grad=True)
+    by_op = count_ops(lambda: torch.nn.functional.rms_norm(states * 3.0, (6,)).sum().backward()).by_op
+    assert by_op == {"aten::mul": 2, "aten::_fused_rms_norm": 1, "aten::_fused_rms_norm_backward": 1,
+                     "aten::sum": 1, "aten::fill_": 1}
     params = [torch.nn.Parameter(torch.randn(3)) for _ in range(4)]
     for p in params:
         p.grad = torch.ones(3)
