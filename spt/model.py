@@ -99,15 +99,42 @@ def _on(rows: Rows, like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(rows, dtype=like.dtype).view(-1, 1, 1).to(like.device, non_blocking=True)
 
 
-def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | None, discard: float) -> torch.Tensor:
-    """``(1 - lambda*g) * slots + g * fresh``; ``gate`` None means g = 1; ``slots`` None means zeros."""
-    if gate is None:
+def _mix(slots: torch.Tensor | None, fresh: torch.Tensor, gate: torch.Tensor | None, keep: torch.Tensor | None,
+         scale: torch.Tensor | None, discard: float) -> torch.Tensor:
+    """``keep * slots + g * s * fresh``, ``keep = 1 - lambda * g``: ``gate`` g None means 1,
+    ``keep`` None means computed here, ``scale`` s (normalized prompts' size) None means 1,
+    ``slots`` None means zeros."""
+    if gate is not None and gate.requires_grad and slots is not None and discard == 1:
+        # a gate step: lerp's backward gives the gate's gradient in fewer kernels
+        return torch.lerp(slots, fresh if scale is None else fresh * scale, gate)
+    weight = gate if scale is None else scale if gate is None else gate * scale
+    if weight is None:
         return fresh if discard == 1 or slots is None else slots + fresh
-    if slots is None:
-        return fresh * gate
-    if discard == 1:
-        return torch.lerp(slots, fresh, gate.to(slots.dtype))
-    return torch.addcmul(slots, gate.to(slots.dtype), fresh)
+    if slots is None or (gate is None and discard == 1):
+        return fresh * weight
+    if discard == 0:
+        return torch.addcmul(slots, fresh, weight)
+    return torch.addcmul(slots * (1 - gate if keep is None else keep), fresh, weight)
+
+
+def _mixing_weights(plan: Plan, gates: torch.Tensor, discard: float, like: torch.Tensor) -> tuple[tuple, tuple | None]:
+    """Per generator, the weight ``g`` of its new prompt (0 for the examples its rows leave out)
+    and, for discard 1, the share ``1 - g`` of the propagated prompt kept, each (B or 1, 1, 1).
+
+    One kernel each for the whole pass: a per-layer ``lerp`` computes ``1 - g`` again in every
+    layer's backward, and per-layer row masks each cost a host-to-device copy. With the
+    gates trained (a gate step) no ``1 - g``: lerp's backward then costs less than two products'.
+    """
+    rows = {step.generator: step.rows for step in plan.layers if step.generator is not None}
+    weights = gates.view(-1, 1, 1, 1)
+    width = next((len(r) for r in rows.values() if r is not None), 0)
+    if width:
+        table = [rows[j] if rows.get(j) is not None else (True,) * width for j in range(len(gates))]
+        mask = torch.tensor(table, dtype=gates.dtype).view(len(gates), width, 1, 1)
+        weights = weights * mask.to(gates.device, non_blocking=True)
+    weights = weights.to(like.dtype)
+    keeps = discard == 1 and not weights.requires_grad  # (a gate step mixes by lerp)
+    return weights.unbind(0), (1 - weights).unbind(0) if keeps else None
 
 
 def _key_mask(started: Rows | None, token_mask: torch.Tensor, padded: bool, prompt_length: int) -> torch.Tensor | None:
@@ -131,12 +158,17 @@ def _token_rms_weights(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> 
     return (weights / hidden.shape[-1]).sqrt().to(hidden.dtype).unsqueeze(-1)
 
 
-def _rescaled(fresh: torch.Tensor, hidden: torch.Tensor, rms_weights: torch.Tensor) -> torch.Tensor:
-    """``fresh`` (B,l,d) with each vector's root mean square set to that of the example's token states."""
-    target = torch.linalg.vector_norm(hidden.detach() * rms_weights, dim=(1, 2), keepdim=True)  # (B,1,1)
+def _normalized(fresh: torch.Tensor) -> torch.Tensor:
+    """``fresh`` (B,l,d) with each vector's root mean square set to 1."""
     # rms_norm: one fused kernel each way on a GPU where the spelled-out formula takes ten.
     # (.to: autocast may run it in fp32; the slots keep the states' dtype.)
-    return (nn.functional.rms_norm(fresh, (fresh.shape[-1],), eps=1e-6) * target).to(fresh.dtype)
+    return nn.functional.rms_norm(fresh, (fresh.shape[-1],), eps=1e-6).to(fresh.dtype)
+
+
+def _token_rms(hidden: torch.Tensor, rms_weights: torch.Tensor) -> torch.Tensor:
+    """(B,1,1): the root mean square of each example's token states, the size normalized
+    prompts are given (through the mixing weight: no pass over the prompt for it)."""
+    return torch.linalg.vector_norm(hidden.detach() * rms_weights, dim=(1, 2), keepdim=True)
 
 
 def run_prompted_layers(
@@ -169,7 +201,7 @@ def run_prompted_layers(
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     weights = generators.weights(None if dtype == torch.float32 else dtype)
     pool = pool.to(dtype)
-    gate_values = gates.unbind(0) if gates is not None else None  # (one unbind, not an index per layer)
+    mixing, keeps = (None, None) if plan.hard else _mixing_weights(plan, gates, discard, hidden)
     rms_weights = _token_rms_weights(batch, hidden) if plan.normalize else None  # (once per pass)
     slots: torch.Tensor | None = None
     sequence: torch.Tensor | None = None
@@ -178,13 +210,15 @@ def run_prompted_layers(
         if step.clear is not None:
             slots, changed = slots * _on(step.clear, slots), True
         if step.generator is not None:
-            gate = None if plan.hard else gate_values[step.generator]
-            if step.rows is not None:
-                gate = _on(step.rows, hidden) if gate is None else gate * _on(step.rows, hidden)
+            if plan.hard:
+                gate, keep = None if step.rows is None else _on(step.rows, hidden), None
+            else:
+                gate, keep = mixing[step.generator], None if keeps is None else keeps[step.generator]
             fresh = generators(step.generator, hidden, pool, weights).to(hidden.dtype)  # (autocast: bf16 out)
+            scale = None
             if plan.normalize:
-                fresh = _rescaled(fresh, hidden, rms_weights)
-            slots, changed = _mix(slots, fresh, gate, discard), True
+                fresh, scale = _normalized(fresh), _token_rms(hidden, rms_weights)
+            slots, changed = _mix(slots, fresh, gate, keep, scale, discard), True
         joined = changed or sequence is None
         if joined:
             sequence = torch.cat([slots, hidden], dim=1)
