@@ -254,8 +254,9 @@ def main() -> None:
                     print("\n".join(rows), flush=True)
     text = [f"# SPT step cost on {device.type}", "", f"Measured on {environment(device)}.", "",
             f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`", "",
-            "Kernels per step (compute operators; fused and multi-tensor operators once) and host-device syncs per step, "
-            "counted with torch.profiler; graph breaks of the forward + loss under torch.compile.", "",
+            "Kernels per step (compute operators; what is one kernel on a GPU once: a GEMM, layer norm, flash attention, "
+            "reduction, dropout, fused or multi-tensor operator, rms_norm and its backward) and host-device syncs per step, "
+            "counted with torch.profiler (`search/profiling.py`); graph breaks of the forward + loss under torch.compile.", "",
             "| backbone | batch | dtype | kernels floor / sparse / supernet / gate / PEFT prefix / PEFT prompt | sparse / floor | "
             "sparse / PEFT prefix | supernet / sparse | inference kernels bare / sparse | syncs floor / sparse / supernet / gate | "
             "graph breaks sparse / supernet |", "|---|---|---|---|---|---|---|---|---|---|", *counted]
