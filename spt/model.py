@@ -204,7 +204,7 @@ def run_prompted_layers(
     mixing, keeps = (None, None) if plan.hard else _mixing_weights(plan, gates, discard, hidden)
     rms_weights = _token_rms_weights(batch, hidden) if plan.normalize else None  # (once per pass)
     slots: torch.Tensor | None = None
-    sequence: torch.Tensor | None = None
+    sequence: torch.Tensor | None = None  # [slots, tokens] as the next layer takes it
     for step in plan.layers:
         changed = False
         if step.clear is not None:
@@ -215,9 +215,8 @@ def run_prompted_layers(
             else:
                 gate, keep = mixing[step.generator], None if keeps is None else keeps[step.generator]
             fresh = generators(step.generator, hidden, pool, weights).to(hidden.dtype)  # (autocast: bf16 out)
-            scale = None
-            if plan.normalize:
-                fresh, scale = _normalized(fresh), _token_rms(hidden, rms_weights)
+            scale = _token_rms(hidden, rms_weights) if plan.normalize else None
+            fresh = _normalized(fresh) if plan.normalize else fresh
             slots, changed = _mix(slots, fresh, gate, keep, scale, discard), True
         joined = changed or sequence is None
         if joined:
