@@ -46,7 +46,7 @@ ONE_KERNEL_ON_GPU = frozenset({"aten::dropout", "aten::feature_dropout"})
 # One library kernel on a GPU (cuBLAS, the layer-norm and flash-attention kernels); on a CPU
 # they allocate, zero or copy a bias inside, which is part of the same kernel there.
 LIBRARY_KERNELS = frozenset({
-    "aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
+    "aten::mm", "aten::bmm", "aten::addmm", "aten::_addmm_activation", "aten::baddbmm", "aten::addbmm", "aten::mv", "aten::addmv",
     "aten::native_layer_norm", "aten::native_layer_norm_backward",
     "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
     "aten::_scaled_dot_product_flash_attention", "aten::_scaled_dot_product_flash_attention_backward",

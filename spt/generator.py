@@ -50,6 +50,7 @@ class PromptGenerators(nn.Module):
         if activation not in ACTIVATIONS:
             raise ConfigError("prompt.activation", f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
         self.count = count
+        self.relu = activation == "relu"  # (applied by the down projection: fused where it can be)
         self.down = PHMLinear(hidden_size, bottleneck, phm_n, count, reset=False)
         self.act = ACTIVATIONS[activation]()
         self.up = PHMLinear(bottleneck, hidden_size, phm_n, count, reset=False)
@@ -74,7 +75,8 @@ class PromptGenerators(nn.Module):
         if pool_weights.dtype != hidden.dtype and not torch.is_autocast_enabled(hidden.device.type):
             pool_weights = pool_weights.to(hidden.dtype)  # (under autocast the matmul casts both)
         pooled = torch.bmm(pool_weights, hidden)
-        return self.dropout(self.up(self.act(self.down(pooled, index, down)), index, up))
+        inner = self.down(pooled, index, down, relu=True) if self.relu else self.act(self.down(pooled, index, down))
+        return self.dropout(self.up(inner, index, up))
 
 
 class PromptGenerator(PromptGenerators):

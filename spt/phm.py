@@ -58,7 +58,7 @@ class PHMLinear(nn.Module):
         self.A = nn.Parameter(torch.empty(count, n, n, n))
         self.S = nn.Parameter(torch.empty(count, n, d_in // n, d_out // n))
         self.bias = nn.Parameter(torch.empty(count, d_out))
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self._cache: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
         if reset:  # (a caller that interleaves the initialisation of several layers passes False)
             for index in range(count):
                 self.reset_parameters(index)
@@ -75,14 +75,19 @@ class PHMLinear(nn.Module):
     def weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All ``count`` weights ``(count, d_in, d_out)`` (cast to ``dtype`` when given); cached
         while no gradient is recorded and the parameters do not change."""
-        if torch.is_grad_enabled() and (self.A.requires_grad or self.S.requires_grad):
-            weight = self._built()
-            return weight if dtype is None else weight.to(dtype)
-        key = (self.A._version, self.S._version, self.A.data_ptr(), self.S.data_ptr(), torch.is_inference_mode_enabled(), dtype)
+        return self._weight_and_bias(dtype)[0]
+
+    def _weight_and_bias(self, dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor]:
+        def cast(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor if dtype is None else tensor.to(dtype)
+
+        if torch.is_grad_enabled() and any(p.requires_grad for p in (self.A, self.S, self.bias)):
+            return cast(self._built()), cast(self.bias)
+        key = tuple((p._version, p.data_ptr()) for p in (self.A, self.S, self.bias))
+        key += (torch.is_inference_mode_enabled(), dtype)
         if self._cache is None or self._cache[0] != key:
             with torch.no_grad():
-                weight = self._built()
-                self._cache = (key, weight if dtype is None else weight.to(dtype))
+                self._cache = (key, (cast(self._built()), cast(self.bias)))
         return self._cache[1]
 
     def _built(self) -> torch.Tensor:
@@ -98,13 +103,23 @@ class PHMLinear(nn.Module):
         gradients, where indexing would zero and copy a whole stack for every use; one cast
         of the stack (bf16) instead of one per matmul.
         """
-        bias = self.bias if dtype is None else self.bias.to(dtype)
-        return list(zip(self.weight(dtype).unbind(0), bias.unbind(0)))
+        weight, bias = self._weight_and_bias(dtype)
+        return list(zip(weight.unbind(0), bias.unbind(0)))
 
-    def forward(self, x: torch.Tensor, index: int = 0, parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> torch.Tensor:
-        """Layer ``index`` applied to ``x (..., d_in)``; ``parts`` from :meth:`parts` when already split."""
+    def forward(self, x: torch.Tensor, index: int = 0, parts: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                relu: bool = False) -> torch.Tensor:
+        """Layer ``index`` applied to ``x (..., d_in)``; ``parts`` from :meth:`parts` when already split;
+        ``relu``: followed by a ReLU."""
         weight, bias = (self.parts() if parts is None else parts)[index]
-        return torch.addmm(bias, x.reshape(-1, self.d_in), weight).reshape(*x.shape[:-1], self.d_out)
+        x2d = x.reshape(-1, self.d_in)
+        if relu and not torch.is_grad_enabled():
+            # The ReLU rides in the GEMM (cuBLASLt's epilogue on a GPU: one kernel, not two);
+            # the fused operator has no backward, so only where no gradient is recorded.
+            out = torch._addmm_activation(bias, x2d, weight)
+        else:
+            out = torch.addmm(bias, x2d, weight)
+            out = torch.relu(out) if relu else out
+        return out.reshape(*x.shape[:-1], self.d_out)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, n={self.n}, count={self.count}"

@@ -153,3 +153,17 @@ def test_plans_are_decided_on_the_host():
     assert steps[0].started == (True, False) and steps[2].started is None and steps[2].new_context
     assert steps[2].clear == (True, False)  # example 1 starts at layer 2: its slots start from zero
     assert not any(s.keys_values_only for s in plan.layers[:-1])  # learned gates mix, nothing is skipped
+
+
+def test_inference_runs_the_generators_relu_inside_the_gemm():
+    from spt.generator import PromptGenerators, adaptive_pool_weights
+
+    torch.manual_seed(0)
+    generators = PromptGenerators(2, 16, 8, phm_n=2, activation="relu", dropout=0.0)
+    hidden, pool = torch.randn(3, 5, 16), adaptive_pool_weights(torch.ones(3, 5), 4)
+    trained = generators(1, hidden, pool)  # gradients recorded: addmm, then relu
+    with torch.no_grad():
+        fused = generators(1, hidden, pool)
+        by_op = count_ops(lambda: generators(1, hidden, pool)).by_op
+    torch.testing.assert_close(fused, trained.detach(), rtol=1e-6, atol=1e-6)
+    assert by_op["aten::_addmm_activation"] == 1 and by_op["aten::addmm"] == 1 and "aten::clamp_min" not in by_op
