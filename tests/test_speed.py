@@ -167,3 +167,16 @@ def test_inference_runs_the_generators_relu_inside_the_gemm():
         by_op = count_ops(lambda: generators(1, hidden, pool)).by_op
     torch.testing.assert_close(fused, trained.detach(), rtol=1e-6, atol=1e-6)
     assert by_op["aten::_addmm_activation"] == 1 and by_op["aten::addmm"] == 1 and "aten::clamp_min" not in by_op
+
+
+def test_queries_of_a_keys_values_only_layer_are_projected_without_a_copy_in_inference():
+    from spt.backbone.layers import project_queries
+
+    projection, hidden = torch.nn.Linear(8, 8), torch.randn(2, 7, 8)
+    queries = hidden[:, 3:]  # the token states behind 3 prompt slots: a slice, not contiguous
+    trained = project_queries(projection, hidden, queries)
+    assert count_ops(lambda: project_queries(projection, hidden, queries)).by_op == {"aten::copy_": 1, "aten::addmm": 1}
+    with torch.no_grad():
+        served = project_queries(projection, hidden, queries)
+        assert count_ops(lambda: project_queries(projection, hidden, queries)).by_op == {"aten::addmm": 1}
+    torch.testing.assert_close(served, trained.detach())

@@ -184,11 +184,7 @@ class Backbone(nn.Module):
         """
         layer = self.layers[index]
         if queries_from:
-            queries = hidden[:, queries_from:] if queries is None else queries
-            # A slice of a longer sequence cannot be folded into one (B*S, d) matmul: the
-            # projections would expand their weight over the batch and copy it (B x d x d) in
-            # both passes. One copy of the queries (B x S x d) instead, forward only.
-            queries = queries.contiguous()
+            queries = hidden[:, queries_from:] if queries is None else queries  # (see layers.project_queries)
             return self.runner.keys_values_only(layer, hidden, context, queries)
         return self.runner.run_layer(layer, hidden, context)
 

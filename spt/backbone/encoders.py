@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import LayerContext, LayerRunner, mask_form, merge_heads, slice_queries, split_heads
+from .layers import LayerContext, LayerRunner, mask_form, merge_heads, project_queries, slice_queries, split_heads
 
 
 class BertLayers(LayerRunner):
@@ -47,7 +47,7 @@ class BertLayers(LayerRunner):
         attn = layer.attention.self
         head_dim = hidden.shape[-1] // self.config.num_attention_heads
         scores = nn.functional.scaled_dot_product_attention(
-            split_heads(attn.query(queries), head_dim), split_heads(attn.key(hidden), head_dim),
+            split_heads(project_queries(attn.query, hidden, queries), head_dim), split_heads(attn.key(hidden), head_dim),
             split_heads(attn.value(hidden), head_dim), attn_mask=mask, scale=attn.scaling,
         )
         attention_output = layer.attention.output(merge_heads(scores), queries)
@@ -84,7 +84,7 @@ class MPNetLayers(BertLayers):
         if mask is not None:
             bias = bias + mask
         scores = nn.functional.scaled_dot_product_attention(
-            split_heads(attn.q(queries), head_dim), split_heads(attn.k(hidden), head_dim),
+            split_heads(project_queries(attn.q, hidden, queries), head_dim), split_heads(attn.k(hidden), head_dim),
             split_heads(attn.v(hidden), head_dim), attn_mask=bias,
         )
         merged = attn.o(merge_heads(scores))

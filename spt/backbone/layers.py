@@ -41,6 +41,21 @@ def slice_queries(mask: torch.Tensor | None, start: int, length: int) -> torch.T
     return mask[:, :, start:, :] if mask.shape[2] == length else mask
 
 
+def project_queries(projection: nn.Module, hidden: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+    """``projection(queries)`` for the last positions ``queries`` of ``hidden`` (B, S, d).
+
+    A slice of a longer sequence cannot be folded into one (B*T, d) matmul: the projection
+    would expand its weight over the batch and copy it (B x d x d) in both passes. Training
+    copies the queries once instead (B x T x d, forward only); with no backward to pay for,
+    every position is projected and the slots' rows dropped (a view, no copy).
+    """
+    if queries.is_contiguous():
+        return projection(queries)
+    if torch.is_grad_enabled():
+        return projection(queries.contiguous())
+    return projection(hidden)[:, hidden.shape[1] - queries.shape[1]:]
+
+
 def split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
     """``(B, S, h * head_dim)`` -> ``(B, h, S, head_dim)``."""
     return x.view(x.shape[0], x.shape[1], -1, head_dim).transpose(1, 2)
