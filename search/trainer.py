@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from spt.inputs import EncodedSplit, collate
+from spt.phm import PHMLinear
 from spt.trainable import TrainableModel
 
 from . import distributed
@@ -197,6 +198,10 @@ class Trainer:
             nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        # A fused optimizer step changes parameters without bumping their version: drop built PHM weights.
+        for module in self.model.modules():
+            if hasattr(module, "_cache") and isinstance(module, PHMLinear):
+                module._cache = None
 
     # ------------------------------------------------------------------ evaluation
 

@@ -168,7 +168,8 @@ def _normalized(fresh: torch.Tensor) -> torch.Tensor:
 def _token_rms(hidden: torch.Tensor, rms_weights: torch.Tensor) -> torch.Tensor:
     """(B,1,1): the root mean square of each example's token states, the size normalized
     prompts are given (through the mixing weight: no pass over the prompt for it)."""
-    return torch.linalg.vector_norm(hidden.detach() * rms_weights, dim=(1, 2), keepdim=True)
+    # (.to: CUDA autocast runs norms in fp32; the slots keep the states' dtype)
+    return torch.linalg.vector_norm(hidden.detach() * rms_weights, dim=(1, 2), keepdim=True).to(hidden.dtype)
 
 
 def run_prompted_layers(

@@ -112,7 +112,7 @@ class PHMLinear(nn.Module):
         ``relu``: followed by a ReLU."""
         weight, bias = (self.parts() if parts is None else parts)[index]
         x2d = x.reshape(-1, self.d_in)
-        if relu and not torch.is_grad_enabled():
+        if relu and not torch.is_grad_enabled() and x2d.dtype == weight.dtype == bias.dtype:  # (CUDA autocast has no rule for it)
             # The ReLU rides in the GEMM (cuBLASLt's epilogue on a GPU: one kernel, not two);
             # the fused operator has no backward, so only where no gradient is recorded.
             out = torch._addmm_activation(bias, x2d, weight)
