@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from spt.inputs import EncodedSplit, collate
-from spt.phm import PHMLinear
 from spt.trainable import TrainableModel
 
 from . import distributed
@@ -197,11 +196,11 @@ class Trainer:
         if self.settings.grad_clip > 0:
             nn.utils.clip_grad_norm_(params, self.settings.grad_clip)
         optimizer.step()
+        if optimizer.defaults.get("fused"):
+            # A fused step writes the parameters without bumping their versions, which caches
+            # keyed by version (the built PHM weights) rely on.
+            torch.autograd.graph.increment_version(params)
         optimizer.zero_grad(set_to_none=True)
-        # A fused optimizer step changes parameters without bumping their version: drop built PHM weights.
-        for module in self.model.modules():
-            if hasattr(module, "_cache") and isinstance(module, PHMLinear):
-                module._cache = None
 
     # ------------------------------------------------------------------ evaluation
 
