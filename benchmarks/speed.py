@@ -42,10 +42,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from search.architect import compiled  # noqa: E402
 from search.baselines import build_baseline  # noqa: E402
 from search.config import RetrainConfig, SearchConfig  # noqa: E402
 from search.losses import search_loss  # noqa: E402
-from search.profiling import count_ops, graph_breaks  # noqa: E402
+from search.profiling import count_ops, device_counts, graph_breaks  # noqa: E402
 from search.trainer import Trainer  # noqa: E402
 from spt import Backbone, HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
 from spt.inputs import EncodedSplit, collate  # noqa: E402
@@ -82,7 +83,8 @@ def encoded(batch_size: int, length: int, vocab: int) -> EncodedSplit:
 class Steps:
     """The measured calls on one backbone, batch size and length, as zero-argument functions."""
 
-    def __init__(self, backbone: Backbone, name: str, batch_size: int, length: int, device: torch.device, precision: str) -> None:
+    def __init__(self, backbone: Backbone, name: str, batch_size: int, length: int, device: torch.device, precision: str,
+                 compile_step: bool = False) -> None:
         split = encoded(batch_size, length, backbone.config.vocab_size)
         self.indices = list(range(batch_size))
         self.batch = collate(split, self.indices, device, PROMPT_LENGTH, torch.bfloat16 if precision == "bf16" else None)
@@ -101,6 +103,8 @@ class Steps:
                 continue  # PEFT prefix tuning cannot serve MPNet
             model = build_baseline(method, name, 2, "mean", 0.1, PROMPT_LENGTH, target_params=1, backbone=backbone)
             self.trainers[method] = Trainer(model, RetrainConfig(), **common)
+        if compile_step:  # runtime.compile: step (CUDA graphs on a GPU)
+            self.trainers["sparse-compiled"] = Trainer(self.sparse, RetrainConfig(), compile_step=True, **common)
         for trainer in self.trainers.values():  # every step sees the same, already made batch
             trainer.local_batch = lambda indices, b=self.batch: (b, 1.0)
         self.backbone, self.precision = backbone, precision
@@ -131,6 +135,18 @@ class Steps:
                 fns[method] = lambda m=method: t[m].weight_step(self.indices, 0)
         fns["infer_bare"], fns["infer_sparse"] = infer_bare, infer_sparse
         return fns
+
+    def compiled_functions(self) -> dict[str, Callable[[], object]]:
+        """The frozen floor and the sparse step under ``runtime.compile: step``."""
+        b, backbone, autocast = self.batch, self.backbone, self.trainers["sparse"].autocast
+        floor_loss = compiled(lambda emb: {"loss": backbone.base.encoder(emb).last_hidden_state.float().mean()}, b["input_ids"].device)
+
+        def floor():
+            with autocast():
+                loss = floor_loss(backbone.embed(b["input_ids"]).detach().requires_grad_(True))["loss"]
+            loss.backward()
+
+        return {"floor-compiled": floor, "sparse-compiled": lambda: self.trainers["sparse-compiled"].weight_step(self.indices, 0)}
 
     def breaks(self) -> dict[str, int]:
         """Graph breaks of the sparse and the supernet forward + loss under torch.compile."""
@@ -195,28 +211,65 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
 
-def measure(name: str, batch_size: int, length: int, device: torch.device, precision: str, args) -> list[str]:
+def _device_row(head: str, fns: dict[str, Callable[[], object]]) -> list[str]:
+    """Launches and syncs per step measured on the CUDA device (no row if the profiler cannot see it)."""
+    d = {}
+    try:
+        for key, fn in fns.items():
+            if key.startswith("infer"):
+                fn()
+            d[key] = device_counts(fn)
+    except Exception as error:  # a benchmark row lost is no reason to lose the others
+        print(f"device counts failed: {error!r}", file=sys.stderr)
+        return []
+    n = {key: c.launches for key, c in d.items()}
+    return [f"{head} {' / '.join(str(n.get(key, 'n/a')) for key in STEPS)} | {_ratio(n['sparse'], n['floor'])} | "
+            f"{_ratio(n['sparse'], n.get('peft-prefix'))} | {_ratio(n['supernet'], n['sparse'])} | "
+            f"{n['infer_bare']} / {n['infer_sparse']} | {' / '.join(str(d[key].syncs) for key in STEPS[:4])} |"]
+
+
+STEPS = ("floor", "sparse", "supernet", "gate", "peft-prefix", "peft-prompt")
+
+
+def measure(name: str, batch_size: int, length: int, device: torch.device, precision: str, args) -> dict[str, list[str]]:
+    """One backbone, batch and precision: its rows of the counted, the device-measured and the timed tables."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     backbone = get_backbone(name, dtype).to(device)
-    steps = Steps(backbone, name, batch_size, length, device, precision)
+    steps = Steps(backbone, name, batch_size, length, device, precision, compile_step=args.compile)
     fns = steps.functions()
     for fn in fns.values():
         fn()  # warm up: lazy initialisation is not a step's cost
-    counts = {k: count_ops(fn) for k, fn in fns.items()}
+    counts = {}
+    for key, fn in fns.items():  # in the search's order: a gate step follows a weight step
+        if key.startswith("infer"):
+            fn()  # inference reuses the weights built after the last update
+        counts[key] = count_ops(fn)
     k = {key: c.kernels for key, c in counts.items()}
     syncs = " / ".join(f"{counts[key].syncs}" for key in ("floor", "sparse", "supernet", "gate") if key in counts)
     breaks = steps.breaks() if args.breaks else {"sparse": "-", "supernet": "-"}
-    rows = [f"| {name} | {batch_size}x{length} | {precision} | {k['floor']} / {k['sparse']} / {k['supernet']} / {k['gate']} / "
-            f"{k.get('peft-prefix', 'n/a')} / {k['peft-prompt']} | {_ratio(k['sparse'], k['floor'])} | {_ratio(k['sparse'], k.get('peft-prefix'))} | "
-            f"{_ratio(k['supernet'], k['sparse'])} | {k['infer_bare']} / {k['infer_sparse']} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
-            f"{syncs} | {breaks['sparse']} / {breaks['supernet']} |"]
+    head = f"| {name} | {batch_size}x{length} | {precision} |"
+    rows: dict[str, list[str]] = {"counted": [
+        f"{head} {' / '.join(str(k.get(key, 'n/a')) for key in STEPS)} | {_ratio(k['sparse'], k['floor'])} | "
+        f"{_ratio(k['sparse'], k.get('peft-prefix'))} | {_ratio(k['supernet'], k['sparse'])} | "
+        f"{k['infer_bare']} / {k['infer_sparse']} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
+        f"{syncs} | {breaks['sparse']} / {breaks['supernet']} |"], "device": [], "timed": []}
+    if device.type == "cuda":  # the counter's check: what the device really launched
+        rows["device"] += _device_row(head, fns)
     if args.time:
+        if args.compile:
+            fns.update(steps.compiled_functions())
+            for key in ("floor-compiled", "sparse-compiled"):
+                for _ in range(3):  # compiles, records the CUDA graph, replays
+                    fns[key]()
         med = timings(fns, args.repeats, args.warmup, device)
         mem = {key: peak_memory(fns[key], device) for key in ("floor", "sparse", "supernet", "peft-prefix") if key in fns}
-        rows.append(f"| {name} | {batch_size}x{length} | {precision} | {1000 * med['floor']:.1f} | {_ratio(med['sparse'], med['floor'])} | "
-                    f"{_ratio(med['sparse'], med.get('peft-prefix'))} | {_ratio(med['supernet'], med['sparse'])} | "
-                    f"{_ratio(med['infer_bare'], med['infer_sparse'])} | "
-                    + " / ".join(f"{mem[key]:.0f}" if key in mem else "n/a" for key in ("floor", "sparse", "supernet", "peft-prefix")) + " |")
+        compiled_ratios = (f"{_ratio(med['sparse-compiled'], med['floor'])} / {_ratio(med['sparse-compiled'], med['floor-compiled'])}"
+                           if args.compile else "-")
+        rows["timed"].append(
+            f"{head} {1000 * med['floor']:.1f} | {_ratio(med['sparse'], med['floor'])} | "
+            f"{_ratio(med['sparse'], med.get('peft-prefix'))} | {_ratio(med['supernet'], med['sparse'])} | "
+            f"{_ratio(med['infer_bare'], med['infer_sparse'])} | {compiled_ratios} | "
+            + " / ".join(f"{mem[key]:.0f}" if key in mem else "n/a" for key in ("floor", "sparse", "supernet", "peft-prefix")) + " |")
     return rows
 
 
@@ -240,18 +293,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-breaks", dest="breaks", action="store_false", help="skip the torch.compile graph-break count")
+    parser.add_argument("--compile", action="store_true", help="with --time: also time the floor and the sparse step "
+                        "under runtime.compile: step (CUDA graphs on a GPU)")
     parser.add_argument("--out", type=Path, help="Markdown file (default: benchmarks/results/speed/speed-<device>.md)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    counted, timed = [], []
+    tables: dict[str, list[str]] = {"counted": [], "device": [], "timed": []}
     for name in args.backbones:
         for precision in args.precision:
             for b in args.batches:
                 for t in args.lengths:
                     rows = measure(name, b, t, device, precision, args)
-                    counted.append(rows[0])
-                    timed += rows[1:]
-                    print("\n".join(rows), flush=True)
+                    for table, lines in rows.items():
+                        tables[table] += lines
+                        print("\n".join(lines), flush=True)
     text = [f"# SPT step cost on {device.type}", "", f"Measured on {environment(device)}.", "",
             f"Command: `python benchmarks/speed.py {' '.join(sys.argv[1:])}`", "",
             "Kernels per step (compute operators; what is one kernel on a GPU once: a GEMM, layer norm, flash attention, "
@@ -259,13 +314,21 @@ def main() -> None:
             "counted with torch.profiler (`search/profiling.py`); graph breaks of the forward + loss under torch.compile.", "",
             "| backbone | batch | dtype | kernels floor / sparse / supernet / gate / PEFT prefix / PEFT prompt | sparse / floor | "
             "sparse / PEFT prefix | supernet / sparse | inference kernels bare / sparse | syncs floor / sparse / supernet / gate | "
-            "graph breaks sparse / supernet |", "|---|---|---|---|---|---|---|---|---|---|", *counted]
-    if timed:
+            "graph breaks sparse / supernet |", "|---|---|---|---|---|---|---|---|---|---|", *tables["counted"]]
+    if tables["device"]:
+        text += ["", "Measured on the device (the counter's check): launches per step (kernels, copies and fills, "
+                 "torch.profiler's CUDA activity) and syncs (`torch.cuda.set_sync_debug_mode`):", "",
+                 "| backbone | batch | dtype | launches floor / sparse / supernet / gate / PEFT prefix / PEFT prompt | "
+                 "sparse / floor | sparse / PEFT prefix | supernet / sparse | inference bare / sparse | "
+                 "syncs floor / sparse / supernet / gate |", "|---|---|---|---|---|---|---|---|---|", *tables["device"]]
+    if tables["timed"]:
         text += ["", f"Wall time (median of {args.repeats} after {args.warmup}, interleaved) and memory "
-                 f"({'CUDA peak allocation' if device.type == 'cuda' else 'bytes saved for backward'}, MB):", "",
+                 f"({'CUDA peak allocation' if device.type == 'cuda' else 'bytes saved for backward'}, MB); "
+                 "compiled: `runtime.compile: step` (CUDA graphs on a GPU) against the eager and the compiled floor:", "",
                  "| backbone | batch | dtype | floor ms | sparse / floor | sparse / PEFT prefix | supernet / sparse | "
-                 "inference throughput sparse / bare | memory floor / sparse / supernet / prefix |",
-                 "|---|---|---|---|---|---|---|---|---|", *timed]
+                 "inference throughput sparse / bare | compiled sparse / floor, / compiled floor | "
+                 "memory floor / sparse / supernet / prefix |",
+                 "|---|---|---|---|---|---|---|---|---|---|", *tables["timed"]]
     out = args.out or OUT / f"speed-{device.type}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(text) + "\n")

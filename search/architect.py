@@ -19,10 +19,19 @@ if TYPE_CHECKING:
 
 
 def compiled(fn, device: torch.device):
-    """``fn`` under ``torch.compile`` (shapes become dynamic once a second length is seen); CUDA graphs on GPUs."""
-    if device.type == "cuda":
-        return torch.compile(fn, mode="reduce-overhead")
-    return torch.compile(fn, dynamic=None)
+    """``fn`` (a loss returning a dict of tensors) under ``torch.compile``; shapes become
+    dynamic once a second length is seen. On GPUs with CUDA graphs: each call starts a new
+    graph step, and the returned terms are copied out of the graph's memory, which the next
+    replay overwrites (the trainer keeps them as tensors until a logging step reads them)."""
+    if device.type != "cuda":
+        return torch.compile(fn, dynamic=None)
+    graphed = torch.compile(fn, mode="reduce-overhead")
+
+    def step(*args, **kwargs) -> dict[str, torch.Tensor]:
+        torch.compiler.cudagraph_mark_step_begin()
+        return {name: value.clone() for name, value in graphed(*args, **kwargs).items()}
+
+    return step
 
 
 class Architect:

@@ -176,3 +176,32 @@ def graph_breaks(fn: Callable[..., object], *args: object) -> int:
 
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+@dataclass
+class DeviceCounts:
+    """What one call launched on a CUDA device and how often the host waited for it, measured."""
+
+    launches: int  # kernels, copies and fills the device ran
+    syncs: int  # synchronizing calls, as CUDA's sync debug mode reports them
+
+
+def device_counts(fn: Callable[[], object]) -> DeviceCounts:
+    """Run ``fn`` once on a CUDA device and measure its launches (torch.profiler's device
+    activity) and syncs (``torch.cuda.set_sync_debug_mode``): the check of :func:`count_ops`."""
+    import warnings
+
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                fn()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    launches = sum(1 for event in prof.events() if event.device_type == torch.autograd.DeviceType.CUDA)
+    return DeviceCounts(launches, sum("synchroniz" in str(w.message) for w in caught))
