@@ -17,10 +17,14 @@ sparse and supernet forward under ``torch.compile`` (``torch._dynamo.explain``).
 ``--time`` the steps are also timed (median of ``--repeats`` after ``--warmup``,
 interleaved) and their peak memory measured (CUDA peak allocation, or on a CPU the bytes
 autograd saves for backward). Optimizers are fused, as the trainer makes them on a GPU.
+On a CUDA device the launches and syncs are also *measured* (torch.profiler's device
+activity, CUDA's sync debug mode), the check of the count. ``--compile`` (with ``--time``)
+also times the floor and the sparse step under ``runtime.compile: step`` (CUDA graphs on a GPU).
 
     python benchmarks/speed.py                                   # MiniLM-L6 and a 24 x 1024 BERT, b8 x 64, fp32
     python benchmarks/speed.py --precision bf16 --time           # real bf16: backbone stored in bf16, autocast
-    python benchmarks/speed.py --backbones minilm-l6 --batches 32 --lengths 128 --time   # on a GPU
+    python benchmarks/speed.py --backbones minilm-l6 bert-24x1024 --batches 32 --lengths 128 \
+        --precision fp32 bf16 --time --no-breaks                 # on a GPU (add --compile for compiled steps)
 
 Results go to ``benchmarks/results/speed/`` with the device, dtype, versions and date.
 """
