@@ -215,24 +215,25 @@ def _ratio(a: float | None, b: float | None) -> str:
     return "n/a" if a is None or b is None else f"{a / b:.2f}"
 
 
-def _device_row(head: str, fns: dict[str, Callable[[], object]]) -> list[str]:
-    """Launches and syncs per step measured on the CUDA device (no row if the profiler cannot see it)."""
-    d = {}
-    try:
-        for key, fn in fns.items():
-            if key.startswith("infer"):
-                fn()
-            d[key] = device_counts(fn)
-    except Exception as error:  # a benchmark row lost is no reason to lose the others
-        print(f"device counts failed: {error!r}", file=sys.stderr)
-        return []
-    n = {key: c.launches for key, c in d.items()}
-    return [f"{head} {' / '.join(str(n.get(key, 'n/a')) for key in STEPS)} | {_ratio(n['sparse'], n['floor'])} | "
-            f"{_ratio(n['sparse'], n.get('peft-prefix'))} | {_ratio(n['supernet'], n['sparse'])} | "
-            f"{n['infer_bare']} / {n['infer_sparse']} | {' / '.join(str(d[key].syncs) for key in STEPS[:4])} |"]
-
-
 STEPS = ("floor", "sparse", "supernet", "gate", "peft-prefix", "peft-prompt")
+
+
+def _per_step(fns: dict[str, Callable[[], object]], counter: Callable) -> dict:
+    """``counter(fn)`` for every step, in the search's order (a gate step follows a weight
+    step); inference is run once first, so it reuses the weights built after the last update."""
+    counts = {}
+    for key, fn in fns.items():
+        if key.startswith("infer"):
+            fn()
+        counts[key] = counter(fn)
+    return counts
+
+
+def _count_cells(n: dict[str, int]) -> str:
+    """Per-step counts, their ratios and the inference pair, as table cells."""
+    return (f"{' / '.join(str(n.get(key, 'n/a')) for key in STEPS)} | {_ratio(n['sparse'], n['floor'])} | "
+            f"{_ratio(n['sparse'], n.get('peft-prefix'))} | {_ratio(n['supernet'], n['sparse'])} | "
+            f"{n['infer_bare']} / {n['infer_sparse']}")
 
 
 def measure(name: str, batch_size: int, length: int, device: torch.device, precision: str, args) -> dict[str, list[str]]:
@@ -243,22 +244,21 @@ def measure(name: str, batch_size: int, length: int, device: torch.device, preci
     fns = steps.functions()
     for fn in fns.values():
         fn()  # warm up: lazy initialisation is not a step's cost
-    counts = {}
-    for key, fn in fns.items():  # in the search's order: a gate step follows a weight step
-        if key.startswith("infer"):
-            fn()  # inference reuses the weights built after the last update
-        counts[key] = count_ops(fn)
+    counts = _per_step(fns, count_ops)
     k = {key: c.kernels for key, c in counts.items()}
-    syncs = " / ".join(f"{counts[key].syncs}" for key in ("floor", "sparse", "supernet", "gate") if key in counts)
     breaks = steps.breaks() if args.breaks else {"sparse": "-", "supernet": "-"}
     head = f"| {name} | {batch_size}x{length} | {precision} |"
     rows: dict[str, list[str]] = {"counted": [
-        f"{head} {' / '.join(str(k.get(key, 'n/a')) for key in STEPS)} | {_ratio(k['sparse'], k['floor'])} | "
-        f"{_ratio(k['sparse'], k.get('peft-prefix'))} | {_ratio(k['supernet'], k['sparse'])} | "
-        f"{k['infer_bare']} / {k['infer_sparse']} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
-        f"{syncs} | {breaks['sparse']} / {breaks['supernet']} |"], "device": [], "timed": []}
+        f"{head} {_count_cells(k)} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
+        f"{' / '.join(str(counts[key].syncs) for key in STEPS[:4])} | {breaks['sparse']} / {breaks['supernet']} |"],
+        "device": [], "timed": []}
     if device.type == "cuda":  # the counter's check: what the device really launched
-        rows["device"] += _device_row(head, fns)
+        try:
+            measured = _per_step(fns, device_counts)
+            rows["device"].append(f"{head} {_count_cells({key: c.launches for key, c in measured.items()})} | "
+                                  f"{' / '.join(str(measured[key].syncs) for key in STEPS[:4])} |")
+        except Exception as error:  # a benchmark row lost is no reason to lose the others
+            print(f"device counts failed: {error!r}", file=sys.stderr)
     if args.time:
         if args.compile:
             fns.update(steps.compiled_functions())
