@@ -33,6 +33,12 @@ class PromptConfig(Section):
         normalize: supernet only: scale each generated prompt vector to the root mean square
             of the layer's token states, so that a generator cannot grow or shrink its output
             to say what its gate should say; the sparse model never rescales.
+        presence_bias: supernet only: make a closed gate's slots absent, not merely zero. The
+            slots entering layer ``i+1`` are attended with ``log(pi_i)`` added to their
+            attention scores, ``pi_i = 1 - prod_{j<=i} (1 - g_j)`` the chance that some gate
+            up to layer ``i`` inserted a prompt: with every gate so far at 0 the slots get no
+            attention (as in the frozen model), with one at 1 full attention. Opening a gate
+            then also lets the later layers attend to the prompt, which its gradient sees.
     """
 
     length: int = 10
@@ -46,6 +52,7 @@ class PromptConfig(Section):
     candidate_layers: list[int] | None = None
     gate_budget: float | None = None
     normalize: bool = True
+    presence_bias: bool = False
 
     SECTION: ClassVar[str] = "prompt"
 

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from .backbone import Backbone
+from .backbone.layers import LayerContext, add_key_bias
 from .config import HeadConfig, PromptConfig
 from .errors import ConfigError, UserError
 from .gates import LayerGates
@@ -55,19 +56,22 @@ class LayerPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """The per-layer steps of one pass, whether its gates are exactly 1 (hard), and whether
-    generated prompts are rescaled to the token states' size (``prompt.normalize``)."""
+    """The per-layer steps of one pass, whether its gates are exactly 1 (hard), whether
+    generated prompts are rescaled to the token states' size (``prompt.normalize``) and
+    whether slots are attended in proportion to their gates' presence (``prompt.presence_bias``)."""
 
     first: int  # the first prompt layer (num_layers: no prompt at all)
     layers: tuple[LayerPlan, ...]
     hard: bool
     normalize: bool = False
+    presence_bias: bool = False
 
 
 def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], hard: bool, discard: float,
-              normalize: bool = False) -> Plan:
+              normalize: bool = False, presence_bias: bool = False) -> Plan:
     """Plan a pass: ``active[j][b]`` says whether generator ``j`` (at ``generator_layers[j]``)
-    inserts a prompt for example ``b``; ``active`` of one row stands for every example."""
+    inserts a prompt for example ``b``; ``active`` of one row stands for every example.
+    (``presence_bias`` needs gates below 1: a hard plan's slots are fully present.)"""
     n_rows = len(active[0]) if active else 1
     at = {layer: j for j, layer in enumerate(generator_layers)}
     # (no min(..., default=...): torch.compile traces this function)
@@ -91,7 +95,7 @@ def make_plan(num_layers: int, generator_layers: list[int], active: list[Rows], 
             keys_values_only=i == num_layers - 1 or replaced_next,
         ))
         previous = started
-    return Plan(first, tuple(steps), hard, normalize)
+    return Plan(first, tuple(steps), hard, normalize, presence_bias and not hard)
 
 
 def _on(rows: Rows, like: torch.Tensor) -> torch.Tensor:
@@ -148,6 +152,31 @@ def _key_mask(started: Rows | None, token_mask: torch.Tensor, padded: bool, prom
     return None
 
 
+# Presence below this counts as none: log(1e-6) leaves a slot key e^-13.8 of the weight it
+# would have (the frozen model's output to about 1e-5) and keeps the gradient finite.
+PRESENCE_FLOOR = 1e-6
+
+
+def _with_presence(context: LayerContext, absent: torch.Tensor, prompt_length: int, like: torch.Tensor) -> LayerContext:
+    """``context`` with ``log(1 - absent)`` added to the attention scores of the slot keys of
+    ``like`` (B, S, d): ``absent`` (B or 1, 1, 1) is the chance that no gate so far inserted a prompt."""
+    log_presence = torch.log((1 - absent).clamp_min(PRESENCE_FLOOR)).to(like.dtype).view(-1, 1, 1, 1)
+    bias = nn.functional.pad(log_presence.expand(-1, 1, 1, prompt_length), (0, like.shape[1] - prompt_length))
+    return replace(context, attention_mask=add_key_bias(context.attention_mask, bias))
+
+
+def _generator_inputs(batch: dict[str, torch.Tensor], hidden: torch.Tensor, generators: PromptGenerators,
+                      prompt_length: int) -> tuple[torch.Tensor, tuple[list, list]]:
+    """Pooling weights and every generator's weights, cast once per pass to the dtype the
+    matmuls run in (the autocast dtype, bf16, or the states' own), not once per use."""
+    pool = batch.get("pool_weights")  # made on the host by spt.inputs.collate
+    if pool is None or pool.shape[1] != prompt_length:
+        pool = adaptive_pool_weights(batch["attention_mask"], prompt_length)
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
+    return pool.to(dtype), generators.weights(None if dtype == torch.float32 else dtype)
+
+
 def _token_rms_weights(batch: dict[str, torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
     """``sqrt(w_t / d)`` per token (B,T,1), ``w`` the mean-pooling weights: the norm of the
     token states scaled by it is their root mean square over the example's real tokens."""
@@ -193,19 +222,12 @@ def run_prompted_layers(
     if plan.first >= num_layers:
         return backbone.finish(hidden)
 
-    pool = batch.get("pool_weights")  # made on the host by spt.inputs.collate
-    if pool is None or pool.shape[1] != prompt_length:
-        pool = adaptive_pool_weights(token_mask, prompt_length)
-    # Matmuls run in the autocast dtype (bf16) or the states' own: cast the weights of every
-    # generator and the pooling weights once here, not once per use.
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-    weights = generators.weights(None if dtype == torch.float32 else dtype)
-    pool = pool.to(dtype)
+    pool, weights = _generator_inputs(batch, hidden, generators, prompt_length)
     mixing, keeps = (None, None) if plan.hard else _mixing_weights(plan, gates, discard, hidden)
     rms_weights = _token_rms_weights(batch, hidden) if plan.normalize else None  # (once per pass)
     slots: torch.Tensor | None = None
     sequence: torch.Tensor | None = None  # [slots, tokens] as the next layer takes it
+    absent: torch.Tensor | None = None  # (presence_bias) prod (1 - g_j) over the gates so far
     for step in plan.layers:
         changed = False
         if step.clear is not None:
@@ -219,12 +241,17 @@ def run_prompted_layers(
             scale = _token_rms(hidden, rms_weights) if plan.normalize else None
             fresh = _normalized(fresh) if plan.normalize else fresh
             slots, changed = _mix(slots, fresh, gate, keep, scale, discard), True
+            if plan.presence_bias:
+                keep = 1 - gate if keep is None else keep
+                absent = keep if absent is None else absent * keep
         joined = changed or sequence is None
         if joined:
             sequence = torch.cat([slots, hidden], dim=1)
         if step.new_context:
             key_mask = _key_mask(step.started, token_mask, padded, prompt_length)
-            context = backbone.layer_context(sequence, key_mask, prefix=prompt_length)
+            context = base_context = backbone.layer_context(sequence, key_mask, prefix=prompt_length)
+        if plan.presence_bias and (step.new_context or step.generator is not None):
+            context = _with_presence(base_context, absent, prompt_length, sequence)
         if step.keys_values_only:  # (the token states as queries: a tensor of their own when just joined)
             hidden = backbone.run_layer(step.layer, sequence, context, prompt_length, hidden if joined else None)
             sequence = None
@@ -296,7 +323,8 @@ class PromptModel(TrainableMixin, nn.Module):
         return PromptOutput(self.head(representation), representation)
 
     def _plan(self, active: list[Rows], hard: bool, normalize: bool = False) -> Plan:
-        return make_plan(self.backbone.num_layers, self.layers, active, hard, float(self.prompt_config.discard), normalize)
+        return make_plan(self.backbone.num_layers, self.layers, active, hard, float(self.prompt_config.discard), normalize,
+                         self.prompt_config.presence_bias)
 
     def train(self, mode: bool = True) -> PromptModel:
         super().train(mode)

@@ -12,17 +12,19 @@ from torch import nn
 
 from search.selection import gate_scores, greedy_ranking, removal_ranking
 from spt import HeadConfig, PromptConfig, PromptSupernet, build_head, load_backbone
+from spt.model import run_prompted_layers
 
 LABELS = ["0", "1"]
 
 
-def _supernet(model_dir, discard: float, dtype=torch.float64, candidates=None, pooling="cls", normalize=False) -> PromptSupernet:
+def _supernet(model_dir, discard: float, dtype=torch.float64, candidates=None, pooling="cls", normalize=False,
+              presence_bias=False) -> PromptSupernet:
     """(``normalize`` off by default: its target scale is the token states' size, detached, so
     finite differences, which see that size move with the gates, differ from the gradient.)"""
     torch.manual_seed(0)
     backbone = load_backbone(str(model_dir), dtype=dtype)
     prompt = PromptConfig(length=3, bottleneck=8, phm_n=2, dropout=0.0, discard=discard, candidate_layers=candidates,
-                          normalize=normalize)
+                          normalize=normalize, presence_bias=presence_bias)
     head = HeadConfig(pooling=pooling, dropout=0.0)
     net = PromptSupernet(backbone, prompt, build_head(backbone, head, LABELS), head, LABELS).to(dtype).eval()
     with torch.no_grad():
@@ -49,12 +51,15 @@ def _generator(net: PromptSupernet, j: int, H: torch.Tensor, mask: torch.Tensor,
     return torch.stack(out)
 
 
-def _bert_layer(layer, x: torch.Tensor, key_mask: torch.Tensor, heads: int) -> torch.Tensor:
-    """Post-LN BERT layer written out: attention over the unmasked keys, feed-forward."""
+def _bert_layer(layer, x: torch.Tensor, key_mask: torch.Tensor, heads: int, key_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Post-LN BERT layer written out: attention over the unmasked keys (their scores plus
+    ``key_bias`` (B, S) where given), feed-forward."""
     att = layer.attention
     B, S, d = x.shape
     q, k, v = (m(x).view(B, S, heads, d // heads).transpose(1, 2) for m in (att.self.query, att.self.key, att.self.value))
     scores = q @ k.transpose(-1, -2) / math.sqrt(d // heads)
+    if key_bias is not None:
+        scores = scores + key_bias[:, None, None, :]
     scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
     context = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, S, d)
     h = att.output.LayerNorm(att.output.dense(context) + x)
@@ -63,12 +68,14 @@ def _bert_layer(layer, x: torch.Tensor, key_mask: torch.Tensor, heads: int) -> t
 
 def _reference_states(net: PromptSupernet, batch: dict[str, torch.Tensor], arch_mask: list[float]) -> torch.Tensor:
     """``P_i = (1 - lambda g_i) P_hat_i + g_i G_i(H_i)`` with ``g_i = alpha~_i m_i``; slots prepended and
-    attended from the first layer with a prompt; the frozen layers run as alone before it."""
+    attended from the first layer with a prompt; the frozen layers run as alone before it. With
+    ``prompt.presence_bias`` the slot keys' scores get ``log pi``, ``pi = 1 - prod_j (1 - g_j)``."""
     backbone, n_slots, lam = net.backbone, net.prompt_config.length, float(net.prompt_config.discard)
     mask = batch["attention_mask"]
     H = backbone.base.embeddings(input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids"))
     alpha = torch.sigmoid(net.gates.logits)
     P, started = torch.zeros(H.shape[0], n_slots, H.shape[-1], dtype=H.dtype), False
+    none_yet = torch.ones((), dtype=H.dtype)  # the chance that no gate so far inserted a prompt
     for i, layer in enumerate(backbone.layers):
         if i in net.layers and arch_mask[net.layers.index(i)]:
             g = alpha[net.layers.index(i)]
@@ -77,21 +84,27 @@ def _reference_states(net: PromptSupernet, batch: dict[str, torch.Tensor], arch_
                 target = torch.stack([H[b, mask[b].bool()].pow(2).mean().sqrt() for b in range(H.shape[0])]).view(-1, 1, 1)
                 G = G * target / (G.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
             P = (1 - lam * g) * P + g * G
+            none_yet = none_yet * (1 - g)
             started = True
         if started:
             keys = torch.cat([torch.ones(H.shape[0], n_slots), mask], 1)
-            out = _bert_layer(layer, torch.cat([P, H], 1), keys, backbone.config.num_attention_heads)
+            bias = None
+            if net.prompt_config.presence_bias:
+                bias = torch.zeros(keys.shape, dtype=H.dtype)
+                bias[:, :n_slots] = torch.log(torch.clamp(1 - none_yet, min=1e-6))
+            out = _bert_layer(layer, torch.cat([P, H], 1), keys, backbone.config.num_attention_heads, bias)
             P, H = out[:, :n_slots], out[:, n_slots:]
         else:
             H = _bert_layer(layer, H, mask, backbone.config.num_attention_heads)
     return H
 
 
-@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize(("normalize", "presence_bias"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("discard", [1.0, 0.0])
 @pytest.mark.parametrize("arch_mask", [[1, 1, 1, 1], [0, 1, 0, 1], [0, 0, 1, 0]])
-def test_prompted_forward_equals_an_independent_implementation_of_the_equations(tiny_bert, discard, arch_mask, normalize):
-    net = _supernet(tiny_bert, discard, normalize=normalize)
+def test_prompted_forward_equals_an_independent_implementation_of_the_equations(tiny_bert, discard, arch_mask, normalize,
+                                                                                 presence_bias):
+    net = _supernet(tiny_bert, discard, normalize=normalize, presence_bias=presence_bias)
     batch = encode(net.backbone.tokenizer, SENTENCES)
     with torch.no_grad():
         expected = _reference_states(net, batch, arch_mask)[:, 0]
@@ -107,14 +120,18 @@ def test_prompted_forward_equals_an_independent_implementation_of_the_equations(
 FINITE_DIFFERENCES = {"bert": (1e-6, 1e-9, 1e-6), "gpt2": (1e-6, 1e-9, 1e-6), "llama": (1e-3, 1e-4, 1e-2)}
 
 
-@pytest.mark.parametrize("reparam", [False, True])
-@pytest.mark.parametrize("discard", [1.0, 0.0])
-@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
-def test_gate_gradient_end_to_end_matches_finite_differences(tiny_models, tiny_decoders, family, discard, reparam):
+GRADIENT_CASES = [(family, discard, reparam, False) for family in ("bert", "gpt2", "llama") for discard in (1.0, 0.0)
+                  for reparam in (False, True)] + [("bert", 1.0, True, True), ("gpt2", 1.0, True, True)]
+
+
+@pytest.mark.parametrize(("family", "discard", "reparam", "presence_bias"), GRADIENT_CASES)
+def test_gate_gradient_end_to_end_matches_finite_differences(tiny_models, tiny_decoders, family, discard, reparam, presence_bias):
     """Plain gates: the gradient is the loss's derivative. Re-parameterized gates keep the
     value (so finite differences see the plain derivative ``g``) and couple the gradient:
-    ``dL/dalpha_k = g_k - (1/S) sum_i alpha_i g_i`` (DESIGN.md §1). Decoders pool their last token."""
-    net = _supernet({**tiny_models, **tiny_decoders}[family], discard, pooling="cls" if family == "bert" else "last")
+    ``dL/dalpha_k = g_k - (1/S) sum_i alpha_i g_i`` (DESIGN.md §1). Decoders pool their last
+    token. ``presence_bias`` adds the gates' second path, through the slots' attention."""
+    net = _supernet({**tiny_models, **tiny_decoders}[family], discard, pooling="cls" if family == "bert" else "last",
+                    presence_bias=presence_bias)
     net.gates.reparam = reparam
     batch = encode(net.backbone.tokenizer, SENTENCES)
     labels = torch.tensor([1, 0, 1, 1])
@@ -138,6 +155,32 @@ def test_gate_gradient_end_to_end_matches_finite_differences(tiny_models, tiny_d
     expected = (g - (alpha * g).sum() / alpha.sum()) * alpha * (1 - alpha) if reparam else plain
     assert grad.abs().max() > 1e-6  # the gates do move the loss
     torch.testing.assert_close(grad, expected, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_presence_bias_makes_closed_gates_absent_and_open_gates_plain(tiny_models, tiny_decoders, family):
+    """Gates near 0: with ``prompt.presence_bias`` the slots get no attention and the supernet
+    computes the frozen model's states; without it the zero slots are still attended. Gates
+    near 1: the bias is log 1 = 0 and both passes agree."""
+    from spt.model import frozen_states
+
+    model_dir = {**tiny_models, **tiny_decoders}[family]
+    pooling = "cls" if family == "bert" else "last"
+    hidden, plain = (_supernet(model_dir, 1.0, pooling=pooling, presence_bias=flag) for flag in (True, False))
+    batch = encode(hidden.backbone.tokenizer, SENTENCES)
+    real = batch["attention_mask"].bool()
+    states = {}
+    with torch.no_grad():
+        frozen = frozen_states(hidden.backbone, batch)[real]
+        for logit in (-40.0, 40.0):
+            for name, net in (("hidden", hidden), ("plain", plain)):
+                net.gates.logits.fill_(logit)
+                states[name, logit] = run_prompted_layers(
+                    net.backbone, batch, net.generators, net._plan([(True,)] * len(net.layers), hard=False),
+                    net.gates(), 3, 1.0)[real]
+    torch.testing.assert_close(states["hidden", -40.0], frozen, atol=1e-5, rtol=0)
+    assert (states["plain", -40.0] - frozen).abs().max() > 1e-2  # closed but attended: not the frozen model
+    torch.testing.assert_close(states["hidden", 40.0], states["plain", 40.0], atol=1e-10, rtol=0)
 
 
 def test_reparameterized_gates_compete_end_to_end(tiny_bert):

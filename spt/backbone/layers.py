@@ -34,6 +34,16 @@ def mask_form(keep: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tens
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
+def add_key_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """An additive attention mask: ``mask`` (None, boolean or additive, ``(B, 1, Q or 1, S)``)
+    with ``bias`` ``(B or 1, 1, 1, S)`` added to every query's score of each key."""
+    if mask is None:
+        return bias
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, torch.finfo(bias.dtype).min)
+    return mask + bias
+
+
 def slice_queries(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
     """The rows of a ``(B, 1, S, S)`` mask for queries ``start:``; a ``(B, 1, 1, S)`` key mask as it is."""
     if mask is None:
