@@ -120,20 +120,19 @@ TASKS: dict[str, Task] = {
 # batches, normalized prompts, gates averaged over the last epoch).
 PREVIOUS = ["prompt.normalize=false", "search.warmup_epochs=0", "search.arch_dropout=true", "search.arch_batches=1",
             "select.average_last=1"]
+NEW = ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2", "prompt.normalize=true",
+       "select.average_last=0"]
 SEARCH_VARIANTS: dict[str, list[str]] = {
     "default": PREVIOUS,
     "warmup": [*PREVIOUS, "search.warmup_epochs={warmup}"],
     "clean gate steps": [*PREVIOUS, "search.arch_dropout=false", "search.arch_batches=2"],
     "normalized prompts": [*PREVIOUS, "prompt.normalize=true"],
-    "honest": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
-               "prompt.normalize=true", "select.average_last=0"],
+    "honest": NEW,
     # the new defaults with the gates held at K generators' parameters during the search (S3Delta's
     # shifted sigmoid): against "honest", budget-aware search vs picking K after an unconstrained one
-    "budget": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
-               "prompt.normalize=true", "select.average_last=0", "search.budget_params={budget3}"],
+    "budget": [*NEW, "search.budget_params={budget3}"],
     # the new defaults with a closed gate's slots absent from attention, not zeros that are attended
-    "absent slots": ["search.warmup_epochs={warmup}", "search.arch_dropout=false", "search.arch_batches=2",
-                     "prompt.normalize=true", "select.average_last=0", "prompt.presence_bias=true"],
+    "absent slots": [*NEW, "prompt.presence_bias=true"],
 }
 # at K=3 of 6 the budget holds the mean gate at 0.5, where the gates start; at K=1 and 2 it
 # pulls them down (benchmarks/pareto.py scores these against the exhaustive store)
@@ -152,6 +151,7 @@ METHODS = ["gates", "perturbation", "greedy", "combined"]
 TRANSFERRED = "spt: new defaults, gates"  # the strategy whose masks the transfer matrix moves between tasks
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]
 LAST = "last 3 layers"
+LAST_SUBSET = "-".join(str(i) for i in range(6 - K, 6))
 LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
 QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
 
@@ -425,7 +425,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         for seed in seeds:
             report.strategies.setdefault("random (expectation)", {})[seed] = _mean([v[seed] for v in complete.values()])
             # the top K layers, a fixed rule a search has to beat (an oracle subset: no training of its own)
-            report.strategies.setdefault(LAST, {})[seed] = complete["-".join(str(i) for i in range(6 - K, 6))][seed]
+            report.strategies.setdefault(LAST, {})[seed] = complete[LAST_SUBSET][seed]
             for job in jobs_for(task, seed, ["baselines"]):
                 row = store.get(job.key(recipes[seed]))
                 if row is not None:
@@ -481,8 +481,7 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
                      f"{_mean(ranks):.1f}", _fmt(_mean(gaps)), "n/a" if rho != rho else f"{rho:+.2f}",
                      f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
         if name == LAST:  # one subset on every seed: its place in the oracle
-            fixed = "-".join(str(i) for i in range(6 - K, 6))
-            entry.update(rank=ranking.index(fixed) + 1, gap=best - means[fixed])
+            entry.update(rank=ranking.index(LAST_SUBSET) + 1, gap=best - means[LAST_SUBSET])
             cells[1:3] = [str(entry["rank"]), _fmt(entry["gap"])]
         numbers[name] = entry
         lines.append(f"| {name} | {_fmt(mean)} ± {_fmt(_std(values))} ({len(values)} seeds) | {100 * (mean - random_mean):+.1f} | " + " | ".join(cells) + " |")

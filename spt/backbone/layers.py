@@ -29,8 +29,11 @@ class LayerContext:
 def mask_form(keep: torch.Tensor, config: Any, dtype: torch.dtype) -> torch.Tensor:
     """An attention mask (``True`` = attend) in the form the layers' attention takes: boolean
     for SDPA, additive (0 or the dtype's minimum) for eager attention."""
-    if config._attn_implementation == "sdpa":
-        return keep
+    return keep if config._attn_implementation == "sdpa" else _additive(keep, dtype)
+
+
+def _additive(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where ``keep``, the dtype's minimum elsewhere."""
     return torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
@@ -39,9 +42,7 @@ def add_key_bias(mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
     with ``bias`` ``(B or 1, 1, 1, S)`` added to every query's score of each key."""
     if mask is None:
         return bias
-    if mask.dtype == torch.bool:
-        mask = torch.zeros(mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(~mask, torch.finfo(bias.dtype).min)
-    return mask + bias
+    return (_additive(mask, bias.dtype) if mask.dtype == torch.bool else mask) + bias
 
 
 def slice_queries(mask: torch.Tensor | None, start: int, length: int) -> torch.Tensor | None:
