@@ -73,7 +73,7 @@ class Task:
     overrides: list[str]
     per_seed: str = ""  # a format string over {seed} adding overrides, e.g. the LM-BFF split paths
     note: str = ""
-    variants: tuple[str, ...] = ("default", "normalized prompts", "honest", "budget", "absent slots")  # search variants run here
+    variants: tuple[str, ...] = ("default", "normalized prompts", "honest", "budget", "absent slots", "additive")  # search variants run here
     seeds: tuple[int, ...] = tuple(SEEDS)  # the tasks where layer choice matters get five: their ranking decides the defaults
 
     def seed_overrides(self, seed: int) -> list[str]:
@@ -87,7 +87,7 @@ def _lmbff(folder: str) -> str:
 TASKS: dict[str, Task] = {
     "sst2-16shot": Task("configs/minilm/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
                         "LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE dev sentences",
-                        ("default", "warmup", "clean gate steps", "normalized prompts", "honest", "budget", "absent slots")),
+                        ("default", "warmup", "clean gate steps", "normalized prompts", "honest", "budget", "absent slots", "additive")),
     "agnews-8shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=8", "model.max_length=64"], "",
                          "8 per label (4 labels) drawn by the seed from the 1000-article pool, dev another 8 per label; "
                          "test: 500 of 1000", seeds=FIVE_SEEDS),
@@ -109,7 +109,7 @@ TASKS: dict[str, Task] = {
     "agnews-16shot": Task("configs/minilm/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=16", "model.max_length=64"], "",
                           "16 per label drawn by the seed from the 1000-article pool, dev another 16 per label; test: 500 of "
                           "1000 (the issue's 16-shot size; the same pool as agnews-8shot, other draws)",
-                          ("default", "honest", "budget", "absent slots")),
+                          ("default", "honest", "budget", "absent slots", "additive")),
 }
 
 # SPT search settings compared by the benchmark (name -> overrides; {warmup} is a quarter of
@@ -133,13 +133,16 @@ SEARCH_VARIANTS: dict[str, list[str]] = {
     "budget": [*NEW, "search.budget_params={budget3}"],
     # the new defaults with a closed gate's slots absent from attention, not zeros that are attended
     "absent slots": [*NEW, "prompt.presence_bias=true"],
+    # the new defaults with lambda = 0: a gate adds its layer's prompt to the propagated one instead
+    # of replacing it, so an open late gate no longer discards what the earlier layers inserted
+    "additive": [*NEW, "prompt.discard=0"],
 }
 # at K=3 of 6 the budget holds the mean gate at 0.5, where the gates start; at K=1 and 2 it
 # pulls them down (benchmarks/pareto.py scores these against the exhaustive store)
 for _k in (1, 2):
     SEARCH_VARIANTS[f"budget k={_k}"] = [*SEARCH_VARIANTS["budget"][:-1], f"search.budget_params={{budget{_k}}}"]
 VARIANT_LABELS = {"default": "previous defaults", "honest": "new defaults", "budget": "new defaults, budget-aware gates",
-                  "absent slots": "new defaults, closed gates absent"}
+                  "absent slots": "new defaults, closed gates absent", "additive": "new defaults, additive prompts (lambda 0)"}
 HIDDEN_SIZE = 384  # MiniLM-L6's width: what one generator's parameter count depends on
 # The settings whose defaults changed after the benchmark began: recipes are hashed against
 # these values, so every stored result keeps its key.
@@ -521,6 +524,55 @@ def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict
     return lines
 
 
+OTHER_SEEDS = "best subset of the other seeds (noise ceiling)"
+
+
+def _seed_rank(r: TaskReport, subset: str, seed: int) -> float:
+    """``subset``'s place among the 20 by the test scores of ``seed`` alone (ties share the mean place)."""
+    score = r.oracle[subset][seed]
+    above = sum(v[seed] > score for v in r.oracle.values())
+    level = sum(v[seed] == score for v in r.oracle.values())
+    return above + (level + 1) / 2
+
+
+def _seed_picks(r: TaskReport) -> dict[str, dict[int, str]]:
+    """Per strategy that picks a subset, its pick at each seed; with the pick a selector makes that
+    knows the test scores of every subset on the task's other seeds (the best of their mean)."""
+    picks = {LAST: {s: LAST_SUBSET for s in r.seeds}}
+    picks.update({name: {s: "-".join(map(str, e["layers"])) for s, e in by_seed.items()} for name, by_seed in r.picks.items()})
+    picks[OTHER_SEEDS] = {s: max(r.oracle, key=lambda x, s=s: (_mean([v for t, v in r.oracle[x].items() if t != s]), x))
+                          for s in r.seeds}
+    return picks
+
+
+def ceiling_section(reports: list[TaskReport]) -> list[str]:
+    """How far seed noise lets a pick rank: each pick ranked by its own seed's test scores, against a
+    selector that knows the test scores of every subset on the other seeds."""
+    per_task = {r.task: {name: (_mean([_seed_rank(r, x, s) for s, x in by_seed.items()]),
+                                _mean([max(v[s] for v in r.oracle.values()) - r.oracle[x][s] for s, x in by_seed.items()]))
+                         for name, by_seed in _seed_picks(r).items()} for r in reports}
+    few = [r for r in reports if "shot" in r.task]
+    names = [n for n in per_task[reports[0].task] if all(n in per_task[r.task] for r in few)] if few else []
+    lines = ["## What seed noise leaves to find", "",
+             "Each pick ranked among the 20 subsets by the test scores of the seed it was made on (1 = that seed's best, "
+             "ties share the mean place; random: 10.5), and its gap to that seed's best. The noise ceiling picks, for each "
+             "seed, the subset with the best mean test score over the task's *other* seeds: it knows every subset's test "
+             "score everywhere but on this seed's split and training run. Where it ranks far from 1, the seeds disagree on "
+             "the best subset, and a pick ranks well at one seed and badly at the next by chance.", "",
+             "| strategy | " + " | ".join(r.task for r in reports) + " | mean rank, all | mean gap, all | mean rank, few-shot | mean gap, few-shot |",
+             "|---|" + "---|" * (len(reports) + 4)]
+
+    def means(chosen: list[TaskReport], name: str) -> list[str]:
+        if not all(name in per_task[r.task] for r in chosen):
+            return ["", ""]
+        return [f"{_mean([per_task[r.task][name][0] for r in chosen]):.1f}", _fmt(_mean([per_task[r.task][name][1] for r in chosen]))]
+
+    for name in sorted(names, key=lambda n: (n != OTHER_SEEDS, n != LAST, n)):
+        cells = [f"{per_task[r.task][name][0]:.1f}" if name in per_task[r.task] else "-" for r in reports]
+        lines.append(f"| {name} | " + " | ".join(cells + means(reports, name) + means(few, name)) + " |")
+    return lines + [""]
+
+
 def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
     """Masks found on one task retrained on another (same backbone, same seed): the source's pick
     scored by the target's oracle, against the target's own pick and a random subset."""
@@ -555,6 +607,7 @@ def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool,
         lines, numbers[r.task] = task_section(r)
         text += lines
     text += summary_section(reports, numbers)
+    text += ceiling_section(reports)
     text += transfer_section(reports, TRANSFERRED)
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)

@@ -180,3 +180,37 @@ def test_queries_of_a_keys_values_only_layer_are_projected_without_a_copy_in_inf
         served = project_queries(projection, hidden, queries)
         assert count_ops(lambda: project_queries(projection, hidden, queries)).by_op == {"aten::addmm": 1}
     torch.testing.assert_close(served, trained.detach())
+
+
+def test_gradient_clipping_matches_torch_in_fewer_kernels():
+    from search.trainer import clip_gradients
+
+    def params(scale: float) -> list[torch.nn.Parameter]:
+        torch.manual_seed(0)
+        made = [torch.nn.Parameter(torch.randn(7, 3)), torch.nn.Parameter(torch.randn(4)), torch.nn.Parameter(torch.randn(2, 2))]
+        for p in made:
+            p.grad = torch.randn_like(p) * scale
+        made[2].grad = None  # a parameter without a gradient is left out of the norm
+        return made
+
+    for scale in (5.0, 0.01):  # clipped, and below the limit (left exactly as it is)
+        ours, torchs = params(scale), params(scale)
+        before = [None if p.grad is None else p.grad.clone() for p in ours]
+        clip_gradients(ours, 1.0)
+        torch.nn.utils.clip_grad_norm_(torchs, 1.0)
+        for a, b, g in zip(ours, torchs, before):
+            assert (a.grad is None) == (b.grad is None)
+            if a.grad is not None:
+                torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+                if scale < 1:
+                    assert torch.equal(a.grad, g)
+    assert torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in params(5.0)[:2]])) > 1.5  # (the case clips)
+    clipped = params(5.0)
+    counts = count_ops(lambda: clip_gradients(clipped, 1.0))
+    reference = params(5.0)
+    assert counts.kernels < count_ops(lambda: torch.nn.utils.clip_grad_norm_(reference, 1.0)).kernels
+    mixed = params(5.0)  # two dtypes: torch's own function groups them
+    mixed[1].data, mixed[1].grad = mixed[1].data.double(), mixed[1].grad.double()
+    clip_gradients(mixed, 1.0)
+    total = torch.linalg.vector_norm(torch.stack([p.grad.double().norm() for p in mixed[:2]]))
+    assert total == pytest.approx(1.0, rel=1e-5)
