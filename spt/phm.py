@@ -48,6 +48,25 @@ def kronecker_sum(A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
     return torch.einsum("...jab,...jik->...aibk", A, S).reshape(*S.shape[:-3], n * p, n * q)
 
 
+class _AddmmReLU(torch.autograd.Function):
+    """``relu(bias + x @ weight)`` as one fused GEMM, with the backward ``torch._addmm_activation`` lacks
+    (the same kernels autograd runs for ``addmm`` then ``relu``)."""
+
+    @staticmethod
+    def forward(ctx, bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        out = torch._addmm_activation(bias, x, weight)
+        ctx.save_for_backward(x, weight, out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, out = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad, out, 0)
+        need_bias, need_x, need_weight = ctx.needs_input_grad
+        return (grad.sum(0) if need_bias else None, grad @ weight.t() if need_x else None,
+                x.t() @ grad if need_weight else None)
+
+
 class PHMLinear(nn.Module):
     """``count`` PHM layers ``d_in -> d_out`` with the same ``n``; ``forward(x, index)`` applies one."""
 
@@ -112,10 +131,9 @@ class PHMLinear(nn.Module):
         ``relu``: followed by a ReLU."""
         weight, bias = (self.parts() if parts is None else parts)[index]
         x2d = x.reshape(-1, self.d_in)
-        if relu and not torch.is_grad_enabled() and x2d.dtype == weight.dtype == bias.dtype:  # (CUDA autocast has no rule for it)
-            # The ReLU rides in the GEMM (cuBLASLt's epilogue on a GPU: one kernel, not two);
-            # the fused operator has no backward, so only where no gradient is recorded.
-            out = torch._addmm_activation(bias, x2d, weight)
+        if relu and x2d.dtype == weight.dtype == bias.dtype:  # (CUDA autocast has no rule for the fused operator)
+            # The ReLU rides in the GEMM (cuBLASLt's epilogue on a GPU: one kernel, not two).
+            out = _AddmmReLU.apply(bias, x2d, weight) if torch.is_grad_enabled() else torch._addmm_activation(bias, x2d, weight)
         else:
             out = torch.addmm(bias, x2d, weight)
             out = torch.relu(out) if relu else out

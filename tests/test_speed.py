@@ -155,18 +155,26 @@ def test_plans_are_decided_on_the_host():
     assert not any(s.keys_values_only for s in plan.layers[:-1])  # learned gates mix, nothing is skipped
 
 
-def test_inference_runs_the_generators_relu_inside_the_gemm():
+def test_the_generators_relu_runs_inside_the_gemm_with_the_same_gradients():
     from spt.generator import PromptGenerators, adaptive_pool_weights
 
     torch.manual_seed(0)
-    generators = PromptGenerators(2, 16, 8, phm_n=2, activation="relu", dropout=0.0)
-    hidden, pool = torch.randn(3, 5, 16), adaptive_pool_weights(torch.ones(3, 5), 4)
-    trained = generators(1, hidden, pool)  # gradients recorded: addmm, then relu
-    with torch.no_grad():
-        fused = generators(1, hidden, pool)
-        by_op = count_ops(lambda: generators(1, hidden, pool)).by_op
-    torch.testing.assert_close(fused, trained.detach(), rtol=1e-6, atol=1e-6)
-    assert by_op["aten::_addmm_activation"] == 1 and by_op["aten::addmm"] == 1 and "aten::clamp_min" not in by_op
+    generators = PromptGenerators(2, 16, 8, phm_n=2, activation="relu", dropout=0.0).double()
+    hidden, pool = torch.randn(3, 5, 16, dtype=torch.float64, requires_grad=True), adaptive_pool_weights(torch.ones(3, 5), 4).double()
+    fused = generators(1, hidden, pool)
+    (down_w, down_b), (up_w, up_b) = generators.down.parts()[1], generators.up.parts()[1]
+    spelled = torch.addmm(up_b, torch.relu(torch.addmm(down_b, torch.bmm(pool, hidden).reshape(-1, 16), down_w)), up_w).view(3, 4, 16)
+    torch.testing.assert_close(fused, spelled, rtol=1e-12, atol=1e-12)
+    params = [hidden, *generators.parameters()]
+    weights = torch.randn_like(fused)
+    for got, want in zip(torch.autograd.grad((fused * weights).sum(), params), torch.autograd.grad((spelled * weights).sum(), params)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.autograd.gradcheck(lambda h: generators(1, h, pool), (hidden,))
+    for grad_mode in (True, False):  # training and inference: one fused GEMM, no separate ReLU
+        with torch.set_grad_enabled(grad_mode):
+            by_op = count_ops(lambda: generators(1, hidden, pool)).by_op
+        assert by_op["aten::_addmm_activation"] == 1 and by_op["aten::addmm"] == 1
+        assert "aten::clamp_min" not in by_op and "aten::relu" not in by_op
 
 
 def test_queries_of_a_keys_values_only_layer_are_projected_without_a_copy_in_inference():
