@@ -1,10 +1,11 @@
 """Search quality: SPT's layer pick against a multi-seed exhaustive oracle and the baselines.
 
-MiniLM-L6, K=3 of 6 candidate layers. For each task and seed (seed = the LM-BFF split seed
+MiniLM-L6, K=3 of 6 candidate layers (and one MPNet-base task, K=3 of 12, whose oracle is a
+sample: see ``Task.sample``). For each task and seed (seed = the LM-BFF split seed
 where the task has them, else the seed of a k-shot sample; always the initialisation seed):
 
-* the oracle: every one of the 20 K=3 subsets, its sparse model trained with the task's
-  retraining recipe and scored on dev and test;
+* the oracle: every one of the 20 K=3 subsets (on MPNet a sample: ``Task.sample``), its
+  sparse model trained with the task's retraining recipe and scored on dev and test;
 * the baselines, trained the same way: ``first`` (layer 0, prompt tuning), ``middle``
   (layer 3, LPT style), ``all`` (6 layers, P-tuning v2 style), PEFT LoRA and prefix tuning
   and Houlsby adapters at the parameters of K=3 generators, ``head-only`` (a linear probe); ``random`` is the exact expectation of a uniformly
@@ -24,6 +25,9 @@ and the search's compute against the oracle's; then the mean over tasks.
     python benchmarks/quality.py run --shard 1/2 --threads 1
     python benchmarks/quality.py report                             # tables -> results/quality/quality.md
     python benchmarks/quality.py run --tasks sst2-16shot --seeds 13 --quick   # smoke run
+    python benchmarks/quality.py run --tasks sst2-16shot-mpnet --what spt      # MPNet-base, K=3 of 12: the searches,
+    python benchmarks/quality.py run --tasks sst2-16shot-mpnet --what oracle   # then a sampled oracle holding their picks
+    python benchmarks/quality.py report --tasks sst2-16shot-mpnet --report quality-mpnet.md
 
 Every training is appended to ``results/quality/results.jsonl`` as it finishes (keyed by
 task, seed, what was trained and a hash of the settings that decide it), so runs resume
@@ -38,7 +42,9 @@ import fcntl
 import hashlib
 import itertools
 import json
+import math
 import os
+import random
 import statistics
 import sys
 import time
@@ -75,6 +81,10 @@ class Task:
     note: str = ""
     variants: tuple[str, ...] = ("default", "normalized prompts", "honest", "budget", "absent slots", "additive")  # search variants run here
     seeds: tuple[int, ...] = tuple(SEEDS)  # the tasks where layer choice matters get five: their ranking decides the defaults
+    layers: int = 6  # the backbone's layers
+    # 0: the oracle trains every K-subset; n: a seeded uniform sample of n of them, the first and last K
+    # layers, and the subsets the task's searches pick by gates (too many subsets to train all)
+    sample: int = 0
 
     def seed_overrides(self, seed: int) -> list[str]:
         return [o.format(seed=seed) for o in self.per_seed.split()] if self.per_seed else []
@@ -110,7 +120,12 @@ TASKS: dict[str, Task] = {
                           "16 per label drawn by the seed from the 1000-article pool, dev another 16 per label; test: 500 of "
                           "1000 (the issue's 16-shot size; the same pool as agnews-8shot, other draws)",
                           ("default", "honest", "budget", "absent slots", "additive")),
+    # MPNet-base (12 layers): is layer choice a matter of seed noise on a deeper backbone too?
+    "sst2-16shot-mpnet": Task("configs/mpnet/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
+                              "MPNet-base, K=3 of 12; LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE "
+                              "dev sentences", ("honest",), layers=12, sample=8),
 }
+MINILM_TASKS = [name for name, spec in TASKS.items() if spec.layers == 6]
 
 # SPT search settings compared by the benchmark (name -> overrides; {warmup} is a quarter of
 # the task's search epochs). Every search is ranked by every selection method.
@@ -151,10 +166,10 @@ RECIPE_BASE: dict[str, dict[str, Any]] = {
     "select": {"average_last": 1},
 }
 METHODS = ["gates", "perturbation", "greedy", "combined"]
+BACKBONES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}  # config folder -> backbone
 TRANSFERRED = "spt: new defaults, gates"  # the strategy whose masks the transfer matrix moves between tasks
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]
 LAST = "last 3 layers"
-LAST_SUBSET = "-".join(str(i) for i in range(6 - K, 6))
 LAYER_SETS = {"first": [0], "middle": [3], "all": [0, 1, 2, 3, 4, 5]}
 QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epochs=2", "retrain.epochs=2"]
 
@@ -241,17 +256,45 @@ def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> 
     return load_config(REPO / spec.config, overrides)
 
 
-def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None = None) -> list[Job]:
+def _name(layers: Any) -> str:
+    return "-".join(map(str, layers))
+
+
+def last_subset(task: str) -> str:
+    """The last K layers of the task's backbone."""
+    return _name(range(TASKS[task].layers - K, TASKS[task].layers))
+
+
+def uniform_subsets(task: str) -> list[str]:
+    """The K-subsets drawn uniformly: every one, or the task's seeded sample."""
+    every = [_name(s) for s in itertools.combinations(range(TASKS[task].layers), K)]
+    return random.Random(0).sample(every, TASKS[task].sample) if TASKS[task].sample else every
+
+
+def oracle_subsets(task: str, store: Store | None) -> list[str]:
+    """What the oracle trains: the uniform subsets, and for a sampled task the first and last K
+    layers and the gate picks of the task's searches in ``store`` (run the searches first)."""
+    chosen = uniform_subsets(task)
+    if not TASKS[task].sample:
+        return chosen
+    extra = [_name(range(K)), last_subset(task)]
+    for row in (store.rows.values() if store else []):
+        if row["task"] == task and row["kind"] == "search":
+            extra.append(_name(row["rankings"]["gates"]["layers"]))
+    return chosen + [x for x in dict.fromkeys(extra) if x not in chosen]
+
+
+def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None = None, store: Store | None = None) -> list[Job]:
     jobs = []
     variants = list(TASKS[task].variants) if variants is None else variants
     if "oracle" in what:
-        jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for s in itertools.combinations(range(6), K)]
+        jobs += [Job(task, seed, "subset", name) for name in oracle_subsets(task, store)]
     if "exhaustive" in what:  # every other non-empty subset (benchmarks/pareto.py)
         jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for k in range(1, 7) if k != K
                  for s in itertools.combinations(range(6), k)]
     if "spt" in what:
         jobs += [Job(task, seed, "search", name) for name in variants]
-    if "baselines" in what:
+    if "baselines" in what and TASKS[task].layers == 6:  # (their layer sets are MiniLM's)
         jobs += [Job(task, seed, "baseline", name) for name in BASELINES]
     return jobs
 
@@ -379,6 +422,8 @@ class TaskReport:
     oracle_cost: dict[int, tuple[int, float]]  # seed -> (steps, seconds)
     strategies: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> seed -> test
     picks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # variant -> seed -> search entry
+    layers: int = 6
+    uniform: list[str] = field(default_factory=list)  # the oracle's subsets drawn uniformly (random's expectation)
 
     def subset_means(self) -> dict[str, float]:
         return {s: _mean([v[seed] for seed in self.seeds]) for s, v in self.oracle.items()}
@@ -397,7 +442,14 @@ class TaskReport:
 
     def marginal(self) -> list[float]:
         means = self.subset_means()
-        return [_mean([m for s, m in means.items() if str(layer) in s.split("-")]) for layer in range(6)]
+        return [_mean([m for s, m in means.items() if str(layer) in s.split("-")]) for layer in range(self.layers)]
+
+    def sampled(self) -> str:
+        """What a sampled oracle holds, in words ("" when it holds every subset)."""
+        if len(self.uniform) == len(self.oracle):
+            return ""
+        return (f"; a seeded sample of {len(self.uniform)} of the {math.comb(self.layers, K)} subsets, the first and last "
+                f"{K} layers and the searches' gate picks: ranks are among these")
 
 
 def task_seeds(task: str, seeds: list[int] | None) -> list[int]:
@@ -413,22 +465,26 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         recipes = {seed: training_recipe(c) for seed, c in configs.items()}
         oracle: dict[str, dict[int, float]] = {}
         cost: dict[int, tuple[int, float]] = {}
+        wanted = oracle_subsets(task, store)
         for seed in seeds:
-            for job in jobs_for(task, seed, ["oracle"]):
+            for job in jobs_for(task, seed, ["oracle"], store=store):
                 row = store.get(job.key(recipes[seed]))
                 if row is not None:
                     oracle.setdefault(job.name, {})[seed] = row["test"]
                     steps, seconds = cost.get(seed, (0, 0.0))
                     cost[seed] = (steps + row["steps"], seconds + row["seconds"])
         complete = {s: v for s, v in oracle.items() if len(v) == len(seeds)}
-        if len(complete) < 20:
-            print(f"{task}: oracle incomplete ({len(complete)}/20 subsets on all seeds); skipped in the report")
+        if len(complete) < len(wanted):
+            print(f"{task}: oracle incomplete ({len(complete)}/{len(wanted)} subsets on all seeds); skipped in the report")
             continue
-        report = TaskReport(task, configs[seeds[0]].task.metric, seeds, majority_score(configs[seeds[0]]), complete, cost)
+        every = math.comb(TASKS[task].layers, K)  # a sampled oracle's cost, scaled to training every subset
+        cost = {seed: (round(steps * every / len(wanted)), seconds * every / len(wanted)) for seed, (steps, seconds) in cost.items()}
+        report = TaskReport(task, configs[seeds[0]].task.metric, seeds, majority_score(configs[seeds[0]]), complete, cost,
+                            layers=TASKS[task].layers, uniform=uniform_subsets(task))
         for seed in seeds:
-            report.strategies.setdefault("random (expectation)", {})[seed] = _mean([v[seed] for v in complete.values()])
+            report.strategies.setdefault("random (expectation)", {})[seed] = _mean([complete[s][seed] for s in report.uniform])
             # the top K layers, a fixed rule a search has to beat (an oracle subset: no training of its own)
-            report.strategies.setdefault(LAST, {})[seed] = complete[LAST_SUBSET][seed]
+            report.strategies.setdefault(LAST, {})[seed] = complete[last_subset(task)][seed]
             for job in jobs_for(task, seed, ["baselines"]):
                 row = store.get(job.key(recipes[seed]))
                 if row is not None:
@@ -437,6 +493,8 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                 config = task_config(task, seed, variant_overrides(task, seed, job.name, quick), quick)
                 row = store.get(job.key(search_recipe(config)))
                 for method, ranking in (row or {}).get("rankings", {}).items():
+                    if _name(ranking["layers"]) not in complete:  # (a sampled oracle trains the gate picks only)
+                        continue
                     name = f"spt: {VARIANT_LABELS.get(job.name, job.name)}, {method}"
                     entry = {**ranking, "steps": row["steps"], "seconds": row["seconds"] + ranking["seconds"]}
                     report.picks.setdefault(name, {})[seed] = entry
@@ -454,7 +512,7 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
     ranking, means = r.ranking(), r.subset_means()
     best, median = means[ranking[0]], statistics.median(means.values())
     lines = [f"## {r.task} ({r.metric}; {TASKS[r.task].note})", "",
-             f"Majority class: {_fmt(r.majority)}. Oracle (20 subsets x {len(r.seeds)} seeds, ranked by the mean test score): "
+             f"Majority class: {_fmt(r.majority)}. Oracle ({len(r.oracle)} subsets x {len(r.seeds)} seeds, ranked by the mean test score{r.sampled()}): "
              f"best [{ranking[0].replace('-', ', ')}] {_fmt(best)}, median {_fmt(median)}, worst {_fmt(means[ranking[-1]])}; "
              f"seed-to-seed std of one subset {_fmt(r.noise())} (mean over subsets). "
              + (f"**Layer-insensitive**: best minus median is within two standard errors of a {len(r.seeds)}-seed mean."
@@ -484,7 +542,8 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
                      f"{_mean(ranks):.1f}", _fmt(_mean(gaps)), "n/a" if rho != rho else f"{rho:+.2f}",
                      f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
         if name == LAST:  # one subset on every seed: its place in the oracle
-            entry.update(rank=ranking.index(LAST_SUBSET) + 1, gap=best - means[LAST_SUBSET])
+            last = last_subset(r.task)
+            entry.update(rank=ranking.index(last) + 1, gap=best - means[last])
             cells[1:3] = [str(entry["rank"]), _fmt(entry["gap"])]
         numbers[name] = entry
         lines.append(f"| {name} | {_fmt(mean)} ± {_fmt(_std(values))} ({len(values)} seeds) | {100 * (mean - random_mean):+.1f} | " + " | ".join(cells) + " |")
@@ -503,7 +562,7 @@ def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict
     for title, chosen in sections:
         names = [n for n in numbers[reports[0].task]] if reports else []
         lines += [f"### {title}: {', '.join(r.task for r in chosen) or 'none'}", "",
-                  "| strategy | mean test | minus random | minus all | mean oracle rank (of 20) | gap to oracle best | search compute / oracle (time) |",
+                  f"| strategy | mean test | minus random | minus all | mean oracle rank (of {'/'.join(sorted({str(len(r.oracle)) for r in reports}))}) | gap to oracle best | search compute / oracle (time) |",
                   "|---|---|---|---|---|---|---|"]
         if not chosen:
             lines.append("")
@@ -528,7 +587,7 @@ OTHER_SEEDS = "best subset of the other seeds (noise ceiling)"
 
 
 def _seed_rank(r: TaskReport, subset: str, seed: int) -> float:
-    """``subset``'s place among the 20 by the test scores of ``seed`` alone (ties share the mean place)."""
+    """``subset``'s place among the oracle's subsets by the test scores of ``seed`` alone (ties share the mean place)."""
     score = r.oracle[subset][seed]
     above = sum(v[seed] > score for v in r.oracle.values())
     level = sum(v[seed] == score for v in r.oracle.values())
@@ -538,7 +597,7 @@ def _seed_rank(r: TaskReport, subset: str, seed: int) -> float:
 def _seed_picks(r: TaskReport) -> dict[str, dict[int, str]]:
     """Per strategy that picks a subset, its pick at each seed; with the pick a selector makes that
     knows the test scores of every subset on the task's other seeds (the best of their mean)."""
-    picks = {LAST: {s: LAST_SUBSET for s in r.seeds}}
+    picks = {LAST: {s: last_subset(r.task) for s in r.seeds}}
     picks.update({name: {s: "-".join(map(str, e["layers"])) for s, e in by_seed.items()} for name, by_seed in r.picks.items()})
     picks[OTHER_SEEDS] = {s: max(r.oracle, key=lambda x, s=s: (_mean([v for t, v in r.oracle[x].items() if t != s]), x))
                           for s in r.seeds}
@@ -554,8 +613,8 @@ def ceiling_section(reports: list[TaskReport]) -> list[str]:
     few = [r for r in reports if "shot" in r.task]
     names = [n for n in per_task[reports[0].task] if all(n in per_task[r.task] for r in few)] if few else []
     lines = ["## What seed noise leaves to find", "",
-             "Each pick ranked among the 20 subsets by the test scores of the seed it was made on (1 = that seed's best, "
-             "ties share the mean place; random: 10.5), and its gap to that seed's best. The noise ceiling picks, for each "
+             "Each pick ranked among the oracle's subsets by the test scores of the seed it was made on (1 = that seed's "
+             "best, ties share the mean place; random: the middle place, 10.5 of 20), and its gap to that seed's best. The noise ceiling picks, for each "
              "seed, the subset with the best mean test score over the task's *other* seeds: it knows every subset's test "
              "score everywhere but on this seed's split and training run. Where it ranks far from 1, the seeds disagree on "
              "the best subset, and a pick ranks well at one seed and badly at the next by chance.", "",
@@ -599,7 +658,8 @@ def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
 
 def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool, out: Path) -> str:
     reports = load_reports(store, tasks, seeds, quick)
-    text = ["# Search quality on MiniLM-L6 (K=3 of 6), against a multi-seed oracle", "",
+    backbones = sorted({f"{BACKBONES.get(TASKS[r.task].config.split('/')[1], '?')} (K={K} of {r.layers})" for r in reports})
+    text = [f"# Search quality on {', '.join(backbones)}, against a multi-seed oracle", "",
             f"Made by `python benchmarks/quality.py report` from {len(store.rows)} results in `results.jsonl` "
             f"({sum(r.get('wall_seconds', 0) for r in store.rows.values()) / 3600:.1f} h of single-thread training and search).", ""]
     numbers = {}
@@ -616,13 +676,15 @@ def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["run", "report"])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--tasks", nargs="+", default=MINILM_TASKS, choices=list(TASKS),
+                        help="default: the MiniLM tasks (sst2-16shot-mpnet: run --what spt first, then oracle)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: each task's own (13 21 42, or five where layer choice matters)")
     parser.add_argument("--what", nargs="+", default=["oracle", "baselines", "spt"], choices=["oracle", "baselines", "spt"])
     parser.add_argument("--shard", default="0/1", help="i/n: this worker takes every n-th job starting at i")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 when two workers share two cores)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, two epochs (results go to results-quick.jsonl)")
     parser.add_argument("--out", type=Path, default=OUT, help="folder of results.jsonl and the report")
+    parser.add_argument("--report", default="quality.md", help="the report's file name in --out")
     args = parser.parse_args()
     if args.threads:
         import torch
@@ -631,10 +693,10 @@ def main() -> None:
     store = Store(args.out / ("results-quick.jsonl" if args.quick else "results.jsonl"))
     if args.action == "report":
         backfill_configs(args.out / "work")
-        print(report(store, args.tasks, args.seeds, args.quick, args.out / ("quality-quick.md" if args.quick else "quality.md")))
+        print(report(store, args.tasks, args.seeds, args.quick, args.out / ("quality-quick.md" if args.quick else args.report)))
         return
     index, count = (int(x) for x in args.shard.split("/"))
-    jobs = [job for task in args.tasks for seed in task_seeds(task, args.seeds) for job in jobs_for(task, seed, args.what)]
+    jobs = [job for task in args.tasks for seed in task_seeds(task, args.seeds) for job in jobs_for(task, seed, args.what, store=store)]
     for number, job in enumerate(jobs):
         if number % count == index:
             run_job(job, store, args.quick, args.out / "work")
