@@ -392,6 +392,10 @@ def _std(values: list[float]) -> float:
 
 
 def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman's rho over the pairs where both are numbers (a sampled oracle may hold no subset with a layer)."""
+    pairs = [(x, y) for x, y in zip(a, b) if x == x and y == y]
+    a, b = [x for x, _ in pairs], [y for _, y in pairs]
+
     def ranks(x: list[float]) -> list[float]:
         order = sorted(range(len(x)), key=lambda i: x[i])
         r = [0.0] * len(x)
@@ -499,6 +503,8 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                     entry = {**ranking, "steps": row["steps"], "seconds": row["seconds"] + ranking["seconds"]}
                     report.picks.setdefault(name, {})[seed] = entry
                     report.strategies.setdefault(name, {})[seed] = complete["-".join(map(str, ranking["layers"]))][seed]
+        for name in [n for n, by_seed in report.picks.items() if len(by_seed) < len(seeds)]:  # (a sampled oracle's
+            del report.picks[name], report.strategies[name]  # untrained picks: a strategy there on some seeds only)
         reports.append(report)
     return reports
 
@@ -550,7 +556,7 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
     lines += ["", "Oracle subsets by mean test score (± std over seeds): " + ", ".join(
         f"[{s.replace('-', ', ')}] {_fmt(means[s])}±{_fmt(_std(list(r.oracle[s].values())))}" for s in ranking), "",
         "Layer marginals (mean over the subsets that hold the layer): "
-        + ", ".join(f"{layer}: {_fmt(m)}" for layer, m in enumerate(r.marginal())), ""]
+        + ", ".join(f"{layer}: {_fmt(m) if m == m else 'none trained'}" for layer, m in enumerate(r.marginal())), ""]
     return lines, numbers
 
 
@@ -614,7 +620,7 @@ def ceiling_section(reports: list[TaskReport]) -> list[str]:
     names = [n for n in per_task[reports[0].task] if all(n in per_task[r.task] for r in few)] if few else []
     lines = ["## What seed noise leaves to find", "",
              "Each pick ranked among the oracle's subsets by the test scores of the seed it was made on (1 = that seed's "
-             "best, ties share the mean place; random: the middle place, 10.5 of 20), and its gap to that seed's best. The noise ceiling picks, for each "
+             "best, ties share the mean place; random: the middle place, " + ", ".join(sorted({f"{(len(r.oracle) + 1) / 2:g} of {len(r.oracle)}" for r in reports})) + "), and its gap to that seed's best. The noise ceiling picks, for each "
              "seed, the subset with the best mean test score over the task's *other* seeds: it knows every subset's test "
              "score everywhere but on this seed's split and training run. Where it ranks far from 1, the seeds disagree on "
              "the best subset, and a pick ranks well at one seed and badly at the next by chance.", "",
