@@ -290,7 +290,7 @@ def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None =
     if "oracle" in what:
         jobs += [Job(task, seed, "subset", name) for name in oracle_subsets(task, store)]
     if "exhaustive" in what:  # every other non-empty subset (benchmarks/pareto.py)
-        jobs += [Job(task, seed, "subset", "-".join(map(str, s))) for k in range(1, 7) if k != K
+        jobs += [Job(task, seed, "subset", _name(s)) for k in range(1, 7) if k != K
                  for s in itertools.combinations(range(6), k)]
     if "spt" in what:
         jobs += [Job(task, seed, "search", name) for name in variants]
@@ -471,10 +471,10 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         cost: dict[int, tuple[int, float]] = {}
         wanted = oracle_subsets(task, store)
         for seed in seeds:
-            for job in jobs_for(task, seed, ["oracle"], store=store):
-                row = store.get(job.key(recipes[seed]))
+            for name in wanted:
+                row = store.get(Job(task, seed, "subset", name).key(recipes[seed]))
                 if row is not None:
-                    oracle.setdefault(job.name, {})[seed] = row["test"]
+                    oracle.setdefault(name, {})[seed] = row["test"]
                     steps, seconds = cost.get(seed, (0, 0.0))
                     cost[seed] = (steps + row["steps"], seconds + row["seconds"])
         complete = {s: v for s, v in oracle.items() if len(v) == len(seeds)}
@@ -502,7 +502,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                     name = f"spt: {VARIANT_LABELS.get(job.name, job.name)}, {method}"
                     entry = {**ranking, "steps": row["steps"], "seconds": row["seconds"] + ranking["seconds"]}
                     report.picks.setdefault(name, {})[seed] = entry
-                    report.strategies.setdefault(name, {})[seed] = complete["-".join(map(str, ranking["layers"]))][seed]
+                    report.strategies.setdefault(name, {})[seed] = complete[_name(ranking["layers"])][seed]
         for name in [n for n, by_seed in report.picks.items() if len(by_seed) < len(seeds)]:  # (a sampled oracle's
             del report.picks[name], report.strategies[name]  # untrained picks: a strategy there on some seeds only)
         reports.append(report)
@@ -536,8 +536,8 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
         picks = r.picks.get(name)
         cells = ["", "", "", "", ""]
         if picks:
-            ranks = [ranking.index("-".join(map(str, picks[s]["layers"]))) + 1 for s in picks]
-            gaps = [best - means["-".join(map(str, picks[s]["layers"]))] for s in picks]
+            ranks = [ranking.index(_name(picks[s]["layers"])) + 1 for s in picks]
+            gaps = [best - means[_name(picks[s]["layers"])] for s in picks]
             # (greedy scores come from different rounds: they do not rank the layers)
             rho = float("nan") if name.endswith("greedy") else _mean([spearman(picks[s]["scores"], r.marginal()) for s in picks])
             steps = _mean([picks[s]["steps"] / r.oracle_cost[s][0] for s in picks])
@@ -560,9 +560,13 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
     return lines, numbers
 
 
+def _few_shot(reports: list[TaskReport]) -> list[TaskReport]:
+    return [r for r in reports if "shot" in r.task]
+
+
 def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     lines = ["## Mean over tasks", ""]
-    sections = (("all tasks", reports), ("few-shot tasks (8 or 16 examples per label)", [r for r in reports if "shot" in r.task]),
+    sections = (("all tasks", reports), ("few-shot tasks (8 or 16 examples per label)", _few_shot(reports)),
                 ("tasks where layer choice matters and the best subset clears the majority class",
                  [r for r in reports if not r.insensitive() and max(r.subset_means().values()) - r.majority >= 0.02]))
     for title, chosen in sections:
@@ -604,7 +608,7 @@ def _seed_picks(r: TaskReport) -> dict[str, dict[int, str]]:
     """Per strategy that picks a subset, its pick at each seed; with the pick a selector makes that
     knows the test scores of every subset on the task's other seeds (the best of their mean)."""
     picks = {LAST: {s: last_subset(r.task) for s in r.seeds}}
-    picks.update({name: {s: "-".join(map(str, e["layers"])) for s, e in by_seed.items()} for name, by_seed in r.picks.items()})
+    picks.update({name: {s: _name(e["layers"]) for s, e in by_seed.items()} for name, by_seed in r.picks.items()})
     picks[OTHER_SEEDS] = {s: max(r.oracle, key=lambda x, s=s: (_mean([v for t, v in r.oracle[x].items() if t != s]), x))
                           for s in r.seeds}
     return picks
@@ -616,7 +620,7 @@ def ceiling_section(reports: list[TaskReport]) -> list[str]:
     per_task = {r.task: {name: (_mean([_seed_rank(r, x, s) for s, x in by_seed.items()]),
                                 _mean([max(v[s] for v in r.oracle.values()) - r.oracle[x][s] for s, x in by_seed.items()]))
                          for name, by_seed in _seed_picks(r).items()} for r in reports}
-    few = [r for r in reports if "shot" in r.task]
+    few = _few_shot(reports)
     names = [n for n in per_task[reports[0].task] if all(n in per_task[r.task] for r in few)] if few else []
     lines = ["## What seed noise leaves to find", "",
              "Each pick ranked among the oracle's subsets by the test scores of the seed it was made on (1 = that seed's "
@@ -652,8 +656,8 @@ def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
         cells = []
         for target in usable:
             seeds = [s for s in target.seeds if s in source.picks[strategy] and s in target.picks[strategy]]
-            own = _mean([target.oracle["-".join(map(str, target.picks[strategy][s]["layers"]))][s] for s in seeds])
-            moved = _mean([target.oracle["-".join(map(str, source.picks[strategy][s]["layers"]))][s] for s in seeds])
+            own = _mean([target.oracle[_name(target.picks[strategy][s]["layers"])][s] for s in seeds])
+            moved = _mean([target.oracle[_name(source.picks[strategy][s]["layers"])][s] for s in seeds])
             cells.append(_fmt(own) if source is target else f"{100 * (moved - own):+.1f}")
         lines.append(f"| {source.task} | " + " | ".join(cells) + " |")
     lines += ["", "Random subset (expectation) minus the target's own pick: " + ", ".join(

@@ -133,7 +133,7 @@ class PHMLinear(nn.Module):
         x2d = x.reshape(-1, self.d_in)
         if relu and x2d.dtype == weight.dtype == bias.dtype:  # (CUDA autocast has no rule for the fused operator)
             # The ReLU rides in the GEMM (cuBLASLt's epilogue on a GPU: one kernel, not two).
-            out = _AddmmReLU.apply(bias, x2d, weight) if torch.is_grad_enabled() else torch._addmm_activation(bias, x2d, weight)
+            out = _AddmmReLU.apply(bias, x2d, weight)
         else:
             out = torch.addmm(bias, x2d, weight)
             out = torch.relu(out) if relu else out
