@@ -109,8 +109,14 @@ class Steps:
             self.trainers[method] = Trainer(model, RetrainConfig(), **common)
         if compile_step:  # runtime.compile: step (CUDA graphs on a GPU)
             self.trainers["sparse-compiled"] = Trainer(self.sparse, RetrainConfig(), compile_step=True, **common)
-        for trainer in self.trainers.values():  # every step sees the same, already made batch
-            trainer.local_batch = lambda indices, b=self.batch: (b, 1.0)
+        # the last three layers (what the gates mostly pick), without and with the states below them kept
+        self.top = SparsePromptModel(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS, [L - 3, L - 2, L - 1])
+        self.trainers["top"] = Trainer(self.top, RetrainConfig(), **common)
+        self.trainers["top-kept"] = Trainer(self.top, RetrainConfig(), frozen_cache_mb=1024, **common)
+        self.kept_batch = self.trainers["top-kept"].batch(split, self.indices)
+        for key, trainer in self.trainers.items():  # every step sees the same, already made batch
+            fixed = self.kept_batch if key == "top-kept" else self.batch
+            trainer.local_batch = lambda indices, b=fixed: (b, 1.0)
         self.backbone, self.precision = backbone, precision
 
     def functions(self) -> dict[str, Callable[[], object]]:
@@ -128,8 +134,7 @@ class Steps:
                 backbone.base.encoder(backbone.embed(b["input_ids"]))
 
         def infer_sparse():
-            with torch.inference_mode(), autocast():
-                self.sparse.eval()(b)
+            self._infer(self.sparse, b)
 
         fns = {"floor": floor, "sparse": lambda: t["sparse"].weight_step(self.indices, 0),
                "supernet": lambda: t["supernet"].weight_step(self.indices, 1),
@@ -138,7 +143,14 @@ class Steps:
             if method in t:
                 fns[method] = lambda m=method: t[m].weight_step(self.indices, 0)
         fns["infer_bare"], fns["infer_sparse"] = infer_bare, infer_sparse
+        for key, batch in (("top", b), ("top-kept", self.kept_batch)):
+            fns[key] = lambda k=key: t[k].weight_step(self.indices, 0)
+            fns[f"infer_{key}"] = lambda batch=batch: self._infer(self.top, batch)
         return fns
+
+    def _infer(self, model, batch) -> None:
+        with torch.inference_mode(), self.trainers["sparse"].autocast():
+            model.eval()(batch)
 
     def compiled_functions(self) -> dict[str, Callable[[], object]]:
         """The frozen floor and the sparse step under ``runtime.compile: step``."""
@@ -251,6 +263,9 @@ def measure(name: str, batch_size: int, length: int, device: torch.device, preci
     rows: dict[str, list[str]] = {"counted": [
         f"{head} {_count_cells(k)} ({_ratio(k['infer_sparse'], k['infer_bare'])}) | "
         f"{' / '.join(str(counts[key].syncs) for key in STEPS[:4])} | {breaks['sparse']} / {breaks['supernet']} |"],
+        "kept": [f"{head} {k['floor']} / {k['top']} / {k['top-kept']} | {_ratio(k['top'], k['floor'])} / "
+                 f"{_ratio(k['top-kept'], k['floor'])} | {k['infer_bare']} / {k['infer_top']} / {k['infer_top-kept']} | "
+                 f"{_ratio(k['infer_top'], k['infer_bare'])} / {_ratio(k['infer_top-kept'], k['infer_bare'])} |"],
         "device": [], "timed": []}
     if device.type == "cuda":  # the counter's check: what the device really launched
         try:
@@ -269,6 +284,7 @@ def measure(name: str, batch_size: int, length: int, device: torch.device, preci
         mem = {key: peak_memory(fns[key], device) for key in ("floor", "sparse", "supernet", "peft-prefix") if key in fns}
         compiled_ratios = (f"{_ratio(med['sparse-compiled'], med['floor'])} / {_ratio(med['sparse-compiled'], med['floor-compiled'])}"
                            if args.compile else "-")
+        rows["kept"][0] += f" {_ratio(med['top'], med['floor'])} / {_ratio(med['top-kept'], med['floor'])} |"
         rows["timed"].append(
             f"{head} {1000 * med['floor']:.1f} | {_ratio(med['sparse'], med['floor'])} | "
             f"{_ratio(med['sparse'], med.get('peft-prefix'))} | {_ratio(med['supernet'], med['sparse'])} | "
@@ -302,7 +318,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="Markdown file (default: benchmarks/results/speed/speed-<device>.md)")
     args = parser.parse_args()
     device = torch.device(args.device)
-    tables: dict[str, list[str]] = {"counted": [], "device": [], "timed": []}
+    tables: dict[str, list[str]] = {"counted": [], "kept": [], "device": [], "timed": []}
     for name in args.backbones:
         for precision in args.precision:
             for b in args.batches:
@@ -319,6 +335,13 @@ def main() -> None:
             "| backbone | batch | dtype | kernels floor / sparse / supernet / gate / PEFT prefix / PEFT prompt | sparse / floor | "
             "sparse / PEFT prefix | supernet / sparse | inference kernels bare / sparse | syncs floor / sparse / supernet / gate | "
             "graph breaks sparse / supernet |", "|---|---|---|---|---|---|---|---|---|---|", *tables["counted"]]
+    text += ["", "The sparse model on the last three layers (what the search mostly picks): its step and inference "
+             "computing every layer, and reading the states below its first prompt layer kept per example "
+             "(`runtime.frozen_cache_mb`, `search/frozen.py`), against the floor and the bare model" +
+             (" (and in wall time)" if args.time else "") + ":", "",
+             "| backbone | batch | dtype | kernels floor / top-3 step / with kept states | step / floor, kept | "
+             "inference kernels bare / top-3 / kept | inference / bare, kept |" + (" time step / floor, kept |" if args.time else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if args.time else ""), *tables["kept"]]
     if tables["device"]:
         text += ["", "Measured on the device (the counter's check): launches per step (kernels, copies and fills, "
                  "torch.profiler's CUDA activity) and syncs (`torch.cuda.set_sync_debug_mode`):", "",

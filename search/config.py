@@ -398,6 +398,11 @@ class RuntimeConfig(Section):
             eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``).
         tensorboard: also write the per-epoch metrics as TensorBoard events under
             ``<run>/tensorboard`` (needs the ``track`` extra: ``pip install 'spt-search[track]'``).
+        frozen_cache_mb: memory (MB on the device, per split) for keeping, per example, the
+            states below the sparse model's first prompt layer, which never change: computed
+            once per split, they spare every later step and evaluation those layers' forward
+            pass (tokens x hidden size x 4 bytes in fp32). A split whose states exceed it is
+            computed layer by layer as usual; 0 turns it off.
     """
 
     device: str = "auto"
@@ -406,11 +411,13 @@ class RuntimeConfig(Section):
     precision: str = "fp32"
     compile: str = "none"
     tensorboard: bool = False
+    frozen_cache_mb: float = 1024
 
     SECTION: ClassVar[str] = "runtime"
 
     def check(self) -> None:
         self.positive("threads")
+        self.non_negative("frozen_cache_mb")
         self.one_of("precision", ("fp32", "bf16"))
         self.one_of("compile", ("none", "step"))
 

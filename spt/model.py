@@ -218,7 +218,7 @@ def run_prompted_layers(
     token_mask = batch["attention_mask"]
     padded = _padded(batch)
     num_layers = backbone.num_layers
-    hidden = _frozen_layers(backbone, batch, plan.first, padded)
+    hidden = _entering(backbone, batch, plan.first, padded)
     if plan.first >= num_layers:
         return backbone.finish(hidden)
 
@@ -278,6 +278,13 @@ def _frozen_layers(backbone: Backbone, batch: dict[str, torch.Tensor], upto: int
             for i in range(min(upto, backbone.num_layers)):
                 hidden = backbone.run_layer(i, hidden, context)
     return hidden
+
+
+def _entering(backbone: Backbone, batch: dict[str, torch.Tensor], first: int, padded: bool) -> torch.Tensor:
+    """The states entering layer ``first``: the batch's own when it brings them (kept per
+    example by the trainer, :mod:`search.frozen`), else computed by the frozen layers."""
+    kept = batch.get("frozen_states")
+    return kept if kept is not None and batch.get("frozen_upto") == first else _frozen_layers(backbone, batch, first, padded)
 
 
 def frozen_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -370,7 +377,7 @@ class PromptModel(TrainableMixin, nn.Module):
     def predict(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32) -> list[dict]:
         """Label and class probabilities of each text (a string, or a pair for two-segment
         tasks), tokenized as in training (saved ``max_length``, instruction and template)."""
-        from .inputs import TextInput, collate, encode_split
+        from .inputs import TextInput, collate, encode_split, longest_first
 
         if self.max_length is None:
             raise UserError("model.max_length", "this model was saved without max_length; set model.max_length")
@@ -378,12 +385,14 @@ class PromptModel(TrainableMixin, nn.Module):
         split = encode_split(self.backbone.tokenizer, examples, self.max_length, self.head_config, self.instruction)
         device = next(self.generators.parameters()).device
         self.eval()
-        results = []
-        for start in range(0, len(split), batch_size):
-            batch = collate(split, range(start, min(start + batch_size, len(split))), device, self.prompt_length)
-            for row in self(batch).logits.float().softmax(-1).tolist():
+        order = longest_first(split, range(len(split)))
+        results: list[dict] = [{}] * len(split)
+        for start in range(0, len(order), batch_size):
+            indices = order[start:start + batch_size]
+            rows = self(collate(split, indices, device, self.prompt_length)).logits.float().softmax(-1).tolist()
+            for i, row in zip(indices, rows):
                 best = max(range(len(row)), key=row.__getitem__)
-                results.append({"label": self.labels[best], "probabilities": dict(zip(self.labels, row))})
+                results[i] = {"label": self.labels[best], "probabilities": dict(zip(self.labels, row))}
         return results
 
     def weight_parameters(self) -> list[nn.Parameter]:
@@ -469,6 +478,17 @@ class SparsePromptModel(PromptModel):
     @property
     def selected_layers(self) -> list[int]:
         return self.layers
+
+    @property
+    def frozen_upto(self) -> int:
+        """The first prompt layer: what the layers below it compute for an example never changes
+        (frozen, no prompt), so a trainer may compute it once per example (:mod:`search.frozen`)
+        and pass it as ``batch["frozen_states"]`` with ``batch["frozen_upto"]``."""
+        return self.plan.first
+
+    def states_below_prompts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The states ``(B, T, d)`` entering the first prompt layer, as a forward pass computes them."""
+        return _frozen_layers(self.backbone, batch, self.plan.first, _padded(batch))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> PromptOutput:
         return self._encode(batch, self.plan, None)

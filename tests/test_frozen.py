@@ -1,0 +1,96 @@
+"""The states below a sparse model's first prompt layer, kept per example (search/frozen.py),
+and evaluation in batches of similar lengths: the same answers for less work."""
+
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+from helpers import tiny_config
+
+from search.config import RetrainConfig, SearchConfig, load_config
+from search.frozen import FrozenStates
+from search.pipeline import build_sparse, build_supernet, prepare
+from search.profiling import count_ops
+from search.trainer import Trainer
+from spt.errors import ConfigError
+from spt.inputs import collate, longest_first
+
+
+@pytest.fixture
+def prep(tmp_path, tiny_bert):
+    return prepare(load_config(tiny_config(tmp_path, tiny_bert)))
+
+
+def _trainer(prep, layers, cache_mb):
+    torch.manual_seed(0)
+    return Trainer(build_sparse(prep, layers), RetrainConfig(lr=0.05), prep.train, seed=1, frozen_cache_mb=cache_mb)
+
+
+def test_kept_rows_are_each_examples_real_token_states_then_zeros(prep):
+    model = build_sparse(prep, [2, 3]).eval()
+    kept = FrozenStates.compute(model, prep.train, torch.device("cpu"), contextlib.nullcontext)
+    indices = [0, 5, 3]
+    lengths = [len(prep.train.input_ids[i]) for i in indices]
+    assert len(set(lengths)) > 1  # a padded batch
+    rows = kept.rows(indices, max(lengths) + 2)
+    assert rows.shape == (3, max(lengths) + 2, model.backbone.hidden_size)
+    for b, i in enumerate(indices):
+        alone = model.states_below_prompts(collate(prep.train, [i]))[0]  # (no padding at all)
+        torch.testing.assert_close(rows[b, :lengths[b]], alone, atol=1e-6, rtol=1e-6)
+        assert rows[b, lengths[b]:].abs().max() == 0
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_a_step_with_kept_states_skips_the_layers_below_the_prompts_and_computes_the_same(tmp_path, tiny_models, tiny_decoders,
+                                                                                          family):
+    model_dir = {**tiny_models, **tiny_decoders}[family]
+    prep = prepare(load_config(tiny_config(tmp_path, model_dir, head={"pooling": "cls" if family == "bert" else "auto"})))
+    trainer = _trainer(prep, [2, 3], cache_mb=64)
+    model, indices = trainer.model.eval(), [0, 1, 2, 3, 4, 5]
+    kept, plain = trainer.batch(prep.train, indices), collate(prep.train, indices, prompt_length=trainer.prompt_length)
+    assert kept["frozen_upto"] == 2 and kept["frozen_states"].shape[:2] == plain["input_ids"].shape
+    with torch.no_grad():
+        torch.testing.assert_close(model(kept).logits, model(plain).logits, atol=1e-6, rtol=1e-6)
+    with_kept, without = count_ops(lambda: model(kept)), count_ops(lambda: model(plain))
+    below = count_ops(lambda: model.states_below_prompts(plain))  # embeddings and layers 0 and 1
+    assert below.kernels > 10 and with_kept.kernels == without.kernels - below.kernels
+
+
+def test_training_and_evaluation_with_kept_states_equal_them_without(prep):
+    runs = {mb: _trainer(prep, [2, 3], cache_mb=mb) for mb in (0, 64)}
+    for trainer in runs.values():
+        for step in range(4):
+            trainer.weight_step([(4 * step + j) % len(prep.train) for j in range(4)], step)
+    assert runs[0].frozen_states(prep.train) is None and runs[64].frozen_states(prep.train) is not None
+    for a, b in zip(runs[0].model.generators.parameters(), runs[64].model.generators.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    (p0, l0), (p1, l1) = (t.predict(prep.dev, 4) for t in runs.values())
+    assert p0 == p1 and l1 == pytest.approx(l0, abs=1e-5)
+
+
+def test_states_are_kept_only_for_frozen_layers_below_the_prompts_and_within_the_budget(prep, tmp_path, tiny_bert):
+    assert _trainer(prep, [0, 3], cache_mb=64).frozen_states(prep.train) is None  # no layer below the prompts
+    assert _trainer(prep, [2, 3], cache_mb=1e-6).frozen_states(prep.train) is None  # over the budget
+    assert _trainer(prep, [2, 3], cache_mb=0).frozen_states(prep.train) is None  # off
+    supernet = Trainer(build_supernet(prep), SearchConfig(), prep.train, seed=1, frozen_cache_mb=64)
+    assert supernet.frozen_states(prep.train) is None  # (its first prompt layer moves with the mask)
+    with pytest.raises(ConfigError, match=r"runtime.frozen_cache_mb: must be >= 0"):
+        load_config(tiny_config(tmp_path, tiny_bert, runtime={"frozen_cache_mb": -1}))
+
+
+def test_evaluation_batches_longest_first_and_answers_in_the_splits_order(prep):
+    order = longest_first(prep.dev, range(len(prep.dev)))
+    lengths = [len(prep.dev.input_ids[i]) for i in order]
+    assert lengths == sorted(lengths, reverse=True) and sorted(order) == list(range(len(prep.dev)))
+    trainer = _trainer(prep, [1, 3], cache_mb=0)
+    together, alone = trainer.predict(prep.dev, 8), trainer.predict(prep.dev, 1)
+    assert together[0] == alone[0] and together[1] == pytest.approx(alone[1], abs=1e-5)
+    texts = ["a great film", "so boring and dull , really bad acting and a dull story", "good"]
+    model = trainer.model
+    model.max_length = 32
+    batched = model.predict(texts, batch_size=3)
+    assert [r["label"] for r in batched] == [model.predict([t])[0]["label"] for t in texts]
+    for r, t in zip(batched, texts):
+        assert r["probabilities"]["1"] == pytest.approx(model.predict([t])[0]["probabilities"]["1"], abs=1e-5)
