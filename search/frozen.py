@@ -28,7 +28,8 @@ class FrozenStates:
     """Per example of one split, the states entering layer ``layer``, stored flat ``(sum T_i + 1, d)``."""
 
     def __init__(self, layer: int, flat: torch.Tensor, offsets: list[int], lengths: list[int]) -> None:
-        self.layer, self.flat, self.offsets, self.lengths = layer, flat, offsets, lengths
+        self.layer, self.flat = layer, flat
+        self.offsets, self.lengths = torch.tensor(offsets), torch.tensor(lengths)  # (host tensors: rows() indexes on the host)
         self.zero_row = flat.shape[0] - 1
 
     @classmethod
@@ -54,8 +55,10 @@ class FrozenStates:
 
     def rows(self, indices: Sequence[int], width: int) -> torch.Tensor:
         """``(B, width, d)`` states of the examples at ``indices``, right-padded with zeros."""
-        index = [self.offsets[i] + t if t < self.lengths[i] else self.zero_row for i in indices for t in range(width)]
-        picked = torch.tensor(index, dtype=torch.long).to(self.flat.device, non_blocking=True)
+        rows = torch.tensor(list(indices))
+        position = torch.arange(width)
+        index = torch.where(position < self.lengths[rows, None], self.offsets[rows, None] + position, self.zero_row)
+        picked = index.view(-1).to(self.flat.device, non_blocking=True)
         return self.flat.index_select(0, picked).view(len(indices), width, -1)
 
 
