@@ -1,10 +1,10 @@
-"""The states below a sparse model's first prompt layer, computed once per split.
+"""The states below the lowest layer that can get a prompt, computed once per split.
 
-The layers below the first prompt layer are frozen and see no prompt, so what they compute
-for an example never changes while the model trains. :class:`FrozenStates` computes them
-once for every example of a split and hands each batch its rows, so every later step and
-evaluation starts at the first prompt layer: with the layers the search usually picks
-(the top ones), half of the backbone's forward pass.
+The layers below a sparse model's first prompt layer (a supernet's first candidate layer)
+are frozen and see no prompt, so what they compute for an example never changes while the
+model trains. :class:`FrozenStates` computes them once for every example of a split and
+hands each batch its rows, so every later step and evaluation starts at that layer: with the
+layers the search usually picks (the top ones), half of the backbone's forward pass.
 
 They are computed in fixed batches (longest example first, :data:`BATCH` at a time), not
 in the batches that first ask for them, so a resumed run reads exactly the values an

@@ -189,7 +189,8 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     model = build_supernet(prep)
     trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
                       loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
-                      compile_step=config.runtime.compile == "step", total_steps=total)
+                      compile_step=config.runtime.compile == "step", total_steps=total,
+                      frozen_cache_mb=config.runtime.frozen_cache_mb)
     ckpt_path = run.file(CHECKPOINT_FILE)
     state = TrainState()
     if ckpt_path.is_file():

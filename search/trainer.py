@@ -195,8 +195,8 @@ class Trainer:
         return batch
 
     def frozen_states(self, split: EncodedSplit) -> FrozenStates | None:
-        """``split``'s states below the model's first prompt layer, computed on first use; None for
-        a model without frozen layers below its prompts, or where they exceed ``frozen_cache_mb``."""
+        """``split``'s states below the lowest layer the model can prompt, computed on first use; None
+        for a model without frozen layers below its prompts, or where they exceed ``frozen_cache_mb``."""
         upto = getattr(self.model, "frozen_upto", 0)
         if upto == 0 or self.frozen_cache_mb <= 0:
             return None

@@ -267,24 +267,27 @@ def _padded(batch: dict[str, torch.Tensor]) -> bool:
     return bool(batch["attention_mask"].all().logical_not()) if padded is None else bool(padded)
 
 
-def _frozen_layers(backbone: Backbone, batch: dict[str, torch.Tensor], upto: int, padded: bool) -> torch.Tensor:
+def _frozen_layers(backbone: Backbone, batch: dict[str, torch.Tensor], upto: int, padded: bool,
+                   start: tuple[int, torch.Tensor] | None = None) -> torch.Tensor:
     """The states entering layer ``upto`` (``num_layers``: after the last), computed without slots
-    and without autograd, exactly as the backbone alone computes them."""
+    and without autograd, exactly as the backbone alone computes them; from the embeddings, or
+    from ``start``: ``(layer, the states entering it)``."""
     token_mask = batch["attention_mask"] if padded else None
     with torch.no_grad():  # nothing below the first prompt is trainable
-        hidden = backbone.embed(batch["input_ids"], batch.get("token_type_ids"), token_mask)
-        if upto > 0:
+        layer, hidden = start or (0, backbone.embed(batch["input_ids"], batch.get("token_type_ids"), token_mask))
+        if upto > layer:
             context = backbone.layer_context(hidden, token_mask)
-            for i in range(min(upto, backbone.num_layers)):
+            for i in range(layer, min(upto, backbone.num_layers)):
                 hidden = backbone.run_layer(i, hidden, context)
     return hidden
 
 
 def _entering(backbone: Backbone, batch: dict[str, torch.Tensor], first: int, padded: bool) -> torch.Tensor:
-    """The states entering layer ``first``: the batch's own when it brings them (kept per
-    example by the trainer, :mod:`search.frozen`), else computed by the frozen layers."""
-    kept = batch.get("frozen_states")
-    return kept if kept is not None and batch.get("frozen_upto") == first else _frozen_layers(backbone, batch, first, padded)
+    """The states entering layer ``first``, from the states the batch brings where it brings them
+    for a layer at or below it (kept per example by the trainer, :mod:`search.frozen`)."""
+    kept, layer = batch.get("frozen_states"), batch.get("frozen_upto")
+    start = (layer, kept) if kept is not None and layer <= first else None
+    return _frozen_layers(backbone, batch, first, padded, start)
 
 
 def frozen_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -321,6 +324,17 @@ class PromptModel(TrainableMixin, nn.Module):
     @property
     def prompt_length(self) -> int:
         return self.prompt_config.length
+
+    @property
+    def frozen_upto(self) -> int:
+        """The lowest layer that can get a prompt: what the layers below it compute for an example
+        never changes (frozen, no prompt), so a trainer may compute it once per example
+        (:mod:`search.frozen`) and pass it as ``batch["frozen_states"]`` with ``batch["frozen_upto"]``."""
+        return self.layers[0]
+
+    def states_below_prompts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The states ``(B, T, d)`` entering layer :attr:`frozen_upto`, as a forward pass computes them."""
+        return _frozen_layers(self.backbone, batch, self.frozen_upto, _padded(batch))
 
     def _encode(self, batch: dict[str, torch.Tensor], plan: Plan, gates: torch.Tensor | None) -> PromptOutput:
         states = run_prompted_layers(
@@ -478,17 +492,6 @@ class SparsePromptModel(PromptModel):
     @property
     def selected_layers(self) -> list[int]:
         return self.layers
-
-    @property
-    def frozen_upto(self) -> int:
-        """The first prompt layer: what the layers below it compute for an example never changes
-        (frozen, no prompt), so a trainer may compute it once per example (:mod:`search.frozen`)
-        and pass it as ``batch["frozen_states"]`` with ``batch["frozen_upto"]``."""
-        return self.plan.first
-
-    def states_below_prompts(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The states ``(B, T, d)`` entering the first prompt layer, as a forward pass computes them."""
-        return _frozen_layers(self.backbone, batch, self.plan.first, _padded(batch))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> PromptOutput:
         return self._encode(batch, self.plan, None)

@@ -75,7 +75,7 @@ def test_states_are_kept_only_for_frozen_layers_below_the_prompts_and_within_the
     assert _trainer(prep, [2, 3], cache_mb=1e-6).frozen_states(prep.train) is None  # over the budget
     assert _trainer(prep, [2, 3], cache_mb=0).frozen_states(prep.train) is None  # off
     supernet = Trainer(build_supernet(prep), SearchConfig(), prep.train, seed=1, frozen_cache_mb=64)
-    assert supernet.frozen_states(prep.train) is None  # (its first prompt layer moves with the mask)
+    assert supernet.frozen_states(prep.train) is None  # (every layer is a candidate)
     with pytest.raises(ConfigError, match=r"runtime.frozen_cache_mb: must be >= 0"):
         load_config(tiny_config(tmp_path, tiny_bert, runtime={"frozen_cache_mb": -1}))
 
@@ -94,3 +94,17 @@ def test_evaluation_batches_longest_first_and_answers_in_the_splits_order(prep):
     assert [r["label"] for r in batched] == [model.predict([t])[0]["label"] for t in texts]
     for r, t in zip(batched, texts):
         assert r["probabilities"]["1"] == pytest.approx(model.predict([t])[0]["probabilities"]["1"], abs=1e-5)
+
+
+def test_a_supernet_whose_candidates_start_higher_reads_kept_states_under_every_mask(tmp_path, tiny_bert):
+    prep = prepare(load_config(tiny_config(tmp_path, tiny_bert, prompt={"candidate_layers": [2, 3], "dropout": 0.0})))
+    torch.manual_seed(0)
+    trainer = Trainer(build_supernet(prep), SearchConfig(), prep.train, seed=1, frozen_cache_mb=64)
+    model, indices = trainer.model.eval(), [0, 1, 2, 3, 4, 5]
+    kept, plain = trainer.batch(prep.train, indices), collate(prep.train, indices, prompt_length=trainer.prompt_length)
+    assert kept["frozen_upto"] == 2
+    with torch.no_grad():
+        for mask in (None, [1.0, 1.0], [0.0, 1.0], [0.0, 0.0]):  # [0, 1]: layer 2 runs from the kept states, unprompted
+            torch.testing.assert_close(model(kept, mask).logits, model(plain, mask).logits, atol=1e-6, rtol=1e-6)
+        for a, b in zip(model.forward_consistency(kept, [0.0, 1.0]), model.forward_consistency(plain, [0.0, 1.0])):
+            torch.testing.assert_close(a.logits, b.logits, atol=1e-6, rtol=1e-6)
