@@ -398,11 +398,12 @@ class RuntimeConfig(Section):
             eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``).
         tensorboard: also write the per-epoch metrics as TensorBoard events under
             ``<run>/tensorboard`` (needs the ``track`` extra: ``pip install 'spt-search[track]'``).
-        frozen_cache_mb: memory (MB on the device, per split) for keeping, per example, the
-            states below the lowest layer that can get a prompt (a sparse model's first prompt
-            layer, a supernet's first candidate), which never change: computed
-            once per split, they spare every later step and evaluation those layers' forward
-            pass (tokens x hidden size x 4 bytes in fp32). A split whose states exceed it is
+        frozen_cache_mb: memory (MB on the device) for keeping, per example, the states below
+            the lowest layer that can get a prompt (a sparse model's first prompt layer, a
+            supernet's first candidate), which never change: computed once per split, they
+            spare every later step and evaluation those layers' forward pass (tokens x hidden
+            size x 4 bytes; 2 in bf16 on a CPU). Shared by the splits a training uses, in the
+            order they are first used (train, dev, test); a split that no longer fits is
             computed layer by layer as usual; 0 turns it off.
     """
 

@@ -27,31 +27,43 @@ BATCH = 64  # examples per batch when computing the states (fixed: see the modul
 class FrozenStates:
     """Per example of one split, the states entering layer ``layer``, stored flat ``(sum T_i + 1, d)``."""
 
-    def __init__(self, layer: int, flat: torch.Tensor, offsets: list[int], lengths: list[int]) -> None:
+    def __init__(self, layer: int, flat: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor) -> None:
         self.layer, self.flat = layer, flat
-        self.offsets, self.lengths = torch.tensor(offsets), torch.tensor(lengths)  # (host tensors: rows() indexes on the host)
+        self.offsets, self.lengths = offsets, lengths  # (host tensors: rows() indexes on the host)
         self.zero_row = flat.shape[0] - 1
 
     @classmethod
-    @torch.no_grad()  # (not inference mode: the states enter steps whose backward saves them)
     def compute(cls, model, split: EncodedSplit, device: torch.device,
-                autocast: Callable[[], contextlib.AbstractContextManager]) -> FrozenStates:
-        """Run ``model.states_below_prompts`` over all of ``split``."""
+                autocast: Callable[[], contextlib.AbstractContextManager], budget: float) -> FrozenStates | None:
+        """Run ``model.states_below_prompts`` over all of ``split``; None (computing at most one
+        batch) where the states would take more than ``budget`` bytes."""
+        lengths = torch.tensor([len(ids) for ids in split.input_ids])
+        offsets = lengths.cumsum(0) - lengths
+        size = (int(lengths.sum()) + 1) * model.backbone.hidden_size
+        if size * next(model.backbone.parameters()).element_size() > budget:
+            return None
+        flat = None
         order = longest_first(split, range(len(split)))
-        pieces: dict[int, torch.Tensor] = {}
-        for start in range(0, len(order), BATCH):
-            indices = order[start:start + BATCH]
-            with autocast():
-                states = model.states_below_prompts(collate(split, indices, device))
-            for row, i in enumerate(indices):
-                pieces[i] = states[row, :len(split.input_ids[i])]
-        lengths = [len(ids) for ids in split.input_ids]
-        offsets = [0]
-        for n in lengths[:-1]:
-            offsets.append(offsets[-1] + n)
-        zero = states.new_zeros(1, states.shape[-1])
-        flat = torch.cat([pieces[i] for i in range(len(split))] + [zero])
+        # (not inference mode, even inside one: the states enter steps whose backward saves them)
+        with torch.inference_mode(False), torch.no_grad():
+            for start in range(0, len(order), BATCH):
+                indices = torch.tensor(order[start:start + BATCH])
+                with autocast():
+                    states = model.states_below_prompts(collate(split, indices.tolist(), device))
+                if flat is None:  # in the dtype the layers put out (CUDA autocast: fp32 after a layer norm)
+                    if size * states.element_size() > budget:
+                        return None
+                    flat = states.new_zeros(size // states.shape[-1], states.shape[-1])
+                position = torch.arange(states.shape[1])
+                real = position < lengths[indices, None]  # (B, width), on the host
+                source = real.view(-1).nonzero().squeeze(1).to(device, non_blocking=True)
+                target = (offsets[indices, None] + position)[real].to(device, non_blocking=True)
+                flat.index_copy_(0, target, states.reshape(-1, states.shape[-1]).index_select(0, source))
         return cls(model.frozen_upto, flat, offsets, lengths)
+
+    @property
+    def nbytes(self) -> int:
+        return self.flat.numel() * self.flat.element_size()
 
     def rows(self, indices: Sequence[int], width: int) -> torch.Tensor:
         """``(B, width, d)`` states of the examples at ``indices``, right-padded with zeros."""
@@ -60,11 +72,3 @@ class FrozenStates:
         index = torch.where(position < self.lengths[rows, None], self.offsets[rows, None] + position, self.zero_row)
         picked = index.view(-1).to(self.flat.device, non_blocking=True)
         return self.flat.index_select(0, picked).view(len(indices), width, -1)
-
-
-def fits(model, split: EncodedSplit, budget_mb: float) -> bool:
-    """Whether ``split``'s states below ``model``'s prompts take at most ``budget_mb`` megabytes."""
-    backbone = model.backbone
-    element = next(backbone.parameters()).element_size()
-    size = (sum(len(ids) for ids in split.input_ids) + 1) * backbone.hidden_size * element
-    return size <= budget_mb * 2**20

@@ -241,7 +241,8 @@ def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None) -> R
     if method == "gates":
         return gates
     supernet = load_prompt_model(run.file("supernet"), backbone=prep.backbone)
-    trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision)
+    trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision,
+                      frozen_cache_mb=config.runtime.frozen_cache_mb)
 
     def dev_losses(mask: list[float] | None, hard: bool) -> list[float]:
         return trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]

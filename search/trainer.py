@@ -28,7 +28,7 @@ from spt.trainable import TrainableModel
 from . import distributed
 from .architect import Architect, compiled
 from .config import RetrainConfig, SearchConfig
-from .frozen import FrozenStates, fits
+from .frozen import FrozenStates
 from .losses import TaskLoss, task_loss
 from .metrics import compute_metrics
 from .schedule import ScheduledStep, batch_indices, lr_factor, step_seed
@@ -118,7 +118,7 @@ class Trainer:
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
         self.total_steps = total_steps  # for learning-rate schedules
         self.accumulate = settings.gradient_accumulation_steps
-        self.frozen_cache_mb = frozen_cache_mb  # (runtime.frozen_cache_mb)
+        self.frozen_bytes_left = frozen_cache_mb * 2**20  # (runtime.frozen_cache_mb: for all splits together)
         self._frozen: dict[int, tuple[EncodedSplit, FrozenStates | None]] = {}
         distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
 
@@ -196,13 +196,14 @@ class Trainer:
 
     def frozen_states(self, split: EncodedSplit) -> FrozenStates | None:
         """``split``'s states below the lowest layer the model can prompt, computed on first use; None
-        for a model without frozen layers below its prompts, or where they exceed ``frozen_cache_mb``."""
-        upto = getattr(self.model, "frozen_upto", 0)
-        if upto == 0 or self.frozen_cache_mb <= 0:
+        for a model without frozen layers below its prompts, or where they exceed what is left of
+        ``frozen_cache_mb`` (shared by the splits in the order they are first used: train, dev, test)."""
+        if getattr(self.model, "frozen_upto", 0) == 0 or self.frozen_bytes_left <= 0:
             return None
         if id(split) not in self._frozen:  # (the split is kept with its states: its id stays its own)
-            keep = fits(self.model, split, self.frozen_cache_mb)
-            self._frozen[id(split)] = split, FrozenStates.compute(self.model, split, self.device, self.autocast) if keep else None
+            kept = FrozenStates.compute(self.model, split, self.device, self.autocast, self.frozen_bytes_left)
+            self.frozen_bytes_left -= kept.nbytes if kept is not None else 0
+            self._frozen[id(split)] = split, kept
         return self._frozen[id(split)][1]
 
     @contextlib.contextmanager

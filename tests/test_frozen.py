@@ -30,7 +30,7 @@ def _trainer(prep, layers, cache_mb):
 
 def test_kept_rows_are_each_examples_real_token_states_then_zeros(prep):
     model = build_sparse(prep, [2, 3]).eval()
-    kept = FrozenStates.compute(model, prep.train, torch.device("cpu"), contextlib.nullcontext)
+    kept = FrozenStates.compute(model, prep.train, torch.device("cpu"), contextlib.nullcontext, budget=2**20)
     indices = [0, 5, 3]
     lengths = [len(prep.train.input_ids[i]) for i in indices]
     assert len(set(lengths)) > 1  # a padded batch
@@ -73,6 +73,10 @@ def test_training_and_evaluation_with_kept_states_equal_them_without(prep):
 def test_states_are_kept_only_for_frozen_layers_below_the_prompts_and_within_the_budget(prep, tmp_path, tiny_bert):
     assert _trainer(prep, [0, 3], cache_mb=64).frozen_states(prep.train) is None  # no layer below the prompts
     assert _trainer(prep, [2, 3], cache_mb=1e-6).frozen_states(prep.train) is None  # over the budget
+    # one budget for every split, in the order they are first used: train fits, dev no longer does
+    train_bytes = (sum(len(ids) for ids in prep.train.input_ids) + 1) * 32 * 4  # (tiny BERT: 32 wide, fp32)
+    trainer = _trainer(prep, [2, 3], cache_mb=(train_bytes + 100) / 2**20)
+    assert trainer.frozen_states(prep.train).nbytes == train_bytes and trainer.frozen_states(prep.dev) is None
     assert _trainer(prep, [2, 3], cache_mb=0).frozen_states(prep.train) is None  # off
     supernet = Trainer(build_supernet(prep), SearchConfig(), prep.train, seed=1, frozen_cache_mb=64)
     assert supernet.frozen_states(prep.train) is None  # (every layer is a candidate)
