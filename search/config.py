@@ -395,7 +395,10 @@ class RuntimeConfig(Section):
         compile: ``none`` or ``step``: ``torch.compile`` the forward pass and loss of every
             step whose graph is the same each time (the sparse model, the baselines, the
             gate step; the supernet's weight step changes with its sampled mask and stays
-            eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``).
+            eager); on a GPU with CUDA graphs (``mode="reduce-overhead"``). Compiled code draws
+            its own random numbers, so with dropout on a compiled run draws other dropout masks
+            than an eager one with the same seed (reproducible within each mode; without
+            dropout the two train alike within 1e-4).
         tensorboard: also write the per-epoch metrics as TensorBoard events under
             ``<run>/tensorboard`` (needs the ``track`` extra: ``pip install 'spt-search[track]'``).
         frozen_cache_mb: memory (MB on the device) for keeping, per example, the states below
