@@ -54,10 +54,9 @@ class FrozenStates:
                     if size * states.element_size() > budget:
                         return None
                     flat = states.new_zeros(size // states.shape[-1], states.shape[-1])
-                position = torch.arange(states.shape[1])
-                real = position < lengths[indices, None]  # (B, width), on the host
+                real, flat_rows = _positions(offsets, lengths, indices, states.shape[1])
                 source = real.view(-1).nonzero().squeeze(1).to(device, non_blocking=True)
-                target = (offsets[indices, None] + position)[real].to(device, non_blocking=True)
+                target = flat_rows[real].to(device, non_blocking=True)
                 flat.index_copy_(0, target, states.reshape(-1, states.shape[-1]).index_select(0, source))
         return cls(model.frozen_upto, flat, offsets, lengths)
 
@@ -67,8 +66,13 @@ class FrozenStates:
 
     def rows(self, indices: Sequence[int], width: int) -> torch.Tensor:
         """``(B, width, d)`` states of the examples at ``indices``, right-padded with zeros."""
-        rows = torch.tensor(list(indices))
-        position = torch.arange(width)
-        index = torch.where(position < self.lengths[rows, None], self.offsets[rows, None] + position, self.zero_row)
-        picked = index.view(-1).to(self.flat.device, non_blocking=True)
+        real, flat_rows = _positions(self.offsets, self.lengths, torch.tensor(list(indices)), width)
+        picked = torch.where(real, flat_rows, self.zero_row).view(-1).to(self.flat.device, non_blocking=True)
         return self.flat.index_select(0, picked).view(len(indices), width, -1)
+
+
+def _positions(offsets: torch.Tensor, lengths: torch.Tensor, indices: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a right-padded ``(B, width)`` batch of the examples ``indices``: which positions are real
+    tokens, and each position's row in the flat store (meaningful where real). Host tensors."""
+    position = torch.arange(width)
+    return position < lengths[indices, None], offsets[indices, None] + position
