@@ -16,6 +16,7 @@ which DDP's reducer does not allow.)
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,10 +56,18 @@ def init_from_env() -> World:
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend=backend)
+        # Leave the group before the interpreter tears down: a group still alive at exit can
+        # abort the process from its communication threads ("terminate called ...").
+        atexit.register(_leave)
     _WORLD = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
     if torch.cuda.is_available():
         torch.cuda.set_device(_WORLD.local_rank)
     return _WORLD
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def device_for(name: str) -> str:
