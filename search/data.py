@@ -160,6 +160,25 @@ def _text(record: dict[str, Any], spec: str, where: str, field_name: str) -> str
     return spec.format_map({n: "" if v is None else v for n, v in values.items()})
 
 
+def describe_layout(task: TaskConfig) -> str:
+    """How a file of ``task``'s examples is laid out, in words a user can follow to write one."""
+    fields = f"the label in {task.label!r}, the text in {task.text_a!r}" + (f" and {task.text_b!r}" if task.text_b else "")
+    if task.format == "label_text":
+        return f"one example per line, the label, a space, then the text (e.g. '{task.labels[0]} a short text'; labels {task.labels})"
+    if task.format in ("tsv", "csv"):
+        sep = "tab" if task.format == "tsv" else "comma"
+        if task.columns:
+            names = f"columns {', '.join(task.columns)} and no header row"
+        else:
+            names = "a header row naming the columns" if task.header else "numbered columns (0, 1, ...) and no header row"
+        return f"{sep}-separated values with {names}; {fields} (labels {task.labels})"
+    if task.format == "jsonl":
+        return f"one JSON object per line with {fields} (labels {task.labels})"
+    if task.format == "json":
+        return f"a JSON list of objects with {fields} (labels {task.labels})"
+    return f"task.format {task.format!r} with {fields} (labels {task.labels})"
+
+
 def read_split(task: TaskConfig, split: str, seed: int = 0) -> list[Example]:
     """Read one split (``train``, ``dev`` or ``test``) as declared in ``task``."""
     return [example for _, example in read_examples(task, split, seed)]

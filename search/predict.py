@@ -14,8 +14,8 @@ from spt.errors import UserError
 from spt.files import write_text_atomic
 from spt.model import SparsePromptModel
 
-from .config import RunConfig, config_from_run_dict
-from .data import Example, read_examples
+from .config import RunConfig, config_from_run_dict, split_view
+from .data import DataError, Example, describe_layout, read_examples
 from .metrics import compute_metrics
 from .runs import RunDir
 
@@ -35,7 +35,11 @@ def read_inputs(config: RunConfig, path: str | Path, fmt: str) -> list[tuple[str
     """``text``: one input per line (a tab separates the two texts of a pair); ``task``: the
     file laid out as the task's test split, labels optional."""
     if fmt == "task":
-        return read_examples(config.task, "test", path=path, require_labels=False)
+        try:
+            return read_examples(config.task, "test", path=path, require_labels=False)
+        except DataError as exc:  # say what layout the run reads, not only what went wrong
+            raise DataError(exc.field, f"{exc.problem}. Run {config.task.name!r} reads --input laid out as its test split: "
+                            f"{describe_layout(split_view(config.task, 'test')[0])}") from None
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:

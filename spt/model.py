@@ -36,6 +36,7 @@ from .config import HeadConfig, PromptConfig
 from .errors import ConfigError, UserError
 from .gates import LayerGates
 from .generator import PromptGenerators, adaptive_pool_weights
+from .inputs import TextInput
 from .trainable import PromptOutput, TrainableMixin
 
 Rows = tuple[bool, ...]
@@ -388,14 +389,22 @@ class PromptModel(TrainableMixin, nn.Module):
         return folder
 
     @torch.inference_mode()
-    def predict(self, texts: Sequence[str | tuple[str, str]], batch_size: int = 32) -> list[dict]:
-        """Label and class probabilities of each text (a string, or a pair for two-segment
-        tasks), tokenized as in training (saved ``max_length``, instruction and template)."""
-        from .inputs import TextInput, collate, encode_split, longest_first
+    def predict(self, texts: str | Sequence[str | tuple[str, str]], batch_size: int = 32) -> list[dict]:
+        """Label and class probabilities of each text, tokenized as in training (saved
+        ``max_length``, instruction and template); always one record per input, in order.
+
+        ``texts`` is one string, or a list of inputs each a string or a ``(text_a, text_b)``
+        pair for two-segment tasks (a bare string is one input, as in a transformers pipeline,
+        never a sequence of characters)."""
+        from .inputs import collate, encode_split, longest_first
 
         if self.max_length is None:
             raise UserError("model.max_length", "this model was saved without max_length; set model.max_length")
-        examples = [TextInput(*t) if isinstance(t, (tuple, list)) else TextInput(t) for t in texts]
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UserError("batch_size", f"must be a whole number >= 1, not {batch_size!r}")
+        examples = [_text_input(t, n) for n, t in enumerate([texts] if isinstance(texts, str) else texts)]
+        if not examples:
+            return []
         split = encode_split(self.backbone.tokenizer, examples, self.max_length, self.head_config, self.instruction)
         device = next(self.generators.parameters()).device
         self.eval()
@@ -412,6 +421,16 @@ class PromptModel(TrainableMixin, nn.Module):
     def weight_parameters(self) -> list[nn.Parameter]:
         """``omega``: generator and head parameters."""
         return list(self.generators.parameters()) + list(self.head.parameters())
+
+
+def _text_input(item: object, position: int) -> TextInput:
+    """One ``predict`` input as the tokenizer's :class:`TextInput`: a string, or a pair of strings."""
+    if isinstance(item, str):
+        return TextInput(item)
+    if isinstance(item, (tuple, list)) and len(item) == 2 and all(isinstance(t, str) for t in item):
+        return TextInput(*item)
+    raise UserError("texts", f"input {position} is {type(item).__name__} {item!r:.60}; give a string or a (text_a, text_b) "
+                    "pair of strings")
 
 
 ArchMask = torch.Tensor | Sequence[float] | Sequence[Sequence[float]]

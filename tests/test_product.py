@@ -20,6 +20,7 @@ from search.pipeline import build_sparse, prepare
 from search.schedule import lr_factor
 from search.trainer import Trainer
 from spt import SparsePromptModel
+from spt.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -171,3 +172,30 @@ def test_version_and_runs_table(finished_run, capsys):
     (row,) = csv.DictReader(capsys.readouterr().out.splitlines())
     assert row["task"] == "toy" and row["k"] == "2" and row["layers"] == str(json.loads((run / "layer_mask.json").read_text())["selected_layers"])
     assert float(row["test"]) == pytest.approx(json.loads((run / "metrics.json").read_text())["test"]["accuracy"], abs=1e-4)
+
+
+def test_predict_takes_one_string_as_one_input_and_refuses_what_is_not_text(finished_run):
+    _, run = finished_run
+    model = SparsePromptModel.from_pretrained(run / "sparse")
+    one = model.predict("a great film")
+    listed = model.predict(["a great film"])
+    assert len(one) == 1 and one[0]["label"] == listed[0]["label"]
+    assert one[0]["probabilities"] == pytest.approx(listed[0]["probabilities"], abs=1e-6)
+    assert model.predict([]) == []
+    for bad, field in ((["fine", 3], "texts"), ([("a", "b", "c")], "texts"), ("fine", "batch_size")):
+        with pytest.raises(UserError) as caught:
+            model.predict(bad, batch_size=0 if field == "batch_size" else 8)
+        assert caught.value.field == field
+
+
+def test_a_labelled_file_in_another_layout_names_the_layout_the_run_reads(tmp_path, tiny_bert):
+    from search.predict import read_inputs
+
+    config = load_config(tiny_config(tmp_path, tiny_bert), ["task.format=label_text", "task.text_a=text"])
+    held_back = write_sentiment_tsv(tmp_path / "labelled.tsv", 4)  # a header row "sentence<TAB>label"
+    with pytest.raises(UserError) as caught:
+        read_inputs(config, held_back, "task")
+    assert "label 'sentence' is not in task.labels" in caught.value.problem
+    assert "one example per line, the label, a space, then the text (e.g. '0 a short text'" in caught.value.problem
+    (tmp_path / "right.txt").write_text("1 a great film\n0 so dull\n")
+    assert [ex.label for _, ex in read_inputs(config, tmp_path / "right.txt", "task")] == [1, 0]
