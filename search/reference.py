@@ -12,24 +12,29 @@ from typing import Any
 
 from .config import SECTIONS
 
-_ENTRY = re.compile(r"^ {8}([a-z_0-9, ]+):\s*(.*)$")
+# An entry line of an ``Attributes:`` section: ``name: text`` or ``a, b: text`` (field names only).
+_ENTRY = re.compile(r"^([a-z_][a-z_0-9]*(?:, [a-z_][a-z_0-9]*)*):\s*(.*)$")
 
 
 def field_docs(cls: type) -> dict[str, str]:
     """``{field: text}`` from the ``Attributes:`` section of ``cls``'s docstring
-    (an entry may name several fields, ``a, b: text``)."""
-    doc = inspect.getdoc(cls) or ""
-    lines = ("        " + line if line and not line.startswith("Attributes") else line for line in doc.splitlines())
+    (an entry may name several fields, ``a, b: text``).
+
+    An entry starts at the section's own indent; deeper lines continue it, even where they
+    hold a ``word:`` of their own (``{path: ..., label: ...}`` in a continued sentence)."""
+    lines = (inspect.getdoc(cls) or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Attributes:"), None)
+    if start is None:
+        return {}
+    body = lines[start + 1:]
+    indent = next((len(line) - len(line.lstrip()) for line in body if line.strip()), 0)
     docs: dict[str, str] = {}
     current: list[str] = []
-    inside = False
-    for line in lines:
-        if line.startswith("Attributes:"):
-            inside = True
-            continue
-        if not inside:
-            continue
-        match = _ENTRY.match(line)
+    for line in body:
+        depth = len(line) - len(line.lstrip())
+        if line.strip() and depth < indent:
+            break  # the section ended (a dedented paragraph)
+        match = _ENTRY.match(line.strip()) if depth == indent else None
         if match:
             current = [name.strip() for name in match.group(1).split(",")]
             for name in current:

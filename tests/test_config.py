@@ -80,3 +80,48 @@ def test_every_config_field_is_documented_and_the_reference_is_current():
 
     assert undocumented() == []
     assert (REPO / "docs" / "config.md").read_text() == reference_markdown(), "regenerate: python -m search.reference > docs/config.md"
+
+
+def _reference_rows() -> dict[str, list[str]]:
+    rows = {}
+    for line in (REPO / "docs" / "config.md").read_text().splitlines():
+        if line.startswith("| `"):
+            cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+            assert len(cells) == 4, f"a row with {len(cells)} cells (a '|' inside a docstring?): {line[:80]}"
+            rows[cells[0].strip("`")] = cells
+    return rows
+
+
+def _attribute_entries(cls: type) -> dict[str, str]:
+    """Each field's entry read by indentation alone: an entry line sits at the section's indent
+    (``    name: text`` or ``    a, b: text``), every deeper line continues it."""
+    import inspect
+
+    lines = inspect.getdoc(cls).split("Attributes:", 1)[1].splitlines()
+    entries: dict[str, str] = {}
+    names: list[str] = []
+    for line in lines:
+        if line.startswith("    ") and not line.startswith("     "):
+            head, text = line.strip().split(": ", 1)
+            names = head.split(", ")
+            entries.update({name: text for name in names})
+        elif line.strip():
+            entries.update({name: entries[name] + " " + line.strip() for name in names})
+    return entries
+
+
+def test_each_config_reference_row_is_its_fields_whole_docstring_entry_and_default():
+    """Row by row against the dataclasses: the meaning is the field's whole ``Attributes:``
+    entry (continuation lines that hold ``word:`` of their own included) and the default is
+    the dataclass's."""
+    import dataclasses
+
+    rows = _reference_rows()
+    for section, cls in SECTIONS.items():
+        entries = _attribute_entries(cls)
+        for f in dataclasses.fields(cls):
+            key = f"{section}.{f.name}"
+            assert key in rows, f"docs/config.md has no row for {key}"
+            assert rows[key][3] == entries[f.name], f"{key}: the row's meaning is not the field's docstring entry"
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            assert rows[key][2] in (f"`{default}`", ""), f"{key}: default {rows[key][2]} in the reference, {default!r} in the class"
