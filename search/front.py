@@ -38,7 +38,7 @@ def run_front(config: RunConfig, out: str | Path | None, ks: list[int] | None = 
     for k in ks:
         if any(int(r["k"]) == k for r in rows):
             continue
-        mask = select_from_run(run, prep, k=k)
+        mask = select_from_run(run, prep, k=k, progress=progress)
         logger.info("front: K=%d, layers %s", k, mask.selected_layers)
         result = train_and_evaluate(prep, build_sparse(prep, mask.selected_layers), config.retrain, progress=progress, desc=f"K={k}")
         rows.append({"k": k, "layers": " ".join(map(str, mask.selected_layers)), "method": mask.method,

@@ -33,13 +33,15 @@ from .callbacks import (
     GateHistory,
     MetricHistory,
     Progress,
+    StepHistory,
     StepLimit,
     tensorboard_writer,
 )
-from .checkpoint import CHECKPOINT_FILE, load_checkpoint
+from .checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
 from .losses import search_loss
+from .progress import WorkProgress
 from .runs import RunDir
 from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
 from .selection import (
@@ -48,6 +50,7 @@ from .selection import (
     choose_k,
     combined_ranking,
     gate_scores,
+    gates_summary,
     generator_parameters,
     greedy_ranking,
     read_gate_history,
@@ -55,7 +58,7 @@ from .selection import (
     select_layers,
     write_mask,
 )
-from .trainer import Callback, Trainer, TrainState
+from .trainer import AUTOCAST_DTYPES, Callback, Trainer, TrainState
 
 logger = logging.getLogger("spt")
 
@@ -81,8 +84,8 @@ def cached_backbone(name: str, with_lm_head: bool, dtype: torch.dtype = torch.fl
 
 
 def backbone_dtype(precision: str) -> torch.dtype:
-    """``bf16``: the frozen backbone is stored in bf16 (no cast per call); what trains stays fp32."""
-    return torch.bfloat16 if precision == "bf16" else torch.float32
+    """``bf16``/``fp16``: the frozen backbone is stored in that dtype (no cast per call); what trains stays fp32."""
+    return AUTOCAST_DTYPES.get(precision, torch.float32)
 
 
 @dataclass
@@ -170,6 +173,23 @@ def _tensorboard(prep: Prepared, run: RunDir):
     return tensorboard_writer(run.file("tensorboard")) if prep.config.runtime.tensorboard else None
 
 
+def _step_history(prep: Prepared, run: RunDir, stage: str, every: int) -> StepHistory:
+    """``steps.csv`` for ``stage``; its TensorBoard scalars in ``tensorboard/steps-<stage>`` (a
+    writer of their own, whose ``purge_step`` on resume hides no other stage's points)."""
+    tensorboard = run.file("tensorboard") / f"steps-{stage}" if prep.config.runtime.tensorboard else None
+    return StepHistory(run.file("steps.csv"), stage, every, tensorboard)
+
+
+def _resume(path: Path, trainer: Trainer, callbacks: dict[str, Callback], stage: str,
+            identity: dict[str, Any] | None = None) -> TrainState:
+    """The state in the checkpoint at ``path`` (restored into ``trainer`` and ``callbacks``), or a fresh start."""
+    if not path.is_file():
+        return TrainState()
+    state = load_checkpoint(path, trainer, callbacks, identity)
+    logger.info("resuming the %s from step %d (epoch %d) of %s", stage, state.step, state.epoch, path.parent)
+    return state
+
+
 # ---------------------------------------------------------------------- search
 
 
@@ -192,22 +212,22 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
                       compile_step=config.runtime.compile == "step", total_steps=total,
                       frozen_cache_mb=config.runtime.frozen_cache_mb)
     ckpt_path = run.file(CHECKPOINT_FILE)
-    state = TrainState()
-    if ckpt_path.is_file():
-        state = load_checkpoint(ckpt_path, trainer)
-        logger.info("resuming the search from step %d (epoch %d) of %s", state.step, state.epoch, run.path)
     layers = model.candidate_layers
-    logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
-                prep.backbone.name, config.task.name, len(layers), n_train, total)
 
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{s.epochs} loss {loss:.3f} α {_format_gates(model.alphas())}"
 
     callbacks: list[Callback] = [StepLimit(total), FiniteCheck("search", (s.log_every, s.checkpoint_every), total)]
+    kept: dict[str, Callback] = {}  # what the checkpoint keeps of the callbacks
     if distributed.is_main():  # under torchrun only rank 0 writes
-        callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), Checkpointer(ckpt_path, s.checkpoint_every),
-                      MetricHistory(run.file("metrics.csv"), "search", layers, s.epochs, tensorboard=_tensorboard(prep, run))]
+        kept = {"metrics": MetricHistory(run.file("metrics.csv"), "search", layers, s.epochs, tensorboard=_tensorboard(prep, run)),
+                "steps": _step_history(prep, run, "search", s.log_every)}
+        callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), *kept.values(),
+                      Checkpointer(ckpt_path, s.checkpoint_every, kept)]
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
+    state = _resume(ckpt_path, trainer, kept, "search")
+    logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
+                prep.backbone.name, config.task.name, len(layers), n_train, total)
 
     def schedule(epoch: int):
         return search_schedule(n_train, s.warmup, s.batch_size, s.d1_fraction, config.seed, epoch, s.arch_batches)
@@ -227,48 +247,71 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
 # ---------------------------------------------------------------------- selection
 
 
-def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None) -> Ranking:
+def _dev_passes(method: str, candidates: int, rounds: int) -> int:
+    """How many dev passes over the supernet a method makes (what its progress counts)."""
+    if method == "greedy":  # the empty mask, then one pass per layer left in each round
+        return 1 + sum(candidates - r for r in range(rounds))
+    return 1 + candidates  # every gate, then each layer removed
+
+
+def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None, keep: int | None = None,
+                    progress: bool = True) -> Ranking:
     """Rank the candidate layers of the search in ``run`` by ``method`` (default: the config's).
 
     ``perturbation``, ``greedy`` and ``combined`` evaluate the searched supernet on the
-    dev set under layer masks (dev passes only, no training).
+    dev set under layer masks (dev passes only, no training), with a progress bar (a line
+    per 10% when output is redirected); ``greedy`` stops after ``keep`` rounds unless
+    ``select.full_order``. The ranking's summary says what was measured, in one line.
     """
     config = prep.config
     method = method or config.select.method
     candidates = config.prompt.candidates(prep.backbone.num_layers)
     rows = read_gate_history(run.file("gates.csv"))
     gates = Ranking.by_score("gates", candidates, *gate_scores(rows, candidates, config.select.average_last))
+    gates.summary = gates_summary(candidates, gates, config.select.average_last)
     if method == "gates":
         return gates
     supernet = load_prompt_model(run.file("supernet"), backbone=prep.backbone)
     trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision,
                       frozen_cache_mb=config.runtime.frozen_cache_mb)
+    rounds = len(candidates) if config.select.full_order or keep is None else keep
+    meter = WorkProgress(_dev_passes(method, len(candidates), rounds), f"select ({method})", "dev pass", "dev passes",
+                         enabled=progress and distributed.is_main())
 
     def dev_losses(mask: list[float] | None, hard: bool) -> list[float]:
-        return trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
+        losses = trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
+        meter.advance(f"dev loss {sum(losses) / len(losses):.4f}")
+        return losses
 
-    if method == "greedy":
-        return greedy_ranking(candidates, lambda chosen: dev_losses([float(c in chosen) for c in candidates], True), config.seed)
-    full = dev_losses(None, False)
-    without = [dev_losses([float(c != j) for c in candidates], False) for j in candidates]
-    removal = removal_ranking(candidates, full, without, config.seed)
-    return removal if method == "perturbation" else combined_ranking(candidates, gates, removal)
+    with meter:
+        if method == "greedy":
+            ranking = greedy_ranking(candidates, lambda chosen: dev_losses([float(c in chosen) for c in candidates], True),
+                                     config.seed, rounds)
+        else:
+            full = dev_losses(None, False)
+            without = [dev_losses([float(c != j) for c in candidates], False) for j in candidates]
+            removal = removal_ranking(candidates, full, without, config.seed)
+            ranking = removal if method == "perturbation" else combined_ranking(candidates, gates, removal)
+    ranking.summary += f" ({meter.done} dev passes over {len(prep.dev)} examples, {meter.seconds:.0f}s)"
+    return ranking
 
 
 def select_from_run(run: RunDir, prep: Prepared, k: int | None = None, budget: int | None = None,
-                    method: str | None = None) -> LayerMask:
+                    method: str | None = None, progress: bool = True) -> LayerMask:
     """The layer mask of the search in ``run`` for ``k`` or ``budget`` (default: the config's)."""
     config, backbone = prep.config, prep.backbone
     if k is None and budget is None:
         k, budget = config.select.k, config.select.budget
     candidates = config.prompt.candidates(backbone.num_layers)
+    generator = per_generator(config, backbone)
+    ranking = rank_candidates(run, prep, method, choose_k(len(candidates), k, budget, generator), progress)
     mask = select_layers(
         backbone=config.model.backbone, num_layers=backbone.num_layers, candidates=candidates,
-        ranking=rank_candidates(run, prep, method), k=k, budget=budget,
-        per_generator=per_generator(config, backbone),
+        ranking=ranking, k=k, budget=budget, per_generator=generator,
         head_params=head_parameter_count(config.head.type, backbone.hidden_size, len(config.task.labels)),
         prompt_length=config.prompt.length, task=config.task.name, seed=config.seed,
     )
+    logger.info("select (%s): layers %s kept; %s", mask.method, mask.selected_layers, ranking.summary)
     if mask.uncertain:
         logger.warning("layer choice is uncertain for this task: by %s, the layers ranked %d and %d differ by less than "
                        "their spread (see scores and spread in the layer mask)", mask.method, mask.k, mask.k + 1)
@@ -300,12 +343,16 @@ def train_and_evaluate(
     evaluate_test: bool = True,
     on_eval: Callable[[int, float], None] | None = None,
     run: RunDir | None = None,
+    checkpoint: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` (a sparse prompt model or a baseline) on all of train, evaluate on
     dev as ``settings`` say, keep the dev-best weights and score them on test.
 
     ``on_eval(step, dev_score)`` is called after each dev evaluation (Optuna pruning hooks in
-    here); with ``run``, per-epoch metrics go to its ``metrics.csv`` (and TensorBoard).
+    here); with ``run``, per-epoch metrics go to its ``metrics.csv`` (and TensorBoard) and
+    the losses of every step to its ``steps.csv``. With ``checkpoint``, a resumable
+    checkpoint is saved there at each dev evaluation and each epoch end, and a training
+    that finds one there resumes from it (the caller deletes it once the result is saved).
     """
     config, r = prep.config, settings
     n_train = len(prep.train)
@@ -313,20 +360,39 @@ def train_and_evaluate(
     trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
                       compile_step=config.runtime.compile == "step", total_steps=total,
                       frozen_cache_mb=config.runtime.frozen_cache_mb)
-    metric = config.task.metric
+    callbacks, kept, dev = _retrain_callbacks(prep, r, total, desc, progress, on_eval, run)
+    if checkpoint is not None:
+        identity = {"stage": desc, "layers": getattr(model, "layers", None)}
+        if distributed.is_main():
+            callbacks.insert(-1, Checkpointer(checkpoint, r.eval_every, kept, identity))  # (after what it keeps)
+        state = _resume(checkpoint, trainer, kept, "retraining" if desc == "retrain" else desc, identity)
+    else:
+        state = TrainState()
+    steps = steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, state.epoch, state.batch_in_epoch)
+    state = trainer.fit(steps, callbacks, state)
+    test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
+    return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
+
+
+def _retrain_callbacks(
+    prep: Prepared, r: RetrainConfig, total: int, desc: str, progress: bool,
+    on_eval: Callable[[int, float], None] | None, run: RunDir | None,
+) -> tuple[list[Callback], dict[str, Callback], DevEvaluator]:
+    """The callbacks of a training (Progress last), those of them a checkpoint keeps, and the dev evaluator."""
+    config, metric = prep.config, prep.config.task.metric
     dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval, r.patience)
 
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
 
-    callbacks: list[Callback] = [FiniteCheck("retrain", (r.eval_every,), total), dev]
+    kept: dict[str, Callback] = {"dev": dev}  # (every rank evaluates: every rank gets the dev state back)
     if run is not None and distributed.is_main():
         candidates = config.prompt.candidates(prep.backbone.num_layers)
-        callbacks.append(MetricHistory(run.file("metrics.csv"), desc, candidates, r.epochs, dev, _tensorboard(prep, run)))
+        kept["metrics"] = MetricHistory(run.file("metrics.csv"), desc, candidates, r.epochs, dev, _tensorboard(prep, run))
+        kept["steps"] = _step_history(prep, run, desc, 1)
+    callbacks: list[Callback] = [FiniteCheck("retrain", (r.eval_every,), total), *kept.values()]
     callbacks.append(Progress(total, desc, describe, enabled=progress and distributed.is_main()))
-    state = trainer.fit(steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs), callbacks)
-    test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
-    return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
+    return callbacks, kept, dev
 
 
 def evaluate_model(prep: Prepared, model: TrainableModel) -> TrainResult:
@@ -342,7 +408,11 @@ def run_retrain(
     prep: Prepared, mask: LayerMask, run: RunDir, progress: bool = True, supernet_dir: Path | None = None,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
-    """Train the sparse model of ``mask`` on all of train; keep the best dev weights."""
+    """Train the sparse model of ``mask`` on all of train; keep the best dev weights.
+
+    Resumable: an interrupted retraining goes on from ``retrain_checkpoint.safetensors`` in
+    ``run`` (deleted once the sparse model is saved) to the result of an uninterrupted one.
+    """
     r = prep.config.retrain
     model = build_sparse(prep, mask.selected_layers)
     if r.init_from_supernet:
@@ -356,9 +426,11 @@ def run_retrain(
         mask.selected_layers, prep.backbone.name, model.num_trainable_parameters(),
         steps_per_epoch(len(prep.train), r.batch_size) * r.epochs,
     )
-    result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval, run=run)
+    checkpoint = run.file(RETRAIN_CHECKPOINT_FILE)
+    result = train_and_evaluate(prep, model, r, progress=progress, on_eval=on_eval, run=run, checkpoint=checkpoint)
     if distributed.is_main():
         save_prompt_model(model, run.file("sparse"))
+        checkpoint.unlink(missing_ok=True)  # the saved model replaces it
     return result
 
 
@@ -369,7 +441,7 @@ def search_and_select(prep: Prepared, run: RunDir, progress: bool = True) -> Lay
     """Search (unless ``run`` holds a finished search), then select and write ``layer_mask.json``."""
     if not run.done("search"):
         run_search(prep, run, progress=progress)
-    mask = select_from_run(run, prep)
+    mask = select_from_run(run, prep, progress=progress)
     if distributed.is_main():
         write_mask(mask, run.file("layer_mask.json"), force=True)
     return mask

@@ -31,10 +31,12 @@ from spt.hub import same_model
 from spt.phm import phm_parameter_count
 from spt.typed import field_types, typed
 
+from .methods import SELECTION_METHODS
+
 MASK_FORMAT = "spt-layer-mask"
 MASK_VERSION = 2  # 2 adds method, spread, uncertain, gate_scores, perturbation_scores
 READABLE_VERSIONS = (1, 2)
-METHODS = ("gates", "perturbation", "greedy", "combined")
+METHODS = SELECTION_METHODS  # named in search.methods, which the CLI's parser reads without torch
 
 
 @dataclass
@@ -109,6 +111,7 @@ class Ranking:
     order: list[int]
     gate_scores: list[float] | None = None
     perturbation_scores: list[float] | None = None
+    summary: str = ""  # one line in words: what was measured and why the order is what it is
 
     @classmethod
     def by_score(cls, method: str, candidates: list[int], scores: list[float], spread: list[float], **extra) -> Ranking:
@@ -309,31 +312,55 @@ def bootstrap_std(differences: list[list[float]], seed: int, draws: int = 200) -
     return spread
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def removal_ranking(candidates: list[int], full: list[float], without: list[list[float]], seed: int) -> Ranking:
     """Perturbation scores: the mean rise of the per-example dev loss when each candidate's
     prompt is removed from the supernet (``without[j]``: losses without ``candidates[j]``)."""
     differences = [[w - f for w, f in zip(row, full)] for row in without]
-    scores = [sum(d) / len(d) for d in differences]
-    return Ranking.by_score("perturbation", candidates, scores, bootstrap_std(differences, seed), perturbation_scores=scores)
+    scores = [_mean(d) for d in differences]
+    ranking = Ranking.by_score("perturbation", candidates, scores, bootstrap_std(differences, seed), perturbation_scores=scores)
+    rises = ", ".join(f"{layer} {scores[candidates.index(layer)]:+.4f}±{ranking.spread[candidates.index(layer)]:.4f}"
+                      for layer in ranking.order)
+    ranking.summary = f"dev loss {_mean(full):.4f} with every gate; removing a layer's prompt changes it by: {rises}"
+    return ranking
 
 
-def greedy_ranking(candidates: list[int], dev_loss: Callable[[list[int]], list[float]], seed: int) -> Ranking:
+def greedy_ranking(candidates: list[int], dev_loss: Callable[[list[int]], list[float]], seed: int,
+                   rounds: int | None = None) -> Ranking:
     """Progressive selection with the chosen layers kept: each round adds the layer whose
-    prompt lowers the mean dev loss most. A layer's score is the loss drop it brought in
-    the round it was chosen, its spread a bootstrap of that drop; the ranking is the order
-    of the rounds (scores of different rounds are not comparable)."""
+    prompt lowers the mean dev loss most, for ``rounds`` rounds (default: every candidate).
+
+    A chosen layer's score is the loss drop it brought in its round, its spread a bootstrap
+    of that drop; a layer never chosen is scored by the drop it would have brought in the
+    last round, so the last kept and the first dropped layer compare like for like. The
+    ranking is the order of the rounds, then the rest by that last-round drop (scores of
+    different rounds are not comparable)."""
+    rounds = len(candidates) if rounds is None else max(1, min(rounds, len(candidates)))
     chosen: list[int] = []
     current = dev_loss([])
+    path = [f"{_mean(current):.4f} with no prompt"]
     scores: dict[int, float] = {}
     spread: dict[int, float] = {}
-    while len(chosen) < len(candidates):
+    while len(chosen) < rounds:
+        before = current
         trials = {c: dev_loss([*chosen, c]) for c in candidates if c not in chosen}
         best = min(trials, key=lambda c: (sum(trials[c]), c))
-        drop = [a - b for a, b in zip(current, trials[best])]
-        scores[best], spread[best] = sum(drop) / len(drop), bootstrap_std([drop], seed)[0]
+        for c, losses in trials.items():  # kept for the chosen layer; overwritten each round for the rest
+            drop = [a - b for a, b in zip(before, losses)]
+            scores[c], spread[c] = _mean(drop), bootstrap_std([drop], seed)[0]
         chosen.append(best)
         current = trials[best]
-    return Ranking("greedy", [scores[c] for c in candidates], [spread[c] for c in candidates], chosen)
+        path.append(f"+{best} {_mean(current):.4f}")
+    rest = [c for c in candidates if c not in chosen]
+    ranking = Ranking("greedy", [scores[c] for c in candidates], [spread[c] for c in candidates],
+                      chosen + rank_layers(rest, [scores[c] for c in rest]))
+    runner_up = ranking.order[rounds] if rest else None
+    ranking.summary = "dev loss " + " -> ".join(path) + (
+        f"; in round {rounds}, layer {runner_up} would have given {_mean(before) - scores[runner_up]:.4f}" if runner_up is not None else "")
+    return ranking
 
 
 def combined_ranking(candidates: list[int], gates: Ranking, removal: Ranking) -> Ranking:
@@ -341,5 +368,17 @@ def combined_ranking(candidates: list[int], gates: Ranking, removal: Ranking) ->
     position = {c: (gates.order.index(c) + removal.order.index(c)) / 2 for c in candidates}
     scores = [-position[c] for c in candidates]
     spread = [0.5 for _ in candidates]  # half a rank: a tie or a swap of neighbours is within it
-    return Ranking.by_score("combined", candidates, scores, spread,
-                            gate_scores=gates.scores, perturbation_scores=removal.scores)
+    ranking = Ranking.by_score("combined", candidates, scores, spread,
+                               gate_scores=gates.scores, perturbation_scores=removal.scores)
+    ranking.summary = (f"mean rank by gates {gates.order} and by perturbation {removal.order}: "
+                       + ", ".join(f"{c} {position[c] + 1:g}" for c in ranking.order))
+    return ranking
+
+
+def gates_summary(candidates: list[int], gates: Ranking, average_last: int) -> str:
+    """The gates' ranking in words: which steps' gates it averages and their values, best first."""
+    steps = "every step logged in the last epoch" if average_last == 0 else (
+        "the last logged step" if average_last == 1 else f"the last {average_last} logged steps")
+    values = ", ".join(f"{layer} {gates.scores[candidates.index(layer)]:.3f}±{gates.spread[candidates.index(layer)]:.3f}"
+                       for layer in gates.order)
+    return f"gate alpha ({steps}): {values}"

@@ -231,7 +231,7 @@ class SptStrategy(Strategy):
             result = SearchResult(done["alphas"], done["steps"], done["seconds"], len(prep.train))
         else:
             result = run_search(prep, run, progress=ctx.progress)
-        mask = select_from_run(run, prep, k=ctx.k)
+        mask = select_from_run(run, prep, k=ctx.k, progress=ctx.progress)
         # A search step is a generator step plus, after the warm-up epochs, a gate step.
         s = prep.config.search
         arch_steps = max(0, result.steps - s.warmup * steps_per_epoch(len(prep.train), s.batch_size))

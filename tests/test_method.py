@@ -241,6 +241,25 @@ def test_greedy_ranking_keeps_the_chosen_layers():
     assert ranking.scores[1] == pytest.approx(0.3) and ranking.scores[3] == pytest.approx(0.4)
 
 
+def test_greedy_ranking_stops_at_k_and_scores_the_rest_in_the_last_round():
+    """Two rounds of four candidates: 1 + 4 + 3 dev passes (not 1 + 4 + 3 + 2 + 1); the layers
+    never chosen are scored by the drop they would have brought in round 2, where the second
+    layer was chosen, so the K-th and the (K+1)-th compare like for like."""
+    calls = []
+
+    def dev_loss(chosen):
+        calls.append(list(chosen))
+        base = 1.0 - 0.3 * (1 in chosen) - 0.05 * (0 in chosen) - 0.02 * (2 in chosen)
+        return [base - (0.4 if {1, 3} <= set(chosen) else 0.0)] * 3
+
+    ranking = greedy_ranking([0, 1, 2, 3], dev_loss, seed=0, rounds=2)
+    assert len(calls) == 1 + 4 + 3 and ranking.order == [1, 3, 0, 2]
+    assert ranking.scores == pytest.approx([0.05, 0.3, 0.02, 0.4])  # 0 and 2: their drop in round 2
+    assert ranking.summary == "dev loss 1.0000 with no prompt -> +1 0.7000 -> +3 0.3000; in round 2, layer 0 would have given 0.6500"
+    whole = greedy_ranking([0, 1, 2, 3], dev_loss, seed=0)
+    assert whole.order[:2] == ranking.order[:2] and len(calls) == 8 + 1 + 4 + 3 + 2 + 1
+
+
 def test_gate_scores_average_the_last_steps_or_the_last_epoch():
     rows = [{"step": s, "epoch": e, "layer": layer, "alpha": a}
             for s, e, values in [(0, 0, (0.5, 0.5)), (1, 0, (0.6, 0.4)), (2, 1, (0.7, 0.3)), (3, 1, (0.9, 0.1))]

@@ -153,6 +153,32 @@ def test_retrain_refuses_bad_masks(tmp_path, tiny_bert, tiny_models, capsys):
     assert code == 2 and "mask and selected_layers disagree" in err
 
 
+def test_select_by_dev_passes_shows_progress_and_a_summary_that_explains_the_pick(tmp_path, tiny_bert):
+    """``spt select --method greedy|perturbation`` with output redirected: a line per 10% of
+    its dev passes, then one summary line; greedy stops once K layers are chosen."""
+    config = tiny_config(tmp_path, tiny_bert, search={"epochs": 1})
+    run = tmp_path / "run"
+    assert main(["search", str(config), "--out", str(run), "--quiet"]) == 0
+    for method, k, passes in (("greedy", 1, 1 + 4), ("greedy", 2, 1 + 4 + 3), ("perturbation", 2, 1 + 4)):
+        done = subprocess.run(spt_command("select", run, "--k", k, "--method", method, "--force"), env=spt_env(),
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        log = (done.stdout + done.stderr).splitlines()
+        progress = [line for line in log if line.startswith(f"select ({method}) ")]
+        assert progress[-1].startswith(f"select ({method}) 100% ({passes}/{passes} dev passes")
+        summary = [line for line in log if line.startswith(f"select ({method}): layers")]
+        assert len(summary) == 1 and f"({passes} dev passes over 8 examples" in summary[0]
+        mask = read_mask(run / f"layer_mask.k{k}.{method}.json")
+        if method == "greedy":  # the summary's path of losses names the chosen layers in the order chosen
+            chosen = [int(part.split()[0]) for part in summary[0].split(" -> +")[1:]]
+            assert sorted(chosen) == mask.selected_layers and "with no prompt" in summary[0]
+        else:
+            assert "removing a layer's prompt changes it by" in summary[0]
+    quiet = subprocess.run(spt_command("select", run, "--k", "1", "--method", "greedy", "--force", "--quiet"),
+                           env=spt_env(), capture_output=True, text=True)
+    assert quiet.returncode == 0 and "select (greedy)" not in quiet.stdout + quiet.stderr
+
+
 def test_kill_and_resume_reaches_the_same_gates(tmp_path, tiny_bert):
     config = tiny_config(tmp_path, tiny_bert, n_train=160, search={"epochs": 3, "checkpoint_every": 3})
     command = spt_command("search", config, "--quiet")
