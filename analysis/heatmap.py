@@ -1,7 +1,9 @@
 """Layer-importance heatmaps: layers x tasks (or seeds, backbones, runs).
 
-A column gathers the runs that share the chosen attribute. Its cells hold the mean final
-gate of each layer over those runs (``value="gate"``) or the share of those runs that
+A column gathers the runs that share the chosen attribute. Its cells hold the mean over
+those runs of each layer's gate as selection ranks it (``value="gate"``: averaged over the
+steps ``select.average_last`` names, by default the last epoch's, so a box never sits on a
+lower value than an unboxed cell of the same run) or the share of those runs that
 selected the layer (``value="frequency"``). A cell is *marked* when more than half of the
 column's runs selected that layer.
 
@@ -27,7 +29,7 @@ if TYPE_CHECKING:
 
 BY = ("task", "seed", "backbone", "run")
 VALUES = ("gate", "frequency")
-COLORBAR_LABELS = {"gate": "final gate α (mean over runs)", "frequency": "selection frequency (share of runs)"}
+COLORBAR_LABELS = {"gate": "gate α as ranked (mean over runs)", "frequency": "selection frequency (share of runs)"}
 
 
 @dataclass
@@ -50,6 +52,7 @@ class HeatmapData:
     cell_ids: list[list[int]] = field(default_factory=list)
     by: str = ""
     context: str = ""
+    averaged: str = ""  # which steps each run's gates average, in words
 
     def cells(self, column: int) -> list[tuple[int, int]]:
         """The column's cells as ``(first_row, stop_row)`` spans, bottom up."""
@@ -72,7 +75,8 @@ class HeatmapData:
                 v = self.matrix[r][c]
                 cells.append("-" if math.isnan(v) else f"{v:.3f}{'*' if self.marked[r][c] else ''}")
             lines.append(f"| {self.row_labels[r]:<8} | " + " | ".join(cells) + " |")
-        what = "final gate alpha (mean over runs)" if self.value == "gate" else "selection frequency over runs"
+        what = (f"gate alpha as selection ranks it ({self.averaged}), mean over runs" if self.value == "gate"
+                else "selection frequency over runs")
         runs = ", ".join(f"{label}: {n}" for label, n in zip(self.column_labels, self.runs_per_column))
         lines += ["", f"Values: {what}. `*`: selected by more than half of the column's runs. Runs per column: {runs}."]
         return "\n".join(lines)
@@ -81,7 +85,7 @@ class HeatmapData:
 def _row_values(run: RunGates, rows: int, align: str, value: str) -> tuple[list[float], list[bool]]:
     """The run's per-row value and selection, on ``rows`` rows."""
     per_layer = {layer: (gate if value == "gate" else float(layer in run.selected_layers))
-                 for layer, gate in zip(run.candidate_layers, run.final)}
+                 for layer, gate in zip(run.candidate_layers, run.ranked)}
     selected = set(run.selected_layers)
     values, chosen = [], []
     for r in range(rows):
@@ -135,7 +139,8 @@ def heatmap_data(runs: list[RunGates], by: str = "task", value: str = "gate", al
     else:
         row_labels = ["0 (emb)"] + [str(r) for r in range(1, rows)]
     return HeatmapData(row_labels, labels, matrix, marked, value, [len(columns[label]) for label in labels],
-                       cell_ids=cell_ids, by=by, context=shared_description(runs, skip=(by,)))
+                       cell_ids=cell_ids, by=by, context=shared_description(runs, skip=(by,)),
+                       averaged="; ".join(sorted({run.averaged for run in runs})))
 
 
 def _vmax(data: HeatmapData, vmax: float | str) -> float:
@@ -155,8 +160,8 @@ def _vmax(data: HeatmapData, vmax: float | str) -> float:
 
 
 def default_title(data: HeatmapData) -> str:
-    """``Final gate α by task: minilm-l6 · K=3 · seed 42`` - what the figure shows and of what."""
-    what = "Final gate α" if data.value == "gate" else "Selection frequency"
+    """``Gate α by task: minilm-l6 · K=3 · seed 42`` - what the figure shows and of what."""
+    what = "Gate α" if data.value == "gate" else "Selection frequency"
     head = f"{what} by {data.by}" if data.by else what
     return f"{head}: {data.context}" if data.context else head
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from spt.errors import UserError
@@ -12,7 +12,9 @@ from spt.errors import UserError
 class RunGates:
     """A search's gate history and selection.
 
-    ``history[s][j]`` is the gate of ``candidate_layers[j]`` at ``steps[s]``.
+    ``history[s][j]`` is the gate of ``candidate_layers[j]`` at ``steps[s]``; ``ranked[j]``
+    is the gate of ``candidate_layers[j]`` as selection ranks it (averaged over the steps
+    ``select.average_last`` names: by default every step logged in the last epoch).
     """
 
     path: Path
@@ -24,6 +26,8 @@ class RunGates:
     steps: list[int]
     history: list[list[float]]
     selected_layers: list[int]
+    ranked: list[float] = field(default_factory=list)
+    averaged: str = "the last logged step"  # which steps ``ranked`` averages, in words
 
     @property
     def final(self) -> list[float]:
@@ -73,8 +77,9 @@ def distinct_descriptions(runs: list[RunGates]) -> list[str]:
 
 def load_run(path: str | Path) -> RunGates:
     """Load a search or run directory; a directory without a gate history is refused."""
+    from search.config import SelectConfig
     from search.runs import RunDir
-    from search.selection import rank_layers, read_gate_history, read_mask
+    from search.selection import gate_scores, rank_layers, read_gate_history, read_mask
 
     path = Path(path)
     if not path.is_dir():
@@ -97,14 +102,17 @@ def load_run(path: str | Path) -> RunGates:
     history = [[float("nan")] * len(candidates) for _ in steps]
     for r in rows:
         history[position[r["step"]]][index[r["layer"]]] = r["alpha"]
+    select = config.get("select") if isinstance(config.get("select"), dict) else {}
+    average_last = select.get("average_last", SelectConfig.average_last)
+    average_last = average_last if isinstance(average_last, int) and average_last >= 0 else SelectConfig.average_last
+    ranked = gate_scores(rows, candidates, average_last)[0]
     mask_path = path / "layer_mask.json"
     if mask_path.is_file():
         mask = read_mask(mask_path)
         num_layers, selected = mask.num_layers, mask.selected_layers
-    else:  # a search still running: rank by the latest gates
-        select = config.get("select")
-        k = select.get("k") if isinstance(select, dict) and isinstance(select.get("k"), int) else 1
-        selected = sorted(rank_layers(candidates, history[-1])[:k])
+    else:  # a search still running: rank by the gates as selection would
+        k = select.get("k") if isinstance(select.get("k"), int) else 1
+        selected = sorted(rank_layers(candidates, ranked)[:k])
         num_layers = max(candidates) + 1
     return RunGates(
         path=path,
@@ -116,4 +124,12 @@ def load_run(path: str | Path) -> RunGates:
         steps=steps,
         history=history,
         selected_layers=selected,
+        ranked=ranked,
+        averaged=_averaged(average_last),
     )
+
+
+def _averaged(average_last: int) -> str:
+    if average_last == 0:
+        return "mean over the last epoch's logged steps"
+    return "the last logged step" if average_last == 1 else f"mean over the last {average_last} logged steps"

@@ -63,6 +63,7 @@ def render_trajectories(
     K, seed, else the directory); the figure title names what the runs share.
     """
     from matplotlib.lines import Line2D
+    from matplotlib.ticker import MaxNLocator
 
     style = style or FigureStyle()
     n = len(runs)
@@ -83,6 +84,7 @@ def render_trajectories(
                         linewidth=2.4 if chosen else 1.1, zorder=3 if chosen else 2)
             ax.set_title(f"{names[k]}\nselected: {', '.join(map(str, run.selected_layers))}", fontsize="medium")
             ax.set_xlabel("search step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole: no 2.5 on a short run
             ax.set_ylabel("gate α")
             ax.set_ylim(0, 1)
             ax.grid(alpha=0.3)

@@ -68,6 +68,27 @@ def test_heatmap_matrix_by_task_averages_seeds_and_marks_majority_selections(tmp
     assert "| 0 (emb)  | 0.800* | 0.100 |" in table and table.index("| 3 ") < table.index("| 0 (emb)")
 
 
+def test_heatmap_cells_hold_the_gates_selection_ranked_not_the_last_step(tmp_path):
+    """The last epoch logged two steps; selection ranks their mean (select.average_last 0), under
+    which layer 1 (0.60, 0.40: mean 0.50) beats layer 0 (0.30, 0.55: mean 0.425) although layer
+    0's last gate is higher. The cells show the means, so the boxed cell is the higher one."""
+    path = tmp_path / "run"
+    path.mkdir()
+    (path / "config.yaml").write_text(yaml.safe_dump({"seed": 1, "task": {"name": "t"}, "model": {"backbone": "b"},
+                                                      "select": {"k": 1, "average_last": 0}}))
+    rows = [(0, 0, (0.5, 0.5)), (1, 1, (0.30, 0.60)), (2, 1, (0.55, 0.40))]  # a short run: steps 0-2
+    (path / "gates.csv").write_text("step,epoch,layer,alpha\n" + "".join(
+        f"{step},{epoch},{layer},{a}\n" for step, epoch, values in rows for layer, a in enumerate(values)))
+    run = load_run(path)  # no layer_mask.json yet: selected as selection would
+    assert run.ranked == pytest.approx([0.425, 0.5]) and run.selected_layers == [1] and run.final == [0.55, 0.40]
+    data = heatmap_data([run])
+    assert [row[0] for row in data.matrix] == pytest.approx([0.425, 0.5]) and [row[0] for row in data.marked] == [False, True]
+    assert "gate alpha as selection ranks it (mean over the last epoch's logged steps)" in data.to_markdown()
+    fig = render_trajectories([run])
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
 def test_different_layer_counts_are_refused_or_aligned_by_depth(tmp_path):
     small = load_run(fake_run(tmp_path, "s", "sst2", 1, [0.9, 0.1, 0.5], k=1))
     large = load_run(fake_run(tmp_path, "l", "sst2", 1, [0.1, 0.2, 0.3, 0.4, 0.5, 0.95], k=1, backbone="mpnet-base"))
@@ -146,7 +167,7 @@ def test_heatmap_colour_scale_is_fixed_unless_vmax_auto(tmp_path):
     assert _cell_rgba(fig_low, 0, 0) == _cell_rgba(fig_high, 0, 0) == pytest.approx(matplotlib.colormaps["viridis"](0.5))
     image = _heatmap_axes(fig_low).images[0]
     assert (image.norm.vmin, image.norm.vmax) == (0.0, 1.0)
-    assert image.colorbar.ax.get_ylabel().startswith("final gate α")
+    assert image.colorbar.ax.get_ylabel().startswith("gate α as ranked")
     auto_low, auto_high = render_heatmap(low, vmax="auto"), render_heatmap(high, vmax="auto")
     assert _heatmap_axes(auto_low).images[0].norm.vmax == pytest.approx(0.7)
     assert _cell_rgba(auto_low, 0, 0) != pytest.approx(_cell_rgba(auto_high, 0, 0))
@@ -163,7 +184,7 @@ def test_heatmap_columns_count_their_runs_and_the_title_names_what_runs_share(tm
     fig = render_heatmap(heatmap_data(runs, by="task"))
     ax = _heatmap_axes(fig)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["sst2\nn = 3", "rte\nn = 1"]
-    assert ax.get_title() == "Final gate α by task: minilm-l6 · K=3"  # seeds differ, so no seed in the title
+    assert ax.get_title() == "Gate α by task: minilm-l6 · K=3"  # seeds differ, so no seed in the title
     by_seed = _heatmap_axes(render_heatmap(heatmap_data(runs, by="seed", value="frequency")))
     assert [t.get_text() for t in by_seed.get_xticklabels()] == ["0\nn = 1", "1\nn = 2", "2\nn = 1"]
     assert by_seed.get_title() == "Selection frequency by seed: minilm-l6 · K=3"
@@ -315,5 +336,5 @@ def test_gallery_script_regenerates_the_readme_figures(tmp_path):
         "cmp-sst2-compare.md", "cmp-sst2-compare.png", "minilm-heatmap-tasks.md", "minilm-heatmap-tasks.png",
         "minilm-trajectories.md", "minilm-trajectories.png",
     ]
-    assert (out / "minilm-heatmap-tasks.md").read_text().startswith("# MiniLM-L6: final gates per task")
+    assert (out / "minilm-heatmap-tasks.md").read_text().startswith("# MiniLM-L6: gates as ranked, per task")
     assert "| spt | 2 | 71.5 ± 0.7 | 63.0 ± 1.4 |" in (out / "cmp-sst2-compare.md").read_text()

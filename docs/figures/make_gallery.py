@@ -31,7 +31,7 @@ from analysis import FigureStyle, plot, plot_comparison  # noqa: E402
 from analysis.comparison import aggregate, markdown_table, read_rows_csv  # noqa: E402
 from spt.errors import UserError  # noqa: E402
 
-HEATMAP = ("minilm-heatmap-tasks", "MiniLM-L6: final gates per task (box: selected, K=3)")
+HEATMAP = ("minilm-heatmap-tasks", "MiniLM-L6: gates as ranked, per task (box: selected, K=3)")
 TRAJECTORIES = ("minilm-trajectories", "MiniLM-L6: gate trajectories during the search (bold: selected)")
 
 
