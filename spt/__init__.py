@@ -3,39 +3,53 @@
 PHM prompt generators with probability gates on every layer of a frozen encoder or decoder
 (:class:`PromptSupernet`), and the sparse model built from a layer mask
 (:class:`SparsePromptModel`).
+
+The public names are imported on first use (PEP 562), so that ``import spt.errors`` or
+``spt --version`` does not load torch.
 """
 
-from .backbone import Backbone, load_backbone
-from .config import HeadConfig, PromptConfig
-from .errors import ConfigError, UnsupportedBackboneError, UserError
-from .gates import LayerGates, reparameterize, sample_architecture_mask
-from .generator import PromptGenerator, adaptive_pool_weights
-from .heads import build_head
-from .model import PromptOutput, PromptSupernet, SparsePromptModel
-from .phm import PHMLinear, phm_parameter_count
-from .serialization import load_prompt_model, save_prompt_model
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.2.0"
 
-__all__ = [
-    "Backbone",
-    "ConfigError",
-    "HeadConfig",
-    "LayerGates",
-    "PHMLinear",
-    "PromptConfig",
-    "PromptGenerator",
-    "PromptOutput",
-    "PromptSupernet",
-    "SparsePromptModel",
-    "UnsupportedBackboneError",
-    "UserError",
-    "adaptive_pool_weights",
-    "build_head",
-    "load_backbone",
-    "load_prompt_model",
-    "phm_parameter_count",
-    "reparameterize",
-    "sample_architecture_mask",
-    "save_prompt_model",
-]
+# public name -> the submodule that defines it
+_EXPORTS = {
+    "Backbone": "backbone",
+    "load_backbone": "backbone",
+    "HeadConfig": "config",
+    "PromptConfig": "config",
+    "ConfigError": "errors",
+    "UnsupportedBackboneError": "errors",
+    "UserError": "errors",
+    "LayerGates": "gates",
+    "reparameterize": "gates",
+    "sample_architecture_mask": "gates",
+    "PromptGenerator": "generator",
+    "adaptive_pool_weights": "generator",
+    "build_head": "heads",
+    "PromptOutput": "model",
+    "PromptSupernet": "model",
+    "SparsePromptModel": "model",
+    "PHMLinear": "phm",
+    "phm_parameter_count": "phm",
+    "load_prompt_model": "serialization",
+    "save_prompt_model": "serialization",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's submodule the first time the name is asked for."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
