@@ -118,11 +118,29 @@ def open_study(config: RunConfig, storage):
                 f"--study: study {name!r} exists for another base config (task, data, backbone or fixed "
                 "hyperparameters differ); choose another --study name"
             )
+        _name_objectives(study, hpo.objectives, config.task.metric)
         return study
     study = optuna.create_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner,
                                 directions=[OBJECTIVES[o] for o in hpo.objectives], load_if_exists=True)
+    _name_objectives(study, hpo.objectives, config.task.metric)
     _record_settings(study, space, fingerprint, config.task.metric)
     return study
+
+
+def objective_names(objectives: list[str], metric: str) -> list[str]:
+    """What each objective is, as the dashboard and Optuna's plots label it."""
+    names = {"dev": f"dev {metric}", "params": "trainable parameters", "step_ms": "retraining step (ms)"}
+    return [names[o] for o in objectives]
+
+
+def _name_objectives(study, objectives: list[str], metric: str) -> None:
+    """Name the study's values (once; studies made before names existed get them on load)."""
+    import warnings
+
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # set_metric_names is marked experimental in Optuna
+            warnings.simplefilter("ignore")
+            study.set_metric_names(objective_names(objectives, metric))
 
 
 def _record_settings(study, space: str, fingerprint: str, metric: str) -> None:

@@ -67,6 +67,11 @@ def test_two_workers_share_a_journal_file_and_a_rerun_continues(tmp_path, tiny_b
     storage = f"journal:{tmp_path / 'study.log'}"
     _two_workers(config, storage, "j", tmp_path / "trials")
     _check_cooperation(storage, "j", tmp_path / "trials", expected=4)
+    import optuna
+
+    from search.hpo import open_storage
+
+    assert optuna.load_study(study_name="j", storage=open_storage(storage)).metric_names == ["dev accuracy"]
     best = tmp_path / "best.yaml"
     args = ["hpo", str(config), "--trials", "1", "--storage", storage, "--study", "j", "--out", str(tmp_path / "trials"), "--quiet"]
     assert main([*args, "--export-best", str(best)]) == 0
@@ -133,6 +138,7 @@ def test_a_multi_objective_study_over_layer_subsets_writes_its_pareto_front(tmp_
     study = optuna.load_study(study_name="mo", storage=db)
     trials = [t for t in study.trials if t.values]
     assert len(study.directions) == 2 and len(trials) == 5
+    assert study.metric_names == ["dev accuracy", "trainable parameters"]  # what the dashboard labels its axes with
     for t in trials:  # the values are what each trial's run reports
         metrics = json.loads((out / t.user_attrs["run_dir"] / "metrics.json").read_text())
         assert t.values == [metrics["dev"]["accuracy"], metrics["trainable_params"]]
