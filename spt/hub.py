@@ -51,6 +51,12 @@ ALIASES = {
     "smollm2-135m-instruct": "smollm2-135m",
 }
 PACKAGED = ("minilm-l6", "mpnet-base", "smollm2-135m")  # what `spt models list` shows
+# The hub repo whose weights each packaged model ships (a model card's base_model).
+HUB_IDS = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "mpnet-base": "sentence-transformers/all-mpnet-base-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+}
 
 
 def cache_dir() -> Path:
@@ -72,9 +78,32 @@ def resolve_model_source(name: str) -> str:
         return str(_mpnet_dir())
     if alias == "smollm2-135m":
         return str(_smollm2_dir())
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        # A path (hub ids are "name" or "org/name"), and it does not exist.
+    if looks_like_path(name):  # and it does not exist
         raise UserError("model.backbone", f"no model directory at {path}")
+    return name
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether ``name`` can only be a folder: hub ids are "name" or "org/name", never
+    starting with ".", "/" or "~"."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1
+
+
+def hub_model_id(name: str) -> str | None:
+    """The hub repo ``name`` stands for: a packaged alias's source repo, or ``name`` itself
+    where it is a valid hub id; None for a path (nothing on disk is looked at)."""
+    alias = ALIASES.get(name.lower())
+    if alias is not None:
+        return HUB_IDS[alias]
+    if looks_like_path(name):
+        return None
+    from huggingface_hub.errors import HFValidationError  # not at the top: `spt --help` imports this module
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
     return name
 
 
@@ -106,7 +135,7 @@ def _minilm_dir() -> Path:
     if spec is None or spec.origin is None:
         raise UserError(
             f"model.backbone: alias 'minilm-l6' needs the package {MINILM_PACKAGE}: "
-            f"pip install {MINILM_PACKAGE}  (or pip install 'spt-search[models]')"
+            f"pip install {MINILM_PACKAGE}  (or spt-search's models extra: pip install -e '.[models]' in its clone)"
         )
     return Path(spec.origin).parent / "model"
 

@@ -364,22 +364,32 @@ class PromptModel(TrainableMixin, nn.Module):
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, backbone: Backbone | str | None = None) -> PromptModel:
-        """The model saved in ``directory``, in eval mode; its backbone is loaded from the
-        saved reference (an alias, a hub id, or a folder relative to ``directory``) unless given."""
+    def from_pretrained(cls, name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
+                        revision: str | None = None, token: str | bool | None = None,
+                        cache_dir: str | os.PathLike | None = None) -> PromptModel:
+        """The model saved in a folder, or in a hub repo ("user/name", downloaded with
+        ``snapshot_download``; with ``HF_HUB_OFFLINE=1`` read from the Hugging Face cache), in
+        eval mode. An existing folder comes first. Its backbone is loaded from the saved reference
+        (an alias, a hub id, or a folder relative to the model's folder) unless given: a model
+        trained on a local backbone folder needs ``backbone=`` when it comes from the hub."""
         from .serialization import load_prompt_model
 
-        model = load_prompt_model(directory, backbone)
+        model = load_prompt_model(name_or_path, backbone, revision=revision, token=token, cache_dir=cache_dir)
         if not isinstance(model, cls):
-            raise UserError("model", f"{directory} holds a {type(model).__name__}, not a {cls.__name__}")
+            raise UserError("model", f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
 
-    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = True, upload: bool = True) -> Path:
-        """Save into a temporary folder and upload it to the Hugging Face Hub as ``repo_id``
-        (needs ``huggingface_hub`` and a reachable hub); ``upload=False`` only prepares the folder."""
+    def push_to_hub(self, repo_id: str, token: str | None = None, private: bool = True, upload: bool = True,
+                    metrics: dict | None = None) -> Path:
+        """Save into a temporary folder, with a model card that loads it from ``repo_id`` (and
+        ``metrics`` as its scores), and upload it to the Hugging Face Hub as ``repo_id`` (needs a
+        reachable hub); ``upload=False`` only prepares the folder."""
         import tempfile
 
-        folder = self.save_pretrained(Path(tempfile.mkdtemp(prefix="spt-push-")) / repo_id.replace("/", "--"))
+        from .serialization import save_prompt_model, write_model_card
+
+        folder = save_prompt_model(self, Path(tempfile.mkdtemp(prefix="spt-push-")) / repo_id.replace("/", "--"))
+        write_model_card(folder, metrics, repo_id=repo_id)
         if upload:
             from huggingface_hub import HfApi
 

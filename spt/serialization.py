@@ -1,8 +1,10 @@
 """Save and load prompt models: a JSON config plus safetensors weights, no pickle.
 
-A saved model directory holds ``prompt_config.json`` (what to rebuild) and
-``prompt_weights.safetensors`` (only the trainable tensors: generators, gates, head).
-The frozen backbone is referenced by name and loaded from its own files.
+A saved model directory holds ``prompt_config.json`` (what to rebuild),
+``prompt_weights.safetensors`` (only the trainable tensors: generators, gates, head) and a
+``README.md`` model card with Hugging Face metadata. The frozen backbone is referenced by
+name and loaded from its own files. A model can be loaded from a hub repo ("user/name"),
+which is downloaded into (or, offline, read from) the Hugging Face cache.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import UserError
 from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
 from .heads import build_head
+from .hub import hub_model_id, looks_like_path
 from .model import PromptModel, PromptSupernet, SparsePromptModel
 
 FORMAT = "spt-prompt-model"
@@ -27,6 +30,9 @@ VERSION = 2  # 2: the generators of a model are one stack (generators.down.A hol
 READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_weights.safetensors"
+CARD_FILE = "README.md"
+LIBRARY = "spt-search"  # the model card's library_name
+CARD_TAGS = ["selective-prompt-tuning", "prompt-tuning", "parameter-efficient-fine-tuning", "text-classification"]
 
 
 def read_tensor_file(path: Path, what: str = "checkpoint", fix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -104,9 +110,45 @@ def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
     return directory
 
 
-def write_model_card(directory: Path, metrics: dict[str, Any] | None = None) -> Path:
-    """``README.md`` beside a saved model: what it is, how it scores, how to load it."""
+def write_model_card(directory: Path, metrics: dict[str, Any] | None = None, repo_id: str | None = None) -> Path:
+    """``README.md`` beside a saved model: YAML metadata the hub reads (library, base model, tags,
+    scores) above what it is, how it scores and how to load it (from ``repo_id`` where given,
+    else from ``directory``)."""
+    from huggingface_hub import ModelCard
+
     config = read_model_config(directory)
+    data = card_data(config, directory, metrics, repo_id)
+    body = _card_body(config, metrics, repo_id or str(directory), needs_backbone=data.base_model is None)
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")  # parses the YAML back: a bad card fails here
+    return write_text_atomic(directory / CARD_FILE, str(card))
+
+
+def card_data(config: dict[str, Any], directory: Path, metrics: dict[str, Any] | None = None,
+              repo_id: str | None = None) -> Any:
+    """The model card's metadata (a ``huggingface_hub.ModelCardData``). ``base_model`` is the
+    backbone's hub id (an alias's source repo); a backbone saved as a local folder has none."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    reference = config["backbone"]
+    base = None if (directory / reference).is_dir() else hub_model_id(reference)
+    fields: dict[str, Any] = {}
+    if metrics:
+        m, task = metrics.get("metric", "accuracy"), metrics.get("task") or "task"
+        # The hub names splits train / validation / test; spt's dev split is the validation split.
+        scores = [(split, metrics[key][m]) for key, split in (("dev", "validation"), ("test", "test")) if m in metrics.get(key, {})]
+        fields["metrics"] = [m]
+        fields["model_name"] = (repo_id or f"spt-{task}").split("/")[-1]  # model-index needs a name
+        fields["eval_results"] = [
+            EvalResult(task_type="text-classification", dataset_type=task, dataset_name=task, dataset_split=split,
+                       metric_type=m, metric_value=round(float(value), 4), metric_name=f"{split} {m}")
+            for split, value in scores
+        ]
+    return ModelCardData(library_name=LIBRARY, base_model=base, pipeline_tag="text-classification",
+                         tags=CARD_TAGS + [config["model_type"]], **fields)
+
+
+def _card_body(config: dict[str, Any], metrics: dict[str, Any] | None, source: str, needs_backbone: bool) -> str:
+    """The human-readable part of the card: a table and how to load the model from ``source``."""
     rows = [("kind", config["kind"]), ("backbone", f"`{config['backbone']}` (fingerprint {config.get('backbone_fingerprint')})"),
             ("prompt layers", ", ".join(map(str, config["layers"]))), ("labels", ", ".join(config["labels"])),
             ("prompt length", config["prompt"]["length"]), ("max length", config.get("max_length")),
@@ -114,13 +156,14 @@ def write_model_card(directory: Path, metrics: dict[str, Any] | None = None) -> 
     if metrics:
         m = metrics.get("metric", "accuracy")
         rows = [("task", metrics.get("task"))] + rows
-        rows += [(f"dev {m}", f"{metrics['dev'][m]:.4f}"), (f"test {m}", f"{metrics['test'][m]:.4f}")]
+        rows += [(f"{split} {m}", f"{metrics[split][m]:.4f}") for split in ("dev", "test") if m in metrics.get(split, {})]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
-    card = (f"# Selective prompt tuning model\n\nPrompts generated at layers {config['layers']} of a frozen "
+    # A backbone saved as a local folder does not travel with the model: the loader must name it.
+    backbone = ', backbone="the backbone it was trained on"' if needs_backbone else ""
+    return (f"# Selective prompt tuning model\n\nPrompts generated at layers {config['layers']} of a frozen "
             f"`{config['model_type']}` backbone (spt-search).\n\n| | |\n|---|---|\n{table}\n\n## Use\n\n"
-            "```python\nfrom spt import SparsePromptModel\n\nmodel = SparsePromptModel.from_pretrained(\"path/to/this/folder\")\n"
+            f"```python\nfrom spt import SparsePromptModel\n\nmodel = SparsePromptModel.from_pretrained({json.dumps(source)}{backbone})\n"
             "print(model.predict([\"a text to classify\"]))\n```\n\nor `spt predict RUN_DIR --input texts.txt`.\n")
-    return write_text_atomic(directory / "README.md", card)
 
 
 def read_model_config(directory: Path) -> dict[str, Any]:
@@ -152,20 +195,15 @@ def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int])
     return out
 
 
-def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool, backbone: Backbone | str | None = None) -> Backbone:
+def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool, backbone: Backbone | str | None = None,
+                     origin: str | None = None) -> Backbone:
     """The saved model's backbone: ``backbone`` when given (a loaded one, or a name/folder), else
-    the recorded reference (relative folders from the model's folder); the fingerprint must match."""
+    the recorded reference (relative folders from the model's folder); the fingerprint must match.
+    ``origin``: the hub repo the model was downloaded from, for the messages."""
     if isinstance(backbone, Backbone):
         resolved = backbone
     else:
-        name = backbone or config["backbone"]
-        if backbone is None and not Path(name).expanduser().is_absolute() and (directory / name).is_dir():
-            name = str((directory / name).resolve())
-        try:
-            resolved = load_backbone(name, with_lm_head=with_lm_head)
-        except UserError as exc:
-            raise UserError("model.backbone", f"cannot load the backbone {config['backbone']!r} that {directory} was trained on "
-                            f"({exc.problem}); pass the backbone (--backbone NAME_OR_FOLDER)") from None
+        resolved = _load_backbone_of(config, directory, with_lm_head, backbone, origin)
     if resolved.num_layers != config["num_layers"] or resolved.config.model_type != config["model_type"]:
         raise UserError(
             f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "
@@ -178,20 +216,86 @@ def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool
     return resolved
 
 
-def load_prompt_model(directory: str | os.PathLike, backbone: Backbone | str | None = None) -> PromptModel:
-    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given)."""
-    directory = Path(directory)
+def _load_backbone_of(config: dict[str, Any], directory: Path, with_lm_head: bool, name: str | None,
+                      origin: str | None) -> Backbone:
+    """Load the backbone ``name``, else the one ``config`` records, with a message saying how to name it."""
+    where = f"the hub repo {origin}" if origin else str(directory)
+    fix = ("pass the backbone: from_pretrained(..., backbone=NAME_OR_FOLDER), or spt predict/evaluate "
+           "--backbone NAME_OR_FOLDER")
+    recorded = config["backbone"]
+    if name is None and not Path(recorded).expanduser().is_absolute() and (directory / recorded).is_dir():
+        name = str((directory / recorded).resolve())
+    elif name is None and origin is not None and looks_like_path(recorded):
+        # Saved where it was trained: the backbone folder stayed there, it is not in the repo.
+        raise UserError("model.backbone", f"{where} was trained on a local backbone folder ({recorded!r}, relative to "
+                        f"where it was saved), which is not part of the repo; {fix}")
+    try:
+        return load_backbone(name or recorded, with_lm_head=with_lm_head)
+    except UserError as exc:
+        raise UserError("model.backbone", f"cannot load the backbone {recorded!r} that {where} was trained on "
+                        f"({exc.problem}); {fix}") from None
+
+
+def locate_model(name_or_path: str | os.PathLike, revision: str | None = None, token: str | bool | None = None,
+                 cache_dir: str | os.PathLike | None = None) -> tuple[Path, str | None]:
+    """The folder of a saved model and the hub repo it came from (None for a local folder).
+
+    An existing folder comes first; a ``Path`` is always taken as a folder. A string that is no
+    folder but a hub repo id ("user/name") is downloaded with ``snapshot_download`` (with
+    ``HF_HUB_OFFLINE=1``, read from the Hugging Face cache); anything else is a :class:`UserError`.
+    """
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() or not isinstance(name_or_path, str):
+        return path, None
+    repo_id = None if looks_like_path(name_or_path) else hub_model_id(name_or_path)
+    if repo_id is None or "/" not in repo_id:  # what push_to_hub makes is always "user/name"
+        raise UserError("model", f"no folder {name_or_path!r} here, and it is not a hub repo id (user/name); give the "
+                        "folder save_pretrained wrote, or the hub repo push_to_hub uploaded")
+    folder = Path(_download(repo_id, revision, token, cache_dir))
+    if not (folder / CONFIG_FILE).is_file():
+        raise UserError("model", f"the hub repo {repo_id} holds no {CONFIG_FILE}; it is not a model that spt-search's "
+                        "save_pretrained/push_to_hub wrote")
+    return folder, repo_id
+
+
+def _download(repo_id: str, revision: str | None, token: str | bool | None, cache_dir: str | os.PathLike | None) -> str:
+    """``snapshot_download`` of a saved model's files, its failures as one :class:`UserError`."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    from . import __version__
+
+    try:
+        return snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                 allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, CARD_FILE],
+                                 library_name=LIBRARY, library_version=__version__)
+    except (OSError, EntryNotFoundError) as exc:  # hub errors are OSErrors: not found, gated, offline, no network
+        reason = (str(exc).strip().splitlines() or [""])[0]
+        at = f" at revision {revision!r}" if revision else ""
+        raise UserError("model", f"no folder {repo_id!r} here, and the hub repo {repo_id}{at} cannot be fetched "
+                        f"({type(exc).__name__}: {reason}); check the folder or repo id, pass token= for a private "
+                        "repo, or download it where the hub is reachable (with HF_HUB_OFFLINE=1 only the local "
+                        "Hugging Face cache is read)") from None
+
+
+def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
+                      revision: str | None = None, token: str | bool | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> PromptModel:
+    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given),
+    from a folder or a hub repo id (``revision``, ``token``, ``cache_dir``: see ``snapshot_download``)."""
+    directory, origin = locate_model(name_or_path, revision, token, cache_dir)
     config = read_model_config(directory)
     prompt = config_from_dict(PromptConfig, config["prompt"], "prompt")
     head_config = config_from_dict(HeadConfig, config["head"], "head")
-    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone)
+    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin)
     head = build_head(backbone, head_config, config["labels"])
     inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
     if config["kind"] == "supernet":
         model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
     else:
         model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
-    fix = f"; save the model again (rerun the spt command that wrote {directory})"
+    rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
+    fix = f"; save the model again ({rerun})"
     tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights", fix), config["layers"])
     load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
     return model.eval()
