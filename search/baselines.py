@@ -135,7 +135,7 @@ def build_baseline(
             get_peft_model,
         )
     except ImportError:
-        raise UserError(f"strategy {method}", "needs the peft package: pip install 'spt-search[peft]'") from None
+        raise UserError(f"strategy {method}", "needs the peft package: pip install 'peft>=0.13' (the peft extra of spt-search)") from None
     task = TaskType.FEATURE_EXTRACTION
     virtual = 0
     if method == "peft-prompt":

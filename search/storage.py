@@ -103,7 +103,7 @@ def _describe(exc: Exception, url: str) -> str:
         text = text.replace(password["password"], MASK)
     text = f"{type(exc).__name__}: {mask_secrets(text)}"
     if isinstance(exc, ImportError):
-        text += "; install the database driver: pip install 'spt-search[hpo]' (psycopg 3 for postgresql://)"
+        text += "; install the database driver: pip install 'psycopg[binary]>=3.1' (psycopg 3 for postgresql://; the hpo extra of spt-search)"
     return text
 
 

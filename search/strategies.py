@@ -389,7 +389,7 @@ class BaselineStrategy(Strategy):
             try:
                 import peft  # noqa: F401
             except ImportError:
-                raise UserError(f"strategy {self.name}", "needs the peft package: pip install 'spt-search[peft]'") from None
+                raise UserError(f"strategy {self.name}", "needs the peft package: pip install 'peft>=0.13' (the peft extra of spt-search)") from None
 
     def build_model(self, prep: Prepared, ctx: Context):
         config = prep.config
