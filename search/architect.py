@@ -58,7 +58,7 @@ class Architect:
             with trainer.training(self.params):  # the full supernet: one graph every step
                 with trainer.autocast():
                     loss = self.compute_loss(model, batch)["loss"]
-                (loss * scale).backward()
+                trainer.scaled(loss * scale, "arch").backward()
             stats["arch_loss"] = loss.detach()
-        trainer.clip_and_step(self.optimizer, self.params)
+        trainer.clip_and_step(self.optimizer, self.params, trainer.scalers.get("arch"))
         return stats

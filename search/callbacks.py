@@ -6,7 +6,11 @@
 * :class:`Checkpointer` - the resumable checkpoint;
 * :class:`DevEvaluator` - dev evaluations, the dev-best weights, early stopping, pruning hooks;
 * :class:`Progress` - a progress bar on a terminal, a line per 10% otherwise;
-* :class:`MetricHistory` - ``metrics.csv``, a log line per epoch, TensorBoard scalars.
+* :class:`MetricHistory` - ``metrics.csv``, a log line per epoch, TensorBoard scalars;
+* :class:`StepHistory` - ``steps.csv``, the losses and learning rates of the steps, TensorBoard scalars.
+
+Callbacks that keep state a resumed run needs give it to the :class:`Checkpointer`, which
+is placed after them (a checkpoint at step ``n`` holds what they did at step ``n``).
 """
 
 from __future__ import annotations
@@ -133,15 +137,19 @@ class FiniteCheck(Callback):
 
 
 class Checkpointer(Callback):
-    """Save a resumable checkpoint every ``every`` steps and at each epoch end."""
+    """Save a resumable checkpoint every ``every`` steps (0: none but these), at each epoch
+    end and when training stops early; with it the state of the named ``callbacks`` and
+    ``identity`` (see :func:`~search.checkpoint.save_checkpoint`)."""
 
-    def __init__(self, path: Path, every: int) -> None:
-        self.path, self.every = path, every
+    def __init__(self, path: Path, every: int, callbacks: dict[str, Callback] | None = None,
+                 identity: dict[str, Any] | None = None) -> None:
+        self.path, self.every, self.callbacks, self.identity = path, every, callbacks or {}, identity
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
         # Only where no gradient is waiting to be accumulated: a checkpoint holds no gradients.
-        if (state.step % self.every == 0 and state.step % trainer.accumulate == 0) or step.last:
-            save_checkpoint(self.path, trainer, state)
+        due = self.every and state.step % self.every == 0 and state.step % trainer.accumulate == 0
+        if due or step.last or state.stop:
+            save_checkpoint(self.path, trainer, state, self.callbacks, self.identity)
 
 
 class DevEvaluator(Callback):
@@ -150,7 +158,9 @@ class DevEvaluator(Callback):
 
     ``on_eval(step, score)`` is called after each evaluation (Optuna pruning hooks in
     here); with ``patience`` set, training stops after that many evaluations without a
-    better score.
+    better score. A resumed run gets back the scores, the dev-best weights and the patience
+    count from the checkpoint, and calls ``on_eval`` again for the scores before it (a
+    retried Optuna trial is a new trial: it needs them to be pruned as the first would be).
     """
 
     def __init__(
@@ -182,9 +192,24 @@ class DevEvaluator(Callback):
             logger.info("early stop at step %d: no better dev %s in %d evaluations", state.step, self.metric, self.stale)
             state.stop = True
 
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        if self.on_eval is not None:
+            for step in sorted(self.scores_by_step):
+                self.on_eval(step, self.scores_by_step[step])
+
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
         if self.best["state"] is not None:
             trainer.model.load_state_dict(self.best["state"], strict=False)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        best = {k: v for k, v in self.best.items() if k != "state"}
+        scores = {str(k): v for k, v in self.scores_by_step.items()}
+        return dict(self.best["state"] or {}), {"best": best, "last_score": self.last_score, "scores": scores, "stale": self.stale}
+
+    def restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.best = {**values["best"], "state": tensors or None}
+        self.last_score, self.stale = values["last_score"], values["stale"]
+        self.scores_by_step = {int(k): v for k, v in values["scores"].items()}
 
 
 class Progress(Callback):
@@ -237,7 +262,9 @@ class MetricHistory(Callback):
     the dev score when one was measured, learning rates and the gates; the same line in the
     log (console and ``log.txt``) and, with a TensorBoard writer, as scalars.
 
-    Step losses stay on the device and are summed there; they are read once per epoch.
+    Step losses stay on the device and are summed there; they are read once per epoch. A
+    checkpoint keeps the epoch's sums so far, so a resumed epoch's means are those of an
+    uninterrupted one.
     """
 
     COLUMNS = ["stage", "epoch", "step", "seconds", "train_loss", "arch_loss", "consistency", "dev_metric", "dev", "lr", "arch_lr"]
@@ -260,6 +287,7 @@ class MetricHistory(Callback):
             kept = [r for r in rows if r and (r[0] != self.stage or (r[2].isdigit() and int(r[2]) <= state.step))]
         text = "".join(",".join(r) + "\n" for r in [self.header(), *kept])
         write_text_atomic(self.path, text)
+        self.sums = {k: v.to(trainer.device) for k, v in self.sums.items()}
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
         for name in ("loss", "arch_loss", "consistency"):
@@ -268,6 +296,12 @@ class MetricHistory(Callback):
                 self.counts[name] = self.counts.get(name, 0) + 1
         if step.last or state.stop:
             self._write(trainer, state, step.epoch)
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return dict(self.sums), {"counts": self.counts}
+
+    def restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        self.sums, self.counts = dict(tensors), dict(values["counts"])  # (to the device when the fit starts)
 
     def _write(self, trainer: Trainer, state: TrainState, epoch: int) -> None:
         means = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
@@ -295,14 +329,83 @@ class MetricHistory(Callback):
             self.tensorboard.flush()
 
 
+class StepHistory(Callback):
+    """``steps.csv``: a row per ``every``-th step of a stage (and per epoch's last step):
+    ``stage, step, epoch`` (counted from 1, as in ``metrics.csv``), the step's weight loss,
+    gate loss and consistency term (those it has; under torchrun rank 0's share), and the
+    learning rates it ran with; with ``tensorboard`` (a folder), the same as scalars
+    ``<stage>/step_<column>`` over steps.
+
+    Reading a loss is a host-device sync, so losses stay on the device until written: rows
+    are written at each epoch end, when training stops, and at each checkpoint (the
+    :class:`Checkpointer` asks this callback for its state), with one read of the device
+    for all waiting rows; ``every`` bounds the rows and the losses waiting on the device. A
+    resumed run drops the rows after its checkpoint's step and logs them again, so each
+    step is in the file once; TensorBoard hides the earlier run's later points (``purge_step``).
+    """
+
+    COLUMNS = ["stage", "step", "epoch", "loss", "arch_loss", "consistency", "lr", "arch_lr"]
+    TERMS = ("loss", "arch_loss", "consistency")
+
+    def __init__(self, path: Path, stage: str, every: int, tensorboard: Path | None = None) -> None:
+        self.path, self.stage, self.every, self.tensorboard = path, stage, every, tensorboard
+        self.pending: list[tuple[int, int, list[torch.Tensor | None], list[float | None]]] = []
+        self.writer: Any = None
+
+    def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
+        kept: list[list[str]] = []
+        if self.path.is_file():  # other stages' rows, and this stage's up to a resumed step
+            rows = list(csv.reader(io.StringIO(read_text(self.path, str(self.path)), newline="")))[1:]
+            kept = [r for r in rows if len(r) > 1 and (r[0] != self.stage or (r[1].isdigit() and int(r[1]) <= state.step))]
+        write_text_atomic(self.path, "".join(",".join(r) + "\n" for r in [self.COLUMNS, *kept]))
+        if self.tensorboard is not None:
+            self.writer = tensorboard_writer(self.tensorboard, purge_step=state.step + 1 if state.step else None)
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
+        if state.step % self.every == 0 or step.last or state.stop:
+            lrs = [trainer.optimizer.param_groups[0]["lr"], trainer.architect.optimizer.param_groups[0]["lr"] if trainer.architect else None]
+            self.pending.append((state.step, step.epoch + 1, [stats.get(k) for k in self.TERMS], lrs))
+        if step.last or state.stop:
+            self.flush()
+
+    def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
+        self.flush()
+        if self.writer is not None:
+            self.writer.close()
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        self.flush()  # the file holds every logged step up to the checkpoint's
+        return {}, {}
+
+    def flush(self) -> None:
+        """Write the waiting rows (one read of the device for all their losses)."""
+        if not self.pending:
+            return
+        losses = [t.float() for _, _, terms, _ in self.pending for t in terms if t is not None]
+        values = iter(torch.stack(losses).tolist() if losses else [])
+        rows = [(step, epoch, [None if t is None else next(values) for t in terms], lrs) for step, epoch, terms, lrs in self.pending]
+        self.pending = []
+        with open(self.path, "a", newline="", encoding="utf-8") as handle:
+            writer = csv.writer(handle)
+            for step, epoch, terms, lrs in rows:
+                writer.writerow([self.stage, step, epoch, *(_cell(x) for x in terms + lrs)])
+        if self.writer is not None:
+            for step, _, terms, lrs in rows:
+                for name, value in zip(self.COLUMNS[3:], terms + lrs):
+                    if value is not None:
+                        self.writer.add_scalar(f"{self.stage}/step_{name}", value, step)
+            self.writer.flush()
+
+
 def _cell(value: float | None) -> str:
     return "" if value is None else f"{value:.6g}"
 
 
-def tensorboard_writer(directory: Path) -> Any:
-    """A TensorBoard ``SummaryWriter`` (``runtime.tensorboard``); needs the ``tensorboard`` package."""
+def tensorboard_writer(directory: Path, purge_step: int | None = None) -> Any:
+    """A TensorBoard ``SummaryWriter`` (``runtime.tensorboard``); needs the ``tensorboard`` package.
+    ``purge_step``: a resumed run's first step; TensorBoard hides the earlier run's points from there on."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise UserError("runtime.tensorboard", "needs the tensorboard package: pip install 'spt-search[track]'") from None
-    return SummaryWriter(log_dir=str(directory))
+    return SummaryWriter(log_dir=str(directory), purge_step=purge_step)

@@ -33,6 +33,17 @@ from .losses import TaskLoss, task_loss
 from .metrics import compute_metrics
 from .schedule import ScheduledStep, batch_indices, lr_factor, step_seed
 
+# ``runtime.precision`` -> the dtype of the frozen backbone and of autocast (fp32: no autocast).
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def keep_fp32(params: Iterable[nn.Parameter]) -> None:
+    """Store the fp16 ones of ``params`` in fp32 (fp16 training keeps fp32 weights; autocast
+    casts them per operation, and a loss scaler refuses to unscale fp16 gradients)."""
+    for p in params:
+        if p.dtype == torch.float16:
+            p.data = p.data.float()
+
 
 def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> None:
     """Scale the gradients of ``params`` by ``min(1, max_norm / norm)``, ``norm`` their joint 2-norm.
@@ -75,13 +86,25 @@ class TrainState:
 
 
 class Callback:
-    """Hooks around :meth:`Trainer.fit`; ``stats`` hold detached tensors (read them only when needed)."""
+    """Hooks around :meth:`Trainer.fit`; ``stats`` hold detached tensors (read them only when needed).
+
+    A callback whose state a resumed run needs (the dev-best weights, an epoch's loss sums)
+    returns it from :meth:`checkpoint_state`, which the checkpoint saves and hands back to
+    :meth:`restore` before a resumed fit starts.
+    """
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None: ...
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict[str, torch.Tensor]) -> None: ...
 
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None: ...
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON-able values to save in a checkpoint (default: nothing)."""
+        return {}, {}
+
+    def restore(self, tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
+        """Take back what :meth:`checkpoint_state` returned, from a checkpoint."""
 
 
 class Trainer:
@@ -109,6 +132,8 @@ class Trainer:
         self.compute_loss = compiled(loss, self.device) if compile_step and loss.compilable else loss
         self.prompt_length: int | None = getattr(model, "prompt_length", None)  # collate pools for the generators
         self.weights = model.weight_parameters()
+        if precision == "fp16":
+            keep_fp32(self.weights + model.architecture_parameters())
         # Fused on GPUs: one kernel for all parameters. (The CPU keeps the reference implementation,
         # whose rounding the stored reference results were made with.)
         fused = self.device.type == "cuda" if fused_optimizer is None else fused_optimizer
@@ -116,6 +141,10 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay,
                                            fused=fused) if self.weights else None
         self.architect = Architect(self, settings) if model.architecture_parameters() else None
+        # fp16: a loss scaler per optimizer, each with its own scale: a gate step between two
+        # accumulated weight batches must not rescale the weight gradients waiting there.
+        self.scalers: dict[str, torch.amp.GradScaler] = (
+            {name: torch.amp.GradScaler(self.device.type) for name in self.optimizers()} if precision == "fp16" else {})
         self.total_steps = total_steps  # for learning-rate schedules
         self.accumulate = settings.gradient_accumulation_steps
         self.frozen_bytes_left = frozen_cache_mb * 2**20  # (runtime.frozen_cache_mb: for all splits together)
@@ -172,10 +201,11 @@ class Trainer:
                 with self.autocast():
                     terms = self.compute_loss(self.model, batch, *inputs)
                 weight = scale / self.accumulate
-                (terms["loss"] if weight == 1 else terms["loss"] * weight).backward()  # (x 1: two kernels for nothing)
+                loss = terms["loss"] if weight == 1 else terms["loss"] * weight  # (x 1: two kernels for nothing)
+                self.scaled(loss, "omega").backward()
             stats = {k: v.detach() for k, v in terms.items()}
         if update:
-            self.clip_and_step(self.optimizer, self.weights)
+            self.clip_and_step(self.optimizer, self.weights, self.scalers.get("omega"))
         return stats
 
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
@@ -228,19 +258,37 @@ class Trainer:
     @property
     def weights_dtype(self) -> torch.dtype | None:
         """The dtype collate gives the pooling weights: what the matmuls that use them run in."""
-        return torch.bfloat16 if self.precision == "bf16" else None
+        return AUTOCAST_DTYPES.get(self.precision)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 autocast when ``precision`` is bf16; otherwise nothing (an outer autocast stays in force)."""
-        if self.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        """bf16 or fp16 autocast as ``precision`` says; for fp32 nothing (an outer autocast stays in force)."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        if dtype is not None:
+            return torch.autocast(self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    def scaled(self, loss: torch.Tensor, optimizer: str) -> torch.Tensor:
+        """``loss`` times the loss scale of ``optimizer``'s scaler (fp16), so that small
+        gradients do not underflow in the fp16 backward pass; ``loss`` itself otherwise."""
+        scaler = self.scalers.get(optimizer)
+        return loss if scaler is None else scaler.scale(loss)
+
+    def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                      scaler: torch.amp.GradScaler | None = None) -> None:
+        """Average (torchrun), clip and apply the gradients of ``params``; with a ``scaler``
+        (fp16), unscale them first, and skip the step where one is inf or nan."""
         distributed.average_gradients(params)  # no-op in a single process
+        if scaler is not None and all(p.grad is None for p in params):
+            return  # (nothing to apply: the scaler would find no gradient to check)
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # (clipping sees the true gradients)
         if self.settings.grad_clip > 0:
             clip_gradients(params, self.settings.grad_clip)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped where a gradient overflowed; update() then shrinks the scale
+            scaler.update()
         if optimizer.defaults.get("fused"):
             # A fused step writes the parameters without bumping their versions, which caches
             # keyed by version (the built PHM weights) rely on.
