@@ -196,3 +196,27 @@ def test_fp16_overflowing_steps_are_skipped_by_the_scaler_not_stopped_as_diverge
     assert "gates.logits" in changed and any(n.startswith("generators.") for n in changed)
     assert all(s.get_scale() == 2.0**8 for s in trainer.scalers.values())
     assert torch.isfinite(model.alphas()).all()
+
+
+def test_a_resumed_retraining_reports_every_dev_score_to_on_eval(tmp_path, tiny_bert, monkeypatch):
+    """A retried Optuna trial is a new trial: the resumed training reports the scores from before
+    its checkpoint again, so the pruner sees the whole curve an uninterrupted training reports."""
+    from search.pipeline import build_sparse, train_and_evaluate
+    from search.runs import RunDir
+
+    prep = prepare(load_config(tiny_config(tmp_path, tiny_bert, retrain={"epochs": 2, "eval_every": 3})))
+
+    def train(path: Path) -> list[tuple[int, float]]:
+        reported: list[tuple[int, float]] = []
+        path.mkdir(exist_ok=True)
+        train_and_evaluate(prep, build_sparse(prep, [2, 3]), prep.config.retrain, progress=False, run=RunDir(path),
+                           checkpoint=path / RETRAIN_CHECKPOINT_FILE, on_eval=lambda s, v: reported.append((s, v)))
+        return reported
+
+    uninterrupted = train(tmp_path / "a")
+    assert [s for s, _ in uninterrupted] == [3, 6, 9, 12]
+    with monkeypatch.context() as patch:
+        _interrupt(patch, RETRAIN_CHECKPOINT_FILE, step=6, saved=True)
+        with pytest.raises(KeyboardInterrupt):
+            train(tmp_path / "b")
+    assert train(tmp_path / "b") == uninterrupted
