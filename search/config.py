@@ -21,7 +21,7 @@ from spt.files import read_text
 from spt.typed import Section
 
 from .selection import METHODS
-from .storage import mask_secrets
+from .storage import mask_url
 
 METRICS = ("accuracy", "macro_f1", "f1", "mcc")
 FORMATS = ("tsv", "csv", "jsonl", "json", "label_text", "hf")
@@ -641,5 +641,5 @@ def dump_config(config: RunConfig) -> str:
     """The config as YAML, with the storage URL's password masked (``***``)."""
     data = config.to_dict()
     if data["hpo"]["storage"] is not None:
-        data["hpo"]["storage"] = mask_secrets(data["hpo"]["storage"])
+        data["hpo"]["storage"] = mask_url(data["hpo"]["storage"])
     return yaml.safe_dump(data, sort_keys=False)

@@ -31,7 +31,7 @@ from .config import OBJECTIVES, RunConfig, config_from_run_dict, dump_config
 from .pipeline import Prepared, prepare, run_job, run_retrain, write_metrics
 from .runs import RunDir, create_run_dir, open_run_dir
 from .selection import write_mask
-from .storage import default_storage, open_storage, resolve_url, retry_callback, storage_file
+from .storage import default_storage, describe_error, open_storage, resolve_url, retry_callback, storage_file
 from .strategies import make_sampler
 
 logger = logging.getLogger("spt")
@@ -93,7 +93,8 @@ def open_study(config: RunConfig, storage):
     try:
         existing = optuna.study.get_all_study_names(storage)
     except Exception as exc:
-        raise UserError("--storage", f"cannot read studies ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        url = resolve_url(hpo.storage) if hpo.storage else ""
+        raise UserError("--storage", f"cannot read studies ({describe_error(exc, url)})") from None
     sampler = make_sampler(hpo.sampler, config.seed + os.getpid(), "hpo.sampler")
     single = len(hpo.objectives) == 1  # (Optuna cannot prune a multi-objective trial)
     pruner = optuna.pruners.MedianPruner(n_startup_trials=2) if hpo.pruner == "median" and single else optuna.pruners.NopPruner()

@@ -23,7 +23,7 @@ from spt.files import check_writable, read_text, write_json_atomic, write_text_a
 from . import lock
 from .config import RunConfig, config_from_run_dict, dump_config, run_identity
 from .manifest import MANIFEST_FILE, Manifest
-from .storage import mask_secrets
+from .storage import mask_argument, mask_secrets
 
 STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
@@ -228,7 +228,7 @@ def environment() -> dict[str, Any]:
         "packages": packages,
         "cuda_available": torch.cuda.is_available(),
         "cpu_threads": torch.get_num_threads(),
-        "command": _private(" ".join([Path(sys.argv[0]).name, *sys.argv[1:]])),
+        "command": _private(" ".join(mask_argument(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])),
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "pid": os.getpid(),
     }

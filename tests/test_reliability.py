@@ -324,7 +324,7 @@ def test_storage_password_from_the_environment(monkeypatch):
     from search.storage import mask_secrets, resolve_url
 
     monkeypatch.setenv("MY_DB_PASSWORD", "p@ss/word")
-    assert resolve_url("postgresql://spt:${MY_DB_PASSWORD}@db/x") == "postgresql://spt:p@ss/word@db/x"
+    assert resolve_url("postgresql://spt:${MY_DB_PASSWORD}@db/x") == "postgresql://spt:p%40ss%2Fword@db/x"  # encoded
     monkeypatch.setenv("SPT_STORAGE_PASSWORD", "p@ss")
     assert resolve_url("postgresql://spt@db/x") == "postgresql://spt:p%40ss@db/x"
     assert resolve_url("postgresql://spt:***@db/x") == "postgresql://spt:p%40ss@db/x"  # an exported config's URL
