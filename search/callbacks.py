@@ -407,5 +407,5 @@ def tensorboard_writer(directory: Path, purge_step: int | None = None) -> Any:
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        raise UserError("runtime.tensorboard", "needs the tensorboard package: pip install 'spt-search[track]'") from None
+        raise UserError("runtime.tensorboard", "needs the tensorboard package: pip install 'tensorboard>=2.14' (the track extra of spt-search)") from None
     return SummaryWriter(log_dir=str(directory), purge_step=purge_step)
