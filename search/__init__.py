@@ -7,8 +7,7 @@ import ``search.cli`` through this package and must not load torch, YAML or the 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from spt.lazy import lazy_exports
 
 # public name -> the submodule that defines it
 _EXPORTS = {
@@ -21,14 +20,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    """Import a public name's submodule the first time the name is asked for."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-    globals()[name] = value  # later lookups skip __getattr__
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
