@@ -20,6 +20,11 @@ from spt.errors import UserError
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+MAX_INCHES = 50.0  # each of width and height
+DPI_RANGE = (10.0, 1200.0)
+MAX_FONT_POINTS = 72.0
+MAX_MEGAPIXELS = 100.0  # width * height * dpi**2: a larger raster would take gigabytes to draw
+
 # Okabe & Ito's colour-blind-safe palette without its yellow (#F0E442), which is too pale on white.
 PALETTE = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7")
 # Paired with the colours, these give every layer of a 28-layer backbone its own (colour, style).
@@ -45,12 +50,14 @@ class FigureStyle:
 
     def __post_init__(self) -> None:
         if self.size is not None:
-            if len(self.size) != 2 or any(not v > 0 for v in self.size):
-                raise UserError(f"--size: give a positive width and height in inches, got {self.size}")
-        if self.font_size is not None and not self.font_size > 0:
-            raise UserError(f"--font-size: must be positive, got {self.font_size}")
-        if not self.dpi > 0:
-            raise UserError(f"--dpi: must be positive, got {self.dpi}")
+            if len(self.size) != 2 or any(not 0 < v <= MAX_INCHES for v in self.size):
+                raise UserError("--size", f"give a width and height in (0, {MAX_INCHES:g}] inches, got {self.size}")
+        if self.font_size is not None and not 0 < self.font_size <= MAX_FONT_POINTS:
+            raise UserError("--font-size", f"must be in (0, {MAX_FONT_POINTS:g}] points, got {self.font_size}")
+        if not DPI_RANGE[0] <= self.dpi <= DPI_RANGE[1]:
+            raise UserError("--dpi", f"must be in [{DPI_RANGE[0]:g}, {DPI_RANGE[1]:g}] dots per inch, got {self.dpi}")
+        if self.size is not None:
+            check_pixels(self.size, self.dpi, "--size")
 
     def rc(self) -> dict[str, Any]:
         """The rc settings a figure is built and saved under."""
@@ -72,11 +79,21 @@ def styled(style: FigureStyle) -> Iterator[None]:
         yield
 
 
+def check_pixels(size: tuple[float, float], dpi: float, field: str) -> None:
+    """Refuse a figure of more than :data:`MAX_MEGAPIXELS` at ``dpi`` (before it is drawn)."""
+    megapixels = size[0] * size[1] * dpi * dpi / 1e6
+    if megapixels > MAX_MEGAPIXELS:
+        raise UserError(field, f"a {size[0]:g} x {size[1]:g} inch figure at {dpi:g} dpi is {megapixels:,.0f} megapixels, "
+                        f"more than {MAX_MEGAPIXELS:g}; give a smaller --size or --dpi")
+
+
 def new_figure(style: FigureStyle, default_size: tuple[float, float]) -> Figure:
-    """A constrained-layout figure on an Agg canvas (call inside :func:`styled`)."""
+    """A constrained-layout figure on an Agg canvas (call inside :func:`styled`); one sized to
+    its content that would be too large at ``style.dpi`` is refused."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    check_pixels(style.figsize(default_size), style.dpi, "--dpi")
     fig = Figure(figsize=style.figsize(default_size), dpi=style.dpi, layout="constrained")
     FigureCanvasAgg(fig)
     return fig

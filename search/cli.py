@@ -17,6 +17,7 @@ from spt.errors import UserError
 from spt.hub import PACKAGED
 
 from .methods import SELECTION_METHODS
+from .options import dots_per_inch, font_points, inches, nonneg_int, positive_float, positive_int, seed_int
 
 # Only stdlib and torch-free modules above: `spt --help` and `spt --version` must not load torch
 # (each command imports what it needs when it runs).
@@ -35,8 +36,8 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
 def _select_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a search or run directory")
     group = p.add_mutually_exclusive_group(required=True)
-    group.add_argument("--k", type=int, help="keep the top-K layers")
-    group.add_argument("--budget", type=int, help="keep the most layers whose generators fit this many parameters")
+    group.add_argument("--k", type=positive_int, help="keep the top-K layers")
+    group.add_argument("--budget", type=positive_int, help="keep the most layers whose generators fit this many parameters")
     p.add_argument("--method", choices=SELECTION_METHODS,
                    help="how to rank the layers (default: the run's select.method); all but gates evaluate the "
                    "searched supernet on dev")
@@ -60,21 +61,21 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--strategies", nargs="+", metavar="NAME",
                    help="strategies to compare (default: compare.strategies); listed below")
-    p.add_argument("--seeds", nargs="+", type=int, help="seeds (default: compare.seeds)")
-    p.add_argument("--k", type=int, help="number of prompt layers (default: select.k)")
+    p.add_argument("--seeds", nargs="+", type=seed_int, help="seeds (default: compare.seeds)")
+    p.add_argument("--k", type=positive_int, help="number of prompt layers (default: select.k)")
 
 
 def _hpo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML run config; its hpo section holds the search space")
-    p.add_argument("--trials", type=int, required=True, help="trials this worker runs (0: only report / export)")
-    p.add_argument("--max-trials", type=int, help="stop once the study holds this many finished trials")
-    p.add_argument("--timeout", type=float, metavar="SECONDS", help="start no new trial after this many seconds")
+    p.add_argument("--trials", type=nonneg_int, required=True, help="trials this worker runs (0: only report / export)")
+    p.add_argument("--max-trials", type=positive_int, help="stop once the study holds this many finished trials")
+    p.add_argument("--timeout", type=positive_float, metavar="SECONDS", help="start no new trial after this many seconds")
     p.add_argument("--storage", help="Optuna storage URL (default: hpo.storage, else OUT/spt-hpo.db); ${NAME} reads an "
                    "environment variable, and $SPT_STORAGE_PASSWORD supplies a password the URL leaves out")
     p.add_argument("--study", help="study name (default: hpo.study or <task>-<backbone>)")
     p.add_argument("--out", help="folder for trial run directories (default: runs/hpo-<study>)")
     p.add_argument("--export-best", metavar="FILE", help="write the best trial's config, runnable with spt run")
-    p.add_argument("--max-params", type=int, metavar="N", help="--export-best: the best trial with at most N trainable parameters")
+    p.add_argument("--max-params", type=positive_int, metavar="N", help="--export-best: the best trial with at most N trainable parameters")
     p.add_argument("--objectives", nargs="+", choices=["dev", "params", "step_ms"],
                    help="what each trial reports (default: hpo.objectives, dev); more than one: a multi-objective study")
     p.add_argument("--mode", choices=["search", "subsets"], help="search: SPT's search per trial (default); "
@@ -99,22 +100,22 @@ def _plot_args(p: argparse.ArgumentParser) -> None:
                    help="heatmap: top of the colour scale (default 1, the same in every figure); "
                    "auto: this figure's largest value")
     p.add_argument("--title", help="figure title (default: what is shown, and the task, backbone and K the runs share)")
-    p.add_argument("--size", nargs=2, type=float, metavar=("W", "H"), help="figure size in inches (default: fits the content)")
-    p.add_argument("--font-size", type=float, metavar="PT", help="base font size in points (default 10)")
-    p.add_argument("--dpi", type=float, default=150.0, help="PNG resolution, dots per inch (default 150)")
+    p.add_argument("--size", nargs=2, type=inches, metavar=("W", "H"), help="figure size in inches (default: fits the content)")
+    p.add_argument("--font-size", type=font_points, metavar="PT", help="base font size in points (default 10)")
+    p.add_argument("--dpi", type=dots_per_inch, default=150.0, help="PNG resolution, dots per inch (default 150)")
     p.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
 
 def _front_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
-    p.add_argument("--ks", nargs="+", type=int, help="the K to retrain (default: 1 .. the number of candidate layers)")
+    p.add_argument("--ks", nargs="+", type=positive_int, help="the K to retrain (default: 1 .. the number of candidate layers)")
 
 
 def _trained_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run (with sparse/)")
     p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
 
 
 def _predict_args(p: argparse.ArgumentParser) -> None:
@@ -283,10 +284,6 @@ def cmd_select(args: argparse.Namespace) -> int:
     from .runs import RunDir, setup_logging
     from .selection import write_mask
 
-    if args.k is not None and args.k < 1:
-        raise UserError("--k", f"must be at least 1, got {args.k}")
-    if args.budget is not None and args.budget < 1:
-        raise UserError("--budget", f"must be at least 1, got {args.budget}")
     run = RunDir(Path(args.run_dir))
     config = run.config()
     suffix = (f"k{args.k}" if args.k is not None else f"budget{args.budget}") + (f".{args.method}" if args.method else "")
@@ -371,8 +368,6 @@ def cmd_hpo(args: argparse.Namespace) -> int:
     from .hpo import check_export, export_best, run_hpo, study_table
     from .runs import setup_logging
 
-    if args.trials < 0:
-        raise UserError("--trials", "must be 0 or more")
     extra = list(args.set)
     if args.storage:
         extra.append(f"hpo.storage={args.storage}")
@@ -382,14 +377,10 @@ def cmd_hpo(args: argparse.Namespace) -> int:
         extra.append("hpo.objectives=[" + ", ".join(args.objectives) + "]")
     if args.mode:
         extra.append(f"hpo.mode={args.mode}")
-    if args.max_params is not None and args.max_params < 1:
-        raise UserError("--max-params", f"must be at least 1, got {args.max_params}")
     config = load_config(args.config, extra)
     if args.export_best:
         check_export(args.export_best, args.force)  # before the study is created or run
     setup_logging(None, verbose=not args.quiet)
-    if args.timeout is not None and args.timeout <= 0:
-        raise UserError("--timeout", f"must be more than 0 seconds, got {args.timeout}")
     study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out, timeout=args.timeout)
     print(study_table(study))
     if args.export_best:

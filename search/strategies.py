@@ -297,6 +297,7 @@ class ExhaustiveStrategy(Strategy):
 def make_sampler(name: str, seed: int, field: str = "compare.optuna_sampler"):
     import optuna
 
+    seed %= 2**32  # Optuna's samplers take [0, 2**32); spt hpo adds the process id to the config's seed
     samplers = {
         "tpe": lambda: optuna.samplers.TPESampler(seed=seed),
         "nsga2": lambda: optuna.samplers.NSGAIISampler(seed=seed),

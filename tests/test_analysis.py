@@ -240,7 +240,7 @@ def test_plot_options_size_dpi_font_size_and_embedded_fonts(tmp_path):
     fig.axes[0].set_title("restyled")
     save_figure(fig, tmp_path / "again.pdf")
     assert b"/Type3" not in (tmp_path / "again.pdf").read_bytes()
-    with pytest.raises(UserError, match="--dpi: must be positive"):
+    with pytest.raises(UserError, match=r"--dpi: must be in \[10, 1200\] dots per inch, got 0"):
         plot(runs, tmp_path / "bad.png", dpi=0)
     assert not (tmp_path / "bad.png").exists()
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from urllib.parse import quote
 
+import pytest
 import yaml
 from helpers import tiny_config
 
@@ -113,3 +114,80 @@ def test_storage_urls_are_parsed_not_pattern_matched(monkeypatch):
     for url in ("sqlite:///a.db", "sqlite:////tmp/x@y:z/a.db", "journal:/tmp/a:b@c/study.log", "postgresql://spt@db/x"):
         assert mask_url(url) == url and resolve_url(url) == url
     assert storage_file(resolve_url("journal:/tmp/a:b@c/study.log")) == Path("/tmp/a:b@c/study.log")
+
+
+# ------------------------------------------------------------------ 2. numbers on the command line
+
+BAD_OPTIONS = [
+    (["predict", "r", "--input", "x", "--batch-size", "0"], "--batch-size", "must be a whole number of at least 1, got 0"),
+    (["predict", "r", "--input", "x", "--batch-size", "-1"], "--batch-size", "must be a whole number of at least 1, got -1"),
+    (["evaluate", "r", "--batch-size", "two"], "--batch-size", "must be a whole number of at least 1, got 'two'"),
+    (["select", "r", "--k", "0"], "--k", "must be a whole number of at least 1, got 0"),
+    (["select", "r", "--budget", "-5"], "--budget", "must be a whole number of at least 1, got -5"),
+    (["compare", "c", "--k", "0"], "--k", "must be a whole number of at least 1, got 0"),
+    (["compare", "c", "--seeds", "1", "-1"], "--seeds", "must be a whole number in [0, 4294967295], got -1"),
+    (["compare", "c", "--seeds", str(2**32)], "--seeds", f"must be a whole number in [0, 4294967295], got {2**32}"),
+    (["front", "c", "--ks", "1", "0"], "--ks", "must be a whole number of at least 1, got 0"),
+    (["hpo", "c", "--trials", "-1"], "--trials", "must be a whole number, 0 or more, got -1"),
+    (["hpo", "c", "--trials", "1", "--max-trials", "0"], "--max-trials", "must be a whole number of at least 1, got 0"),
+    (["hpo", "c", "--trials", "1", "--timeout", "nan"], "--timeout", "must be a finite number above 0, got nan"),
+    (["hpo", "c", "--trials", "1", "--timeout", "inf"], "--timeout", "must be a finite number above 0, got inf"),
+    (["hpo", "c", "--trials", "1", "--timeout", "0"], "--timeout", "must be a finite number above 0, got 0"),
+    (["hpo", "c", "--trials", "1", "--max-params", "0"], "--max-params", "must be a whole number of at least 1, got 0"),
+    (["plot", "r", "--size", "0", "3"], "--size", "must be in (0, 50] inches, got 0"),
+    (["plot", "r", "--size", "2000", "2000"], "--size", "must be in (0, 50] inches, got 2000"),
+    (["plot", "r", "--size", "nan", "3"], "--size", "must be in (0, 50] inches, got nan"),
+    (["plot", "r", "--dpi", "5"], "--dpi", "must be in [10, 1200] dots per inch, got 5"),
+    (["plot", "r", "--dpi", "inf"], "--dpi", "must be in [10, 1200] dots per inch, got inf"),
+    (["plot", "r", "--font-size", "0"], "--font-size", "must be in (0, 72] points, got 0"),
+    (["plot", "r", "--font-size", "100"], "--font-size", "must be in (0, 72] points, got 100"),
+]
+
+
+@pytest.mark.parametrize(("args", "option", "problem"), BAD_OPTIONS, ids=[f"{a[0]} {o} {a[-1]}" for a, o, _ in BAD_OPTIONS])
+def test_a_number_out_of_range_is_refused_by_argparse_naming_the_option(args, option, problem, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith(f"usage: spt {args[0]} ")
+    assert err[-1] == f"spt {args[0]}: error: argument {option}: {problem}"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_numbers_at_the_limits_parse():
+    from search.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["plot", "r", "--size", "50", "0.5", "--dpi", "1200", "--font-size", "72"])
+    assert (args.size, args.dpi, args.font_size) == ([50.0, 0.5], 1200.0, 72.0)
+    args = parser.parse_args(["hpo", "c", "--trials", "0", "--max-trials", "1", "--timeout", "0.5", "--max-params", "1"])
+    assert (args.trials, args.max_trials, args.timeout, args.max_params) == (0, 1, 0.5, 1)
+    assert parser.parse_args(["compare", "c", "--seeds", "0", str(2**32 - 1)]).seeds == [0, 2**32 - 1]
+
+
+def test_a_figure_of_too_many_pixels_is_refused_before_it_is_drawn(tmp_path, capsys):
+    from analysis import style
+    from search import options
+    from spt.errors import UserError
+
+    out = tmp_path / "figure.png"
+    refused(capsys, ["plot", str(tmp_path / "no-run"), "--out", str(out), "--size", "50", "50", "--dpi", "300"],
+            "--size: a 50 x 50 inch figure at 300 dpi is 225 megapixels, more than 100; give a smaller --size or --dpi")
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(UserError, match=r"^--dpi: a 10 x 10 inch figure at 1200 dpi is 144 megapixels"):
+        style.new_figure(style.FigureStyle(dpi=1200), (10.0, 10.0))  # sized to its content
+    with pytest.raises(UserError, match=r"^--dpi: must be in \[10, 1200\] dots per inch, got 5000"):
+        style.FigureStyle(dpi=5000)  # the Python API has the command line's limits
+    assert (options.MAX_INCHES, options.DPI_RANGE, options.MAX_FONT_POINTS) == (style.MAX_INCHES, style.DPI_RANGE, style.MAX_FONT_POINTS)
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_seed_optuna_cannot_take_is_refused_in_the_config(seed, tmp_path, tiny_bert, capsys):
+    config = tiny_config(tmp_path, tiny_bert)
+    refused(capsys, ["run", str(config), "--out", str(tmp_path / "run"), "--set", f"seed={seed}"],
+            f"seed: must be in [0, 4294967295] (NumPy's and Optuna's samplers take no other), got {seed}")
+    refused(capsys, ["compare", str(config), "--out", str(tmp_path / "c"), "--set", f"compare.seeds=[1, {seed}]"],
+            f"compare.seeds: must be whole numbers in [0, 4294967295], got [1, {seed}]")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()

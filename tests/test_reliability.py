@@ -286,8 +286,11 @@ def test_bad_bytes_long_fields_and_nested_values_in_data(tmp_path, tiny_bert, ca
 
 def test_wrongly_accepted_input_is_refused(searched, tmp_path, capsys):
     config, run = searched
-    for k in ("0", "-1"):
-        refused(capsys, ["select", str(run), "--k", k], f"--k: must be at least 1, got {k}")
+    for k in ("0", "-1"):  # argparse's own refusal (usage + one error line, exit 2)
+        with pytest.raises(SystemExit) as exit_info:
+            main(["select", str(run), "--k", k])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1] == f"spt select: error: argument --k: must be a whole number of at least 1, got {k}"
     labels = tmp_path / "labels.yaml"
     data = yaml.safe_load(config.read_text())
     data["task"]["labels"] = "ab"
