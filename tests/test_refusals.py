@@ -191,3 +191,31 @@ def test_a_seed_optuna_cannot_take_is_refused_in_the_config(seed, tmp_path, tiny
     refused(capsys, ["compare", str(config), "--out", str(tmp_path / "c"), "--set", f"compare.seeds=[1, {seed}]"],
             f"compare.seeds: must be whole numbers in [0, 4294967295], got [1, {seed}]")
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
+
+
+# ------------------------------------------------------------------ 3. model.max_length and the backbone's positions
+
+
+@pytest.mark.parametrize(("family", "limit", "detail"), [("bert", 130, ""), ("roberta", 128, ", the first 2 reserved for padding")])
+def test_a_max_length_beyond_the_position_table_is_refused_before_the_run_folder_exists(family, limit, detail, tmp_path,
+                                                                                         tiny_models, capsys):
+    config = tiny_config(tmp_path, tiny_models[family], model={"max_length": 200})
+    with (tmp_path / "data" / "train.tsv").open("a") as f:
+        f.write(" ".join(["good"] * 190) + "\t1\n")  # long enough to reach past the table
+    out = tmp_path / "run"
+    refused(capsys, ["run", str(config), "--out", str(out), "--quiet"],
+            f"model.max_length: must be at most {limit} (the {family} backbone's position table: 130 positions{detail}), "
+            f"got 200; lower model.max_length to {limit} or less")
+    assert not out.exists()
+    assert main(["run", str(config), "--out", str(out), "--quiet", "--set", f"model.max_length={limit}"]) == 0  # the limit itself fits
+
+
+def test_a_decoder_refuses_tokens_and_prompt_slots_beyond_its_context(tiny_decoders):
+    from spt.backbone import load_backbone
+    from spt.errors import ConfigError
+
+    backbone = load_backbone(str(tiny_decoders["llama"]))  # 256 positions
+    with pytest.raises(ConfigError, match=r"^model.max_length: 250 tokens \+ 10 prompt slots exceed the 256-position context "
+                       r"of this llama backbone; lower model.max_length to at most 246 \(or prompt.length\)$"):
+        backbone.check_length(250, 10)
+    backbone.check_length(246, 10)

@@ -147,6 +147,7 @@ class Backbone(nn.Module):
     def check_length(self, tokens: int, slots: int) -> None:
         """Refuse sequences of ``tokens`` real tokens plus ``slots`` prompt slots this backbone cannot take."""
         if not self.is_decoder:
+            self._check_position_table(tokens)
             return
         window = getattr(self.config, "sliding_window", None)
         if window is not None and tokens + slots > window:
@@ -155,6 +156,25 @@ class Backbone(nn.Module):
         if self.config.model_type == "gpt2" and tokens > self.config.max_position_embeddings:
             raise ConfigError("model.max_length", f"must be at most {self.config.max_position_embeddings} "
                               f"(GPT-2's learned positions), got {tokens}")
+        context = getattr(self.config, "max_position_embeddings", None)
+        if self.config.model_type != "gpt2" and context is not None and tokens + slots > context:
+            raise ConfigError("model.max_length", f"{tokens} tokens + {slots} prompt slots exceed the {context}-position "
+                              f"context of this {self.config.model_type} backbone; lower model.max_length to at most "
+                              f"{context - slots} (or prompt.length)")
+
+    def _check_position_table(self, tokens: int) -> None:
+        """An encoder's learned positions: the tokens (prompt slots take none) must fit its table,
+        less the ``padding_idx + 1`` first rows RoBERTa-style models (RoBERTa, XLM-R, MPNet) skip."""
+        table = getattr(getattr(self.base, "embeddings", None), "position_embeddings", None)
+        if not isinstance(table, nn.Embedding):
+            return
+        reserved = 0 if table.padding_idx is None else table.padding_idx + 1
+        limit = table.num_embeddings - reserved
+        if tokens > limit:
+            detail = f", the first {reserved} reserved for padding" if reserved else ""
+            raise ConfigError("model.max_length", f"must be at most {limit} (the {self.config.model_type} backbone's "
+                              f"position table: {table.num_embeddings} positions{detail}), got {tokens}; "
+                              f"lower model.max_length to {limit} or less")
 
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
               token_mask: torch.Tensor | None = None) -> torch.Tensor:
