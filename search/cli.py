@@ -136,6 +136,9 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _runs_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("One table row per run directory. A folder that does not exist, or whose config.yaml, metrics.json "
+                     "or layer_mask.json is damaged, still gets its row, whose note says so (damaged: metrics.json); "
+                     "the other rows print as usual and the exit status is 0.")
     p.add_argument("run_dirs", nargs="+", help="run directories")
     p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
 

@@ -89,36 +89,79 @@ def write_predictions(records: list[dict[str, Any]], output: str | None, force: 
     write_text_atomic(path, text)
 
 
-RUN_COLUMNS = ["run", "task", "backbone", "k", "layers", "method", "dev", "test", "metric", "trainable_params", "search_s", "retrain_s"]
+RUN_COLUMNS = ["run", "task", "backbone", "k", "layers", "method", "dev", "test", "metric", "trainable_params", "search_s",
+               "retrain_s", "note"]
+NUMBER = (int, float)
 
 
 def run_rows(run_dirs: list[str]) -> list[dict[str, Any]]:
-    """One row per run directory with a ``metrics.json`` (others are listed with what they lack)."""
-    rows = []
-    for name in run_dirs:
-        run = RunDir(Path(name))
-        config, metrics, mask = run.recorded_config() or {}, _json(run.file("metrics.json")), _json(run.file("layer_mask.json"))
-        m = (metrics or {}).get("metric", config.get("task", {}).get("metric", ""))
-        rows.append({
-            "run": name, "task": config.get("task", {}).get("name", "?"), "backbone": config.get("model", {}).get("backbone", "?"),
-            "k": (mask or {}).get("k", ""), "layers": (mask or {}).get("selected_layers", ""), "method": (mask or {}).get("method", ""),
-            "dev": _score(metrics, "dev", m), "test": _score(metrics, "test", m), "metric": m,
-            "trainable_params": (metrics or {}).get("trainable_params", ""),
-            "search_s": (metrics or {}).get("search_seconds", ""), "retrain_s": (metrics or {}).get("retrain_seconds", ""),
-        })
-    return rows
+    """One row per run directory, whatever state it is in: a folder that does not exist, or
+    whose ``config.yaml``, ``metrics.json`` or ``layer_mask.json`` cannot be read or has the
+    wrong structure, gets a row whose ``note`` says so (``damaged: metrics.json``) and empty
+    cells for what it could not read; the other rows are unaffected."""
+    return [_run_row(name) for name in run_dirs]
 
 
-def _json(path: Path) -> dict[str, Any] | None:
+def _run_row(name: str) -> dict[str, Any]:
+    path, damaged = Path(name), []
+    config = _read_mapping(path / "config.yaml", damaged)
+    metrics = _read_mapping(path / "metrics.json", damaged)
+    mask = _read_mapping(path / "layer_mask.json", damaged)
+    task = _field(config, "task", dict, "config.yaml", damaged) or {}
+    model = _field(config, "model", dict, "config.yaml", damaged) or {}
+    metric = _field(metrics, "metric", str, "metrics.json", damaged) or _field(task, "metric", str, "config.yaml", damaged)
+    layers = _field(mask, "selected_layers", list, "layer_mask.json", damaged)
+    if not all(isinstance(x, int) and not isinstance(x, bool) for x in layers or []):
+        layers = _damage(damaged, "layer_mask.json")
+    row = {
+        "run": name, "task": _field(task, "name", str, "config.yaml", damaged) or "?",
+        "backbone": _field(model, "backbone", str, "config.yaml", damaged) or "?",
+        "k": _field(mask, "k", int, "layer_mask.json", damaged), "layers": layers,
+        "method": _field(mask, "method", str, "layer_mask.json", damaged),
+        "dev": _score(metrics, "dev", metric, damaged), "test": _score(metrics, "test", metric, damaged), "metric": metric,
+        "trainable_params": _field(metrics, "trainable_params", int, "metrics.json", damaged),
+        "search_s": _field(metrics, "search_seconds", NUMBER, "metrics.json", damaged),
+        "retrain_s": _field(metrics, "retrain_seconds", NUMBER, "metrics.json", damaged),
+    }
+    note = "" if path.is_dir() else "not a directory"
+    return {**row, "note": f"damaged: {', '.join(damaged)}" if damaged else note}
+
+
+def _read_mapping(path: Path, damaged: list[str]) -> dict[str, Any]:
+    """The mapping a run file holds ({} when it is absent); unreadable, not JSON/YAML, or not
+    a mapping: {} and the file's name in ``damaged``."""
+    import yaml
+
+    if not path.is_file():
+        return {}
     try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+        text = path.read_text(encoding="utf-8")
+        data = yaml.safe_load(text) if path.suffix == ".yaml" else json.loads(text)
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError):  # (JSONDecodeError is a ValueError)
+        data = None
+    return data if isinstance(data, dict) else _damage(damaged, path.name) or {}
 
 
-def _score(metrics: dict[str, Any] | None, split: str, metric: str) -> str:
-    value = ((metrics or {}).get(split) or {}).get(metric)
-    return "" if value is None else f"{value:.4f}"
+def _field(data: dict[str, Any], key: str, kinds: type | tuple[type, ...], file: str, damaged: list[str]) -> Any:
+    """``data[key]`` if it is of ``kinds`` ("" when absent); of another type: "" and ``file`` is damaged."""
+    value = data.get(key)
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        return _damage(damaged, file)
+    return value
+
+
+def _damage(damaged: list[str], file: str) -> str:
+    if file not in damaged:
+        damaged.append(file)
+    return ""
+
+
+def _score(metrics: dict[str, Any], split: str, metric: str, damaged: list[str]) -> str:
+    scores = _field(metrics, split, dict, "metrics.json", damaged) or {}
+    value = _field(scores, metric, NUMBER, "metrics.json", damaged) if metric else ""
+    return "" if value == "" else f"{value:.4f}"
 
 
 def runs_table(rows: list[dict[str, Any]], fmt: str = "markdown") -> str:

@@ -219,3 +219,54 @@ def test_a_decoder_refuses_tokens_and_prompt_slots_beyond_its_context(tiny_decod
                        r"of this llama backbone; lower model.max_length to at most 246 \(or prompt.length\)$"):
         backbone.check_length(250, 10)
     backbone.check_length(246, 10)
+
+
+# ------------------------------------------------------------------ 4. spt runs on damaged folders
+
+GOOD_FILES = {
+    "config.yaml": yaml.safe_dump({"task": {"name": "toy", "metric": "accuracy"}, "model": {"backbone": "tiny"}}),
+    "metrics.json": json.dumps({"metric": "accuracy", "dev": {"accuracy": 0.75}, "test": {"accuracy": 0.5},
+                                "trainable_params": 100, "search_seconds": 1.5, "retrain_seconds": 2}),
+    "layer_mask.json": json.dumps({"k": 2, "selected_layers": [1, 3], "method": "gates"}),
+}
+DAMAGE = {  # folder -> (file, content, note)
+    "config-list": ("config.yaml", "- a\n- b\n", "damaged: config.yaml"),
+    "config-string": ("config.yaml", "just text\n", "damaged: config.yaml"),
+    "config-task-string": ("config.yaml", yaml.safe_dump({"task": "toy", "model": {"backbone": "tiny"}}), "damaged: config.yaml"),
+    "metrics-list": ("metrics.json", "[1, 2]", "damaged: metrics.json"),
+    "metrics-dev-number": ("metrics.json", json.dumps({"metric": "accuracy", "dev": 0.7, "test": {"accuracy": 0.5}}), "damaged: metrics.json"),
+    "metrics-binary": ("metrics.json", b"\xff\xfe\x00garbage", "damaged: metrics.json"),
+    "mask-string": ("layer_mask.json", '"layers 1 and 3"', "damaged: layer_mask.json"),
+    "mask-layers-text": ("layer_mask.json", json.dumps({"k": 2, "selected_layers": "1,3"}), "damaged: layer_mask.json"),
+    "mask-not-json": ("layer_mask.json", "{k: 2", "damaged: layer_mask.json"),
+}
+
+
+def test_spt_runs_gives_a_damaged_folder_a_row_that_says_so_and_prints_every_other_row(tmp_path, capsys):
+    import csv
+
+    folders = []
+    for name in ["good", *DAMAGE]:
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, content in GOOD_FILES.items():
+            (folder / file).write_text(content)
+        if name in DAMAGE:
+            file, content, _ = DAMAGE[name]
+            (folder / file).write_bytes(content if isinstance(content, bytes) else content.encode())
+        folders.append(str(folder))
+    folders.append(str(tmp_path / "missing"))
+    before = snapshot(tmp_path)
+    assert main(["runs", *folders, "--format", "csv"]) == 0
+    rows = {Path(r["run"]).name: r for r in csv.DictReader(capsys.readouterr().out.splitlines())}
+    assert list(rows) == [Path(f).name for f in folders]
+    good = rows["good"]
+    assert (good["task"], good["k"], good["layers"], good["dev"], good["test"], good["note"]) == ("toy", "2", "[1, 3]", "0.7500", "0.5000", "")
+    for name, (_, _, note) in DAMAGE.items():
+        assert rows[name]["note"] == note, name
+    assert rows["metrics-dev-number"]["test"] == "0.5000" and rows["metrics-dev-number"]["dev"] == ""  # what is readable stays
+    assert rows["config-list"]["task"] == "?" and rows["config-list"]["dev"] == "0.7500"
+    assert rows["mask-string"]["layers"] == "" and rows["mask-string"]["task"] == "toy"
+    assert rows["missing"]["note"] == "not a directory"
+    assert main(["runs", *folders]) == 0 and "| damaged: metrics.json |" in capsys.readouterr().out
+    assert snapshot(tmp_path) == before
