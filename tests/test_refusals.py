@@ -270,3 +270,59 @@ def test_spt_runs_gives_a_damaged_folder_a_row_that_says_so_and_prints_every_oth
     assert rows["missing"]["note"] == "not a directory"
     assert main(["runs", *folders]) == 0 and "| damaged: metrics.json |" in capsys.readouterr().out
     assert snapshot(tmp_path) == before
+
+
+# ------------------------------------------------------------------ 5. leftovers and vague messages
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_models):
+    """A tiny search + retrain (its sparse model saved) and a file of texts to label."""
+    root = tmp_path_factory.mktemp("trained")
+    config = tiny_config(root, tiny_models["bert"], n_train=16, search={"epochs": 1})
+    run = root / "run"
+    assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
+    (root / "texts.txt").write_text("a great film\ni hate this plot\n")
+    return root, run
+
+
+def test_predict_refuses_a_directory_as_output_before_any_work(trained_run, tmp_path, capsys):
+    root, run = trained_run
+    folder = tmp_path / "predictions"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    refused(capsys, ["predict", str(run), "--input", str(root / "texts.txt"), "--output", str(folder), "--force"],
+            f"--output: {folder} is a directory; give a file name for the predictions, e.g. {folder / 'predictions.jsonl'}")
+    assert snapshot(tmp_path) == {"predictions/keep.txt": b"mine"}  # no predictions.tmp beside it
+
+
+def test_models_list_creates_nothing(tmp_path, monkeypatch, capsys):
+    from spt import hub
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SPT_CACHE_DIR", str(cache))
+    assert main(["models", "list"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert list(listed) == list(hub.PACKAGED) and not cache.exists()
+    monkeypatch.setattr(hub, "_mpnet_parts", lambda: [])  # installed, not yet joined and unzipped
+    assert main(["models", "list"]) == 0
+    assert json.loads(capsys.readouterr().out)["mpnet-base"] == f"installed; made into {cache / 'models' / 'all-mpnet-base-v2'} on first use"
+    assert not cache.exists()
+
+
+def test_a_backbone_mismatch_says_what_differs(trained_run, tmp_path, capsys):
+    from conftest import make_tiny_model
+
+    root, run = trained_run
+    wider = make_tiny_model(tmp_path / "wider", "bert", hidden=64)  # 4 layers, bert, as the one it was trained on
+    saved = json.loads((run / "sparse" / "prompt_config.json").read_text())
+    err = refused(capsys, ["predict", str(run), "--input", str(root / "texts.txt"), "--backbone", str(wider)],
+                  f"model.backbone: {run / 'sparse'} was trained on another backbone than {str(wider)!r} (hidden size: trained on 32, "
+                  f"this one 64; fingerprint: trained on {saved['backbone_fingerprint']}, this one ")
+    assert f"pass the one it was trained on ({saved['backbone']!r})" in err and "layers" not in err
+    from spt.backbone import load_backbone
+    from spt.serialization import backbone_differences
+
+    backbone = load_backbone(str(wider))
+    assert backbone_differences({**saved, "hidden_size": 64, "vocab_size": 999, "backbone_fingerprint": None}, backbone) == [
+        f"vocabulary size: trained on 999, this one {backbone.config.vocab_size}"]
