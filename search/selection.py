@@ -225,8 +225,10 @@ def _check_mask(mask: LayerMask, where: str) -> None:
         raise UserError(where, f"field candidate_layers must be distinct layers in 0..{n - 1}, got {mask.candidate_layers}")
     if not set(mask.selected_layers) <= set(mask.candidate_layers):
         raise UserError(where, f"selected_layers {mask.selected_layers} are not all in candidate_layers {mask.candidate_layers}")
-    if len(mask.scores) != len(mask.candidate_layers):
-        raise UserError(where, f"field scores has {len(mask.scores)} values for {len(mask.candidate_layers)} candidate layers")
+    for name in ("scores", "spread", "gate_scores", "perturbation_scores"):  # one value per candidate layer
+        values = getattr(mask, name)
+        if values is not None and len(values) != len(mask.candidate_layers):
+            raise UserError(where, f"field {name} has {len(values)} values for {len(mask.candidate_layers)} candidate layers")
     if mask.k != len(mask.selected_layers):
         raise UserError(where, f"field k={mask.k} but {len(mask.selected_layers)} layers are selected")
 

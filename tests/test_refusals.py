@@ -326,3 +326,20 @@ def test_a_backbone_mismatch_says_what_differs(trained_run, tmp_path, capsys):
     backbone = load_backbone(str(wider))
     assert backbone_differences({**saved, "hidden_size": 64, "vocab_size": 999, "backbone_fingerprint": None}, backbone) == [
         f"vocabulary size: trained on 999, this one {backbone.config.vocab_size}"]
+
+
+# ------------------------------------------------------------------ 6. mask fields of the wrong length
+
+
+@pytest.mark.parametrize("field", ["spread", "gate_scores", "perturbation_scores"])
+def test_a_mask_whose_per_layer_field_has_the_wrong_length_is_refused_before_a_run_is_made(field, trained_run, tmp_path, capsys):
+    root, run = trained_run
+    data = json.loads((run / "layer_mask.json").read_text())
+    candidates = len(data["candidate_layers"])
+    data[field] = [0.1] * (candidates + 1)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    out = tmp_path / "retrained"
+    refused(capsys, ["retrain", str(root / "config.yaml"), "--mask", str(bad), "--out", str(out), "--quiet"],
+            f"mask {bad}: field {field} has {candidates + 1} values for {candidates} candidate layers")
+    assert not out.exists() and set(tmp_path.iterdir()) == {bad}
