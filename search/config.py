@@ -411,7 +411,7 @@ class RuntimeConfig(Section):
             dropout the two train alike within 1e-4).
         tensorboard: also write the per-epoch metrics and the per-step losses (``steps.csv``)
             as TensorBoard events under ``<run>/tensorboard`` (needs the ``track`` extra:
-            ``pip install 'spt-search[track]'``).
+            ``pip install 'tensorboard>=2.14'``).
         frozen_cache_mb: memory (MB on the device) for keeping, per example, the states below
             the lowest layer that can get a prompt (a sparse model's first prompt layer, a
             supernet's first candidate), which never change: computed once per split, they

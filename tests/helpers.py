@@ -122,3 +122,19 @@ def assert_same_gates(reference: Path, run: Path) -> None:
     for a, b in zip(ref_rows, new_rows):
         assert a["alpha"] == pytest.approx(b["alpha"], abs=1e-6)
     assert read_mask(reference / "layer_mask.json").selected_layers == read_mask(run / "layer_mask.json").selected_layers
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` with its bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(capsys, args: list[str], fragment: str) -> str:
+    """Run ``spt args``: exit 2 and one ``error:`` line holding ``fragment``; returns the line."""
+    from search.cli import main
+
+    code = main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
+    assert fragment in err[0], err[0]
+    return err[0]

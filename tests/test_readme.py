@@ -66,3 +66,15 @@ def test_the_demo_figures_in_the_readme_are_the_measured_ones():
     for key in ("wall_minutes", "search_seconds", "retrain_seconds", "dev_accuracy", "test_accuracy", "date"):
         assert str(demo[key]) in paragraph, key
     assert str(demo["selected_layers"]) in paragraph
+
+
+def test_the_test_count_in_the_readme_is_what_pytest_collects():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-o", "addopts=", "-p", "no:cacheprovider", "tests"],
+                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=300)
+    collected = re.search(r"^(\d+) tests collected", done.stdout, flags=re.M)
+    assert collected, done.stdout[-2000:] + done.stderr[-2000:]
+    stated = re.search(r"`make test` runs the suite \((\d+) tests", README)
+    assert stated and stated.group(1) == collected.group(1), f"README says {stated and stated.group(1)}, pytest collects {collected.group(1)}"

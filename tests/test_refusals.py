@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import pytest
 import yaml
-from helpers import tiny_config
+from helpers import refused, snapshot, tiny_config
 
 from search.cli import main
 
@@ -24,20 +24,6 @@ PASSWORD = "p/ss@w:rd%2F"
 SECRET_URL = f"postgresql://spt:{PASSWORD}@127.0.0.1:9/db"
 MASKED_URL = "postgresql://spt:***@127.0.0.1:9/db"
 LEAKS = (PASSWORD, quote(PASSWORD, safe=""), "p/ss", "ss@w", "w:rd", "rd%2F")
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, args: list[str], fragment: str) -> str:
-    """Run ``spt args``: exit 2 and one ``error:`` line holding ``fragment``; returns the line."""
-    code = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    assert fragment in err[0], err[0]
-    return err[0]
 
 
 def assert_no_leak(files: dict[str, bytes]) -> None:

@@ -19,27 +19,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import assert_same_gates, kill_during_search, spt_command, spt_env, tiny_config
+from helpers import assert_same_gates, kill_during_search, refused, snapshot, spt_command, spt_env, tiny_config
 
 from search.callbacks import Checkpointer
 from search.cli import main
 
 SECRET = "s3cr3t-pw"
 IS_ROOT = os.geteuid() == 0
-
-
-def snapshot(folder: Path) -> dict[str, bytes]:
-    """Every file under ``folder`` with its bytes."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def refused(capsys, args: list[str], fragment: str) -> str:
-    """Run ``spt args``: exit 2 and one ``error:`` line holding ``fragment``; returns the line."""
-    code = main(args)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
-    assert fragment in err[0], err[0]
-    return err[0]
 
 
 def _no_constant(name: str) -> None:
