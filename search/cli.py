@@ -190,8 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     from .lock import release_all
 
     args = build_parser().parse_args(argv)
+    completed, code = False, 1
     try:
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        completed = True
+        return code
     except UserError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         return 2
@@ -205,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     finally:
         release_all()
+        world = sys.modules.get("search.distributed")  # only a command that joined torchrun's group has one to leave
+        if world is not None:
+            world.finish(completed, code)
 
 
 # ---------------------------------------------------------------------- commands

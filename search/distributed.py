@@ -70,6 +70,30 @@ def _leave() -> None:
         dist.destroy_process_group()
 
 
+def finish(completed: bool, code: int) -> None:
+    """Leave the process group at the end of a command run under torchrun.
+
+    After a command that completed on this rank: wait for every rank, leave the group, flush
+    what is open and end the process with ``code`` at once. Interpreter teardown is skipped
+    on purpose: gloo's communication threads can abort a process there ("terminate called
+    without an active exception", exit -6) although its work is done and written. After a
+    failure the other ranks may be gone: no barrier, the group is left and the error takes
+    its usual course (message, traceback, exit status)."""
+    if not (_WORLD.active and dist.is_initialized()):
+        return
+    if completed:
+        dist.barrier()
+    _leave()
+    if completed:
+        import logging
+        import sys
+
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
 def device_for(name: str) -> str:
     """Under torchrun on GPUs each rank uses its own device."""
     if _WORLD.active and torch.cuda.is_available() and name in ("auto", "cuda"):
