@@ -23,6 +23,7 @@ from helpers import assert_same_gates, kill_during_search, refused, snapshot, sp
 
 from search.callbacks import Checkpointer
 from search.cli import main
+from spt.errors import UserError
 
 SECRET = "s3cr3t-pw"
 IS_ROOT = os.geteuid() == 0
@@ -427,8 +428,8 @@ def test_the_default_study_file_goes_into_out_and_masks_compare_models_not_names
         from spt.hub import resolve_model_source
 
         folder = resolve_model_source("minilm-l6")
-    except Exception:
-        return
+    except UserError as exc:  # the alias half needs the packaged MiniLM; say so instead of passing silently
+        pytest.skip(f"MiniLM-L6 is not installed here ({exc}); the alias comparison needs it")
     assert same_model("minilm-l6", folder) and same_model("all-MiniLM-L6-v2", "minilm-l6")
     assert not same_model("minilm-l6", str(tiny_bert))
 

@@ -76,14 +76,16 @@ def test_tiny_run_writes_history_mask_metrics_and_select_agrees(tmp_path, tiny_b
     steps = sorted({r["step"] for r in rows})
     assert steps[0] == 0 and len(steps) == 7  # 24 examples, 12 in D1, batch 4: 3 steps x 2 epochs, + step 0
     assert all(sorted(r["layer"] for r in rows if r["step"] == s) == [0, 1, 2, 3] for s in steps)
-    assert all(0 < r["alpha"] < 1 for r in rows)
+    assert [r["alpha"] for r in rows if r["step"] == 0] == [0.5] * 4  # gate_init 0: alpha = sigmoid(0) before any step
+    assert all(abs(r["alpha"] - 0.5) > 1e-4 for r in rows if r["step"] == steps[-1])  # every gate moved
     mask = read_mask(run / "layer_mask.json", backbone=str(tiny_bert), num_layers=4)
     final = _final_alphas(run)
     assert mask.scores == pytest.approx([final[i] for i in range(4)], abs=1e-6)
     assert mask.k == 2 and sorted(mask.selected_layers) == sorted(sorted(range(4), key=lambda i: -final[i])[:2])
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics) >= {"task", "metric", "dev", "test", "trainable_params", "search_seconds", "retrain_seconds"}
-    assert metrics["metric"] == "accuracy" and 0 <= metrics["test"]["accuracy"] <= 1
+    assert metrics["metric"] == "accuracy" and metrics["test"]["n"] == 8
+    assert round(metrics["test"]["accuracy"] * 8, 6).is_integer()  # a share of the 8 test sentences
     assert metrics["trainable_params"] == mask.trainable_params
 
     assert main(["select", str(run), "--k", "2"]) == 0
@@ -200,7 +202,11 @@ def test_bf16_autocast_run(tmp_path, tiny_bert):
     run = tmp_path / "run"
     assert main(["run", str(config), "--out", str(run), "--quiet"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert 0 <= metrics["test"]["accuracy"] <= 1 and len(_gate_rows(run)) == 4 * 4
+    assert len(_gate_rows(run)) == 4 * 4 and round(metrics["test"]["accuracy"] * 8, 6).is_integer()
+    from spt import SparsePromptModel
+
+    model = SparsePromptModel.from_pretrained(run / "sparse")  # saved from a bf16 run: trained weights stay fp32
+    assert {p.dtype for p in model.generators.parameters()} == {torch.float32}
 
 
 def test_mlm_verbalizer_run_end_to_end(tmp_path, tiny_models):
