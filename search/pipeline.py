@@ -1,6 +1,6 @@
 """The jobs users run: search, select, retrain, and all three in a row.
 
-Each stage reads and writes the run directory described in DESIGN.md §3.
+Each stage reads and writes the run directory the README describes ("A run directory").
 """
 
 from __future__ import annotations

@@ -44,8 +44,8 @@ class ClassifierHead(nn.Module):
             return torch.bmm(weights.to(states.dtype).unsqueeze(1), states).squeeze(1)
         if self.pooling == "last":
             return last_token(states, batch)
-        # The first position is the first token whatever the padding side, because
-        # inputs are always right-padded (see search.data).
+        # The first position is the first real token: batches are always right-padded
+        # (spt.inputs.collate), whatever the tokenizer's padding side.
         return states[:, 0]
 
     def forward(self, representation: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """Tests that pin the method: the prompted forward against an independent re-implementation
-of DESIGN.md's equations, the gate gradient against finite differences, and selection."""
+of the equations in docs/method.md, the gate gradient against finite differences, and selection."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def _kron_weight(A: torch.Tensor, S: torch.Tensor) -> torch.Tensor:
 
 
 def _generator(net: PromptSupernet, j: int, H: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
-    """DESIGN.md order: PHM down on every real token, adaptive average pooling to l, ReLU, PHM up."""
+    """docs/method.md §3 order: PHM down on every real token, adaptive average pooling to l, ReLU, PHM up."""
     g = net.generators
     out = []
     for b in range(H.shape[0]):
@@ -128,7 +128,7 @@ GRADIENT_CASES = [(family, discard, reparam, False) for family in ("bert", "gpt2
 def test_gate_gradient_end_to_end_matches_finite_differences(tiny_models, tiny_decoders, family, discard, reparam, presence_bias):
     """Plain gates: the gradient is the loss's derivative. Re-parameterized gates keep the
     value (so finite differences see the plain derivative ``g``) and couple the gradient:
-    ``dL/dalpha_k = g_k - (1/S) sum_i alpha_i g_i`` (DESIGN.md §1). Decoders pool their last
+    ``dL/dalpha_k = g_k - (1/S) sum_i alpha_i g_i`` (docs/method.md §4). Decoders pool their last
     token. ``presence_bias`` adds the gates' second path, through the slots' attention."""
     net = _supernet({**tiny_models, **tiny_decoders}[family], discard, pooling="cls" if family == "bert" else "last",
                     presence_bias=presence_bias)

@@ -78,3 +78,25 @@ def test_the_test_count_in_the_readme_is_what_pytest_collects():
     assert collected, done.stdout[-2000:] + done.stderr[-2000:]
     stated = re.search(r"`make test` runs the suite \((\d+) tests", README)
     assert stated and stated.group(1) == collected.group(1), f"README says {stated and stated.group(1)}, pytest collects {collected.group(1)}"
+
+
+def test_docs_and_sources_point_only_inside_the_repository():
+    """Every Markdown link in README.md and docs/ resolves inside the repository, and no file
+    sends a reader to a design document outside it (data under ../shared/data is the one
+    thing read from beside the clone)."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+    tracked = subprocess.run(["git", "ls-files"], cwd=repo, capture_output=True, text=True).stdout.split()
+    if not tracked:
+        pytest.skip("not a git checkout")
+    for name in tracked:
+        if name.endswith((".py", ".md", ".yaml", ".toml")) and name != "tests/test_readme.py":
+            text = (repo / name).read_text(encoding="utf-8", errors="replace")
+            assert "DESIGN.md" not in text, f"{name} points to DESIGN.md, outside the repository; point to docs/"
+    for page in ["README.md", *[n for n in tracked if n.startswith("docs/") and n.endswith(".md")]]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", (repo / page).read_text()):
+            if "://" in target:
+                continue
+            resolved = ((repo / page).parent / target).resolve()
+            assert resolved.is_relative_to(repo) and resolved.exists(), f"{page} links to {target}"
