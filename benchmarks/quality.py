@@ -59,6 +59,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from search.config import RunConfig, dump_config, load_config  # noqa: E402
 from search.metrics import compute_metrics  # noqa: E402
 from search.pipeline import Prepared, prepare, run_search, select_from_run  # noqa: E402
+from search.rankers import RANKERS  # noqa: E402
 from search.runs import RunDir  # noqa: E402
 from search.selection import generator_parameters  # noqa: E402
 from search.strategies import STRATEGIES, Context, fixed_proposal, strategy_results, train_proposal  # noqa: E402
@@ -165,7 +166,7 @@ RECIPE_BASE: dict[str, dict[str, Any]] = {
     "prompt": {"normalize": False}, "search": {"warmup_epochs": 0, "arch_dropout": True, "arch_batches": 1},
     "select": {"average_last": 1},
 }
-METHODS = ["gates", "perturbation", "greedy", "combined"]
+METHODS = list(RANKERS)  # every selection method the registry holds
 BACKBONES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}  # config folder -> backbone
 TRANSFERRED = "spt: new defaults, gates"  # the strategy whose masks the transfer matrix moves between tasks
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]

@@ -16,8 +16,8 @@ from pathlib import Path
 from spt.errors import UserError
 from spt.hub import PACKAGED
 
-from .methods import SELECTION_METHODS
 from .options import dots_per_inch, font_points, inches, nonneg_int, positive_float, positive_int, seed_int
+from .rankers import RANKERS
 
 # Only stdlib and torch-free modules above: `spt --help` and `spt --version` must not load torch
 # (each command imports what it needs when it runs).
@@ -38,7 +38,7 @@ def _select_args(p: argparse.ArgumentParser) -> None:
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--k", type=positive_int, help="keep the top-K layers")
     group.add_argument("--budget", type=positive_int, help="keep the most layers whose generators fit this many parameters")
-    p.add_argument("--method", choices=SELECTION_METHODS,
+    p.add_argument("--method", choices=list(RANKERS),
                    help="how to rank the layers (default: the run's select.method); all but gates evaluate the "
                    "searched supernet on dev")
     p.add_argument("--out", help="mask file to write (default: RUN_DIR/layer_mask.k<K>[.<method>].json or .budget<P>)")

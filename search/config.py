@@ -21,7 +21,7 @@ from spt.files import read_text
 from spt.typed import Section
 
 from .options import SEED_LIMIT
-from .selection import METHODS
+from .rankers import RANKERS
 from .storage import mask_url
 
 METRICS = ("accuracy", "macro_f1", "f1", "mcc")
@@ -230,7 +230,7 @@ class SelectConfig(Section):
             raise ConfigError("select.k", "give exactly one of select.k and select.budget (set the other to null)")
         self.positive("k", "budget")
         self.non_negative("average_last")
-        self.one_of("method", METHODS, "method")
+        self.one_of("method", tuple(RANKERS), "method")
 
 
 @dataclass

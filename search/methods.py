@@ -1,9 +1,8 @@
-"""The strategies ``spt compare`` runs, by name, with the method each stands for, and the
-names of ``spt select``'s ranking methods.
+"""The strategies ``spt compare`` runs, by name, with the method each stands for.
 
-Kept apart from :mod:`search.strategies` and :mod:`search.selection` (which implement them) so
-that ``spt compare --help`` and ``spt select --help`` list them without loading torch; a test
-checks that both name the same strategies.
+Kept apart from :mod:`search.strategies` (which implements them) so that ``spt compare --help``
+lists them without loading torch; a test checks that both name the same strategies. (The
+selection methods' registry, :data:`search.rankers.RANKERS`, loads no torch itself.)
 """
 
 from __future__ import annotations
@@ -32,8 +31,3 @@ def strategies_help() -> str:
     """One line per strategy: its name and method (for ``spt compare --help``)."""
     width = max(map(len, STRATEGY_METHODS))
     return "\n".join(f"  {name:<{width}}  {method}" for name, method in STRATEGY_METHODS.items())
-
-
-# How `spt select --method` and `select.method` rank layers (search.selection implements them);
-# here so that the parser lists them without loading torch.
-SELECTION_METHODS: tuple[str, ...] = ("gates", "perturbation", "greedy", "combined")

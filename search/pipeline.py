@@ -42,19 +42,17 @@ from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
 from .losses import search_loss
 from .progress import WorkProgress
+from .rankers import RANKERS, Evidence
 from .runs import RunDir
 from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
 from .selection import (
     LayerMask,
     Ranking,
     choose_k,
-    combined_ranking,
     gate_scores,
     gates_summary,
     generator_parameters,
-    greedy_ranking,
     read_gate_history,
-    removal_ranking,
     select_layers,
     write_mask,
 )
@@ -247,13 +245,6 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
 # ---------------------------------------------------------------------- selection
 
 
-def _dev_passes(method: str, candidates: int, rounds: int) -> int:
-    """How many dev passes over the supernet a method makes (what its progress counts)."""
-    if method == "greedy":  # the empty mask, then one pass per layer left in each round
-        return 1 + sum(candidates - r for r in range(rounds))
-    return 1 + candidates  # every gate, then each layer removed
-
-
 def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None, keep: int | None = None,
                     progress: bool = True) -> Ranking:
     """Rank the candidate layers of the search in ``run`` by ``method`` (default: the config's).
@@ -269,29 +260,23 @@ def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None, keep
     rows = read_gate_history(run.file("gates.csv"))
     gates = Ranking.by_score("gates", candidates, *gate_scores(rows, candidates, config.select.average_last))
     gates.summary = gates_summary(candidates, gates, config.select.average_last)
-    if method == "gates":
-        return gates
+    ranker = RANKERS[method]()
+    rounds = len(candidates) if config.select.full_order or keep is None else keep
+    passes = ranker.dev_passes(len(candidates), rounds)
+    if passes == 0:
+        return ranker.rank(Evidence(candidates, gates, None, config.seed, rounds))
     supernet = load_prompt_model(run.file("supernet"), backbone=prep.backbone)
     trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision,
                       frozen_cache_mb=config.runtime.frozen_cache_mb)
-    rounds = len(candidates) if config.select.full_order or keep is None else keep
-    meter = WorkProgress(_dev_passes(method, len(candidates), rounds), f"select ({method})", "dev pass", "dev passes",
-                         enabled=progress and distributed.is_main())
+    meter = WorkProgress(passes, f"select ({method})", "dev pass", "dev passes", enabled=progress and distributed.is_main())
 
-    def dev_losses(mask: list[float] | None, hard: bool) -> list[float]:
+    def dev_loss(mask: list[float] | None, hard: bool) -> list[float]:
         losses = trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
         meter.advance(f"dev loss {sum(losses) / len(losses):.4f}")
         return losses
 
     with meter:
-        if method == "greedy":
-            ranking = greedy_ranking(candidates, lambda chosen: dev_losses([float(c in chosen) for c in candidates], True),
-                                     config.seed, rounds)
-        else:
-            full = dev_losses(None, False)
-            without = [dev_losses([float(c != j) for c in candidates], False) for j in candidates]
-            removal = removal_ranking(candidates, full, without, config.seed)
-            ranking = removal if method == "perturbation" else combined_ranking(candidates, gates, removal)
+        ranking = ranker.rank(Evidence(candidates, gates, dev_loss, config.seed, rounds))
     ranking.summary += f" ({meter.done} dev passes over {len(prep.dev)} examples, {meter.seconds:.0f}s)"
     return ranking
 

@@ -31,12 +31,9 @@ from spt.hub import same_model
 from spt.phm import phm_parameter_count
 from spt.typed import field_types, typed
 
-from .methods import SELECTION_METHODS
-
 MASK_FORMAT = "spt-layer-mask"
 MASK_VERSION = 2  # 2 adds method, spread, uncertain, gate_scores, perturbation_scores
 READABLE_VERSIONS = (1, 2)
-METHODS = SELECTION_METHODS  # named in search.methods, which the CLI's parser reads without torch
 
 
 @dataclass

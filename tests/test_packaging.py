@@ -42,9 +42,9 @@ def test_version_and_help_do_not_import_torch(args):
     if args == ["--version"]:
         assert done.stdout.splitlines()[0] == f"spt-search {spt.__version__}"
     if args == ["select", "--help"]:  # the names come from torch-free modules, not a copy
-        from search.selection import METHODS
+        from search.rankers import RANKERS
 
-        assert "{" + ",".join(METHODS) + "}" in done.stdout.replace("\n", "").replace(" ", "")
+        assert "{" + ",".join(RANKERS) + "}" in done.stdout.replace("\n", "").replace(" ", "")
 
 
 def _source_modules() -> set[str]:

@@ -17,6 +17,8 @@ from search.schedule import search_schedule
 from search.selection import Ranking, read_gate_history, read_mask, select_layers
 from search.trainer import Trainer
 
+REPO = Path(__file__).resolve().parent.parent
+
 
 def _gate_rows(run_dir: Path) -> list[dict]:
     return read_gate_history(run_dir / "gates.csv")
@@ -179,6 +181,38 @@ def test_select_by_dev_passes_shows_progress_and_a_summary_that_explains_the_pic
     quiet = subprocess.run(spt_command("select", run, "--k", "1", "--method", "greedy", "--force", "--quiet"),
                            env=spt_env(), capture_output=True, text=True)
     assert quiet.returncode == 0 and "select (greedy)" not in quiet.stdout + quiet.stderr
+
+
+def test_a_selection_method_is_one_class_in_the_registry(tmp_path, tiny_bert, monkeypatch):
+    """Registering a ranker makes it a ``select.method`` the config accepts, a ``--method``
+    choice of ``spt select`` and a method the pipeline runs; the docs list every registered one."""
+    import inspect
+
+    from search.config import SelectConfig
+    from search.rankers import RANKERS, Ranker
+    from search.selection import Ranking
+
+    for name in RANKERS:  # documented where users read the choices
+        assert f"``{name}``" in inspect.getdoc(SelectConfig) and f"* `{name}`" in (REPO / "docs" / "method.md").read_text()
+
+    class DeepestFirst(Ranker):
+        name = "deepest"
+
+        def rank(self, evidence):
+            depth = [float(c) for c in evidence.candidates]
+            return Ranking.by_score(self.name, evidence.candidates, depth, [0.0] * len(depth))
+
+    monkeypatch.setitem(RANKERS, "deepest", DeepestFirst)
+    assert SelectConfig(method="deepest").method == "deepest"
+    config = tiny_config(tmp_path, tiny_bert, search={"epochs": 1})
+    run = tmp_path / "run"
+    assert main(["search", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["select", str(run), "--k", "2", "--method", "deepest", "--quiet"]) == 0
+    mask = read_mask(run / "layer_mask.k2.deepest.json")
+    assert mask.method == "deepest" and mask.selected_layers == [2, 3]
+    monkeypatch.delitem(RANKERS, "deepest")
+    with pytest.raises(SystemExit):  # gone from the registry: no longer a choice
+        main(["select", str(run), "--k", "2", "--method", "deepest"])
 
 
 def test_kill_and_resume_reaches_the_same_gates(tmp_path, tiny_bert):
