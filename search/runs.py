@@ -21,6 +21,7 @@ from spt.errors import UserError
 from spt.files import check_writable, read_text, write_json_atomic, write_text_atomic
 
 from . import lock
+from .clearing import TRASH, check_clearable, clear
 from .config import RunConfig, config_from_run_dict, dump_config, run_identity
 from .manifest import MANIFEST_FILE, Manifest
 from .storage import mask_argument, mask_secrets
@@ -29,7 +30,7 @@ STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
 ENVIRONMENT_FILE = "environment.json"
 DEFAULT_ROOT = Path("runs")
-BOOKKEEPING = (MANIFEST_FILE, lock.LOCK_FILE)  # what an otherwise empty run directory may hold
+BOOKKEEPING = (MANIFEST_FILE, lock.LOCK_FILE, TRASH)  # what an otherwise empty run directory may hold
 DAMAGED_FIX = "restore it, or pass --force to start this run over (spt deletes only the files it wrote)"
 
 
@@ -144,7 +145,9 @@ def open_run_dir(
     * a run directory with the same config, written by a job whose stages are among
       ``stages``, whose stages are not all done, is resumed;
     * a finished run, one with another config, or one holding another job's stages is
-      refused unless ``force``, which deletes what its manifest lists (and nothing else);
+      refused unless ``force``, which deletes what its manifest lists (and nothing else),
+      all or nothing; a listed folder holding a file spt did not write is refused
+      (:mod:`search.clearing`);
     * a non-empty directory without a manifest is never cleared, and without a config
       never used; a directory another live job holds (its lock) is refused.
 
@@ -160,9 +163,11 @@ def open_run_dir(
         lock.check_free(path)
     if run.has_content():
         if force:
-            if Manifest.read(path) is None:
+            manifest = Manifest.read(path)
+            if manifest is None:
                 raise UserError("--out", f"{path} is not empty and is not an spt run directory with a manifest "
                                 f"({MANIFEST_FILE}), so --force deletes nothing there; choose a new or empty directory")
+            check_clearable(manifest)  # a user's file in a folder spt wrote, or one that cannot go: refused now
             run.clear = True
         else:
             _check_resumable(run, config, with_compare)
@@ -200,7 +205,11 @@ def create_run_dir(run: RunDir, config: RunConfig) -> RunDir:
     run.open_for_writing()
     assert run.manifest is not None
     if run.clear:
-        run.manifest.clear()
+        try:
+            clear(run.manifest)
+        except UserError:
+            run.release()
+            raise
         run.clear = False
     elif not run.resume and run.has_content():
         run.release()
