@@ -10,6 +10,7 @@ fonts instead of Type 3 fonts, which many venues reject, and SVG keeps its text 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,14 @@ def save_figure(fig: Figure, path: str | Path, style: FigureStyle | None = None)
     Use it to save a figure again after restyling it in a notebook: ``fig.savefig``
     alone would use the session's global settings (Type 3 fonts in PDFs by default).
     """
+    from spt.files import write_bytes_atomic
+
     style = style or FigureStyle(dpi=fig.dpi)
     path = Path(path)
+    buffer = io.BytesIO()
     with styled(style):
-        fig.savefig(path, dpi=style.dpi)
-    return path
+        fig.savefig(buffer, dpi=style.dpi, format=path.suffix.lstrip(".").lower() or None)
+    return write_bytes_atomic(path, buffer.getvalue())  # a full disk leaves no half-written image
 
 
 def text_color(rgba: tuple[float, float, float, float]) -> str:

@@ -19,9 +19,8 @@ import csv
 import io
 import logging
 import math
-import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from spt.errors import UserError
-from spt.files import read_text, write_text_atomic
+from spt.files import append_text, read_text, write_text_atomic
 
 from . import distributed
 from .checkpoint import save_checkpoint
@@ -82,15 +81,12 @@ class GateHistory(Callback):
             self._write(state.step, step.epoch, trainer.model.alphas())
 
     def _write(self, step: int, epoch: int, alphas: torch.Tensor) -> None:
+        rows = [[step, epoch, layer, f"{alpha:.6f}"] for layer, alpha in zip(self.layers, alphas.tolist())]
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)  # no O_CREAT: a vanished file is not recreated
+            append_text(self.path, csv_text(rows), create=False)  # a vanished file is not recreated
         except FileNotFoundError:
             raise UserError("gates.csv", f"{self.path} was deleted while the search ran (before step {step}); the gate "
                             "history is lost: start the search over with --force") from None
-        with open(fd, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            for layer, alpha in zip(self.layers, alphas.tolist()):
-                writer.writerow([step, epoch, layer, f"{alpha:.6f}"])
 
 
 class TrainingDiverged(UserError):
@@ -311,8 +307,7 @@ class MetricHistory(Callback):
         lrs = [trainer.optimizer.param_groups[0]["lr"], trainer.architect.optimizer.param_groups[0]["lr"] if trainer.architect else None]
         row = [self.stage, epoch + 1, state.step, round(state.seconds, 3), *(_cell(means.get(k)) for k in ("loss", "arch_loss", "consistency")),
                self.dev.metric if dev is not None else "", _cell(dev), *(_cell(x) for x in lrs), *(_cell(g) for g in gates)]
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            csv.writer(handle).writerow(row)
+        append_text(self.path, csv_text([row]))  # all or nothing: a full disk leaves no half row
         text = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
         if dev is not None:
             text += f", dev {self.dev.metric} {dev:.4f}"
@@ -385,16 +380,20 @@ class StepHistory(Callback):
         values = iter(torch.stack(losses).tolist() if losses else [])
         rows = [(step, epoch, [None if t is None else next(values) for t in terms], lrs) for step, epoch, terms, lrs in self.pending]
         self.pending = []
-        with open(self.path, "a", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
-            for step, epoch, terms, lrs in rows:
-                writer.writerow([self.stage, step, epoch, *(_cell(x) for x in terms + lrs)])
+        append_text(self.path, csv_text([self.stage, step, epoch, *(_cell(x) for x in terms + lrs)] for step, epoch, terms, lrs in rows))
         if self.writer is not None:
             for step, _, terms, lrs in rows:
                 for name, value in zip(self.COLUMNS[3:], terms + lrs):
                     if value is not None:
                         self.writer.add_scalar(f"{self.stage}/step_{name}", value, step)
             self.writer.flush()
+
+
+def csv_text(rows: Iterable[Iterable[Any]]) -> str:
+    """``rows`` as CSV text (``\r\n`` line ends, as ``csv.writer`` writes a file)."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue()
 
 
 def _cell(value: float | None) -> str:

@@ -1,7 +1,9 @@
 """The ``spt`` command line (also ``python -m search``).
 
 Bad input of any kind ends with one ``error:`` line naming the field and the fix, and
-exit status 2.
+exit status 2. So does running out of the machine (:mod:`search.failures`): a full disk or
+a failed write names the path and the space the run needs, out of memory names the setting
+to lower; the run directory keeps its last checkpoint and the same command resumes.
 """
 
 from __future__ import annotations
@@ -187,6 +189,7 @@ INTERRUPTED = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .failures import disk_error_line, memory_error_line, out_of_memory
     from .lock import release_all
 
     args = build_parser().parse_args(argv)
@@ -198,10 +201,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print("error: " + " ".join(str(exc).split()), file=sys.stderr)  # always one line
         return 2
-    except OSError as exc:  # a disk or folder that fails mid-run: still one line, not a traceback
-        if exc.filename is None:
+    except OSError as exc:  # a full disk or a folder that fails mid-run: still one line, not a traceback
+        print(disk_error_line(exc, args), file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as exc:
+        if not out_of_memory(exc):
             raise
-        print(f"error: {exc.filename}: {exc.strerror or exc}; check that disk and folder", file=sys.stderr)
+        print(memory_error_line(exc, args), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; {INTERRUPTED.get(args.command, 'nothing was written')}", file=sys.stderr)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from spt.errors import UserError
+from spt.files import raise_write_error
 
 LOCK_FILE = ".spt-lock"
 logger = logging.getLogger("spt")
@@ -109,12 +110,22 @@ def acquire(directory: Path) -> None:
                 continue
             check_free(directory)
             continue  # released meanwhile
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle)
+        _write_record(fd, path, record)
         _HELD.add(path)
         return
     check_free(directory)
     raise UserError("--out", f"could not lock {directory}: other jobs keep taking it; try again")
+
+
+def _write_record(fd: int, path: Path, record: dict) -> None:
+    """Write the holder's ``record`` into the new lock file; a write that fails (a full disk)
+    removes the file, so that no empty lock - unreadable - stays to block the next job."""
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle)
+    except BaseException as exc:
+        path.unlink(missing_ok=True)
+        raise_write_error(exc, path)
 
 
 def release(directory: Path) -> None:

@@ -11,6 +11,7 @@ import platform
 import sys
 import time
 from collections.abc import Iterable
+from contextlib import suppress
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -262,6 +263,21 @@ class _TqdmHandler(logging.StreamHandler):
             self.handleError(record)
 
 
+class _RunLogHandler(logging.FileHandler):
+    """``log.txt``: a line that cannot be written (a full disk) ends the command with one error
+    naming the file, where ``logging`` would print a traceback and go on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+            return
+        stream, self.stream = self.stream, None  # drop the unwritten bytes: closing later must not fail again
+        with suppress(OSError):
+            stream.close()
+        raise OSError(exc.errno, exc.strerror, self.baseFilename) from exc
+
+
 def setup_logging(run: RunDir | None, verbose: bool = True) -> logging.Logger:
     """Log to ``<run>/log.txt`` (everything) and the console (INFO and up)."""
     logger = logging.getLogger("spt")
@@ -274,7 +290,7 @@ def setup_logging(run: RunDir | None, verbose: bool = True) -> logging.Logger:
     console.setFormatter(logging.Formatter("%(message)s"))
     logger.addHandler(console)
     if run is not None:
-        file_handler = logging.FileHandler(run.file("log.txt"))
+        file_handler = _RunLogHandler(run.file("log.txt"))
         file_handler.setLevel(logging.DEBUG)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)

@@ -8,6 +8,11 @@ Tensor files carry a SHA-256 checksum of every tensor in their metadata
 (:data:`CHECKSUM_KEY`), checked when they are read (:mod:`spt.serialization`).
 A text file that is not UTF-8 is a :class:`~spt.errors.UserError` naming the file and the
 line, never a ``UnicodeDecodeError``.
+
+A write that fails (a full disk, an I/O error, an interrupt) leaves the file as it was and
+no temporary file: the failure is an ``OSError`` naming the file (safetensors' own error
+for a failed write included), which the CLI prints as one line. :func:`append_text` adds
+lines all or nothing, so a full disk never leaves half a row in a CSV history.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from .errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where tensors are written: text writers stay light (plots, the CLI)
+    import torch
 
 CHECKSUM_KEY = "spt_sha256"  # safetensors metadata: JSON {tensor name: sha256 of its bytes}
 
@@ -36,13 +45,74 @@ def _publish(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def write_error(exc: BaseException, path: str | os.PathLike, tmp: Path | None = None) -> OSError | None:
+    """``exc``, a failed write of ``path`` (through ``tmp``), as an ``OSError`` naming ``path``
+    (``None``: not an I/O failure). A write's ``OSError`` often names no file, or the
+    temporary one; safetensors raises its own ``SafetensorError`` holding ``(os error N)``."""
+    if isinstance(exc, OSError):
+        if exc.filename is not None and exc.filename != str(tmp):
+            return exc
+        return OSError(exc.errno, exc.strerror or str(exc), str(path))
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if type(exc).__name__ == "SafetensorError" else None
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
+def raise_write_error(exc: BaseException, path: str | os.PathLike, tmp: Path | None = None) -> NoReturn:
+    """Raise ``exc`` (being handled), as an ``OSError`` naming ``path`` where it is an I/O failure."""
+    error = write_error(exc, path, tmp)
+    if error is None or error is exc:
+        raise exc
+    raise error from exc
+
+
+@contextmanager
+def _atomic(path: Path) -> Iterator[Path]:
+    """The temporary file to write for ``path``, moved into place when the block ends; on
+    any failure it is removed (``path`` stays as it was) and an I/O error names ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        yield tmp
+        _publish(tmp, path)
+    except BaseException as exc:
+        with suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise_write_error(exc, path, tmp)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file."""
+    path = Path(path)
+    with _atomic(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` (UTF-8) to ``path`` through a temporary file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    _publish(tmp, path)
-    return path
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def append_text(path: str | os.PathLike, text: str, create: bool = True) -> None:
+    """Append ``text`` (UTF-8) to ``path``, all or nothing: a failed write (a full disk) cuts
+    the file back to its old length and raises an ``OSError`` naming ``path``. Without
+    ``create`` a missing file is a ``FileNotFoundError`` (it is not made anew)."""
+    flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if create else 0)
+    data = memoryview(text.encode("utf-8"))
+    fd = os.open(path, flags, 0o666)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+        except OSError as exc:
+            with suppress(OSError):
+                os.ftruncate(fd, size)
+            raise write_error(exc, path) from exc
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
@@ -52,6 +122,8 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> Path:
 
 def tensor_sha256(tensor: torch.Tensor) -> str:
     """SHA-256 of a tensor's bytes as stored (any dtype, bf16 included)."""
+    import torch
+
     flat = tensor.detach().contiguous().cpu().reshape(-1)
     return hashlib.sha256(flat.view(torch.uint8).numpy().tobytes()).hexdigest()
 
@@ -61,11 +133,10 @@ def save_tensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLik
     from safetensors.torch import save_file
 
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     checksums = json.dumps({k: tensor_sha256(v) for k, v in cpu.items()}, sort_keys=True)
-    save_file(cpu, str(tmp), metadata={**(metadata or {}), CHECKSUM_KEY: checksums})
-    _publish(tmp, path)
+    with _atomic(path) as tmp:
+        save_file(cpu, str(tmp), metadata={**(metadata or {}), CHECKSUM_KEY: checksums})
     return path
 
 
