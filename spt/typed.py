@@ -33,7 +33,8 @@ def _describe(annotation: Any) -> str:
         return " or ".join(_describe(a) for a in typing.get_args(annotation))
     if origin is list:
         item = typing.get_args(annotation)[0]
-        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "true/false values"}.get(item, str(item))
+        return "a list of " + {int: "integers", float: "numbers", str: "strings", bool: "true/false values",
+                               dict: "mappings"}.get(item, str(item))
     if origin is dict or annotation is dict:
         return "a mapping"
     if annotation is type(None):
@@ -116,13 +117,30 @@ def convert(value: Any, annotation: Any) -> Any:
     return value
 
 
-def typed(value: Any, annotation: Any, field: str, error: type[UserError] = ConfigError) -> Any:
+def typed(value: Any, annotation: Any, field: str, error: type[UserError] = ConfigError, exact: bool = False) -> Any:
     """``value`` as ``annotation`` (see :func:`convert`); otherwise ``error(field, ...)``
-    saying what was expected and what was found."""
+    saying what was expected and what was found. ``exact``: refuse a value that converting
+    would change (``"3"`` or ``3.0`` for an integer, ``0`` for a label): a file spt wrote
+    holds its types exactly, so another type means the file was altered."""
     try:
-        return convert(value, annotation)
+        converted = convert(value, annotation)
+        if exact and not _unchanged(value, converted):
+            raise _Mismatch
+        return converted
     except _Mismatch:
         raise error(field, f"expected {_describe(annotation)}, got {value!r}") from None
+
+
+def _unchanged(value: Any, converted: Any) -> bool:
+    """Whether :func:`convert` left ``value`` as it was (an integer may stand for a number)."""
+    if isinstance(converted, list):
+        return isinstance(value, list) and len(value) == len(converted) and all(map(_unchanged, value, converted))
+    if isinstance(converted, dict):
+        return (isinstance(value, dict) and list(value) == list(converted)
+                and all(_unchanged(value[k], converted[k]) for k in value))
+    if type(converted) is float:
+        return type(value) in (int, float)
+    return type(value) is type(converted) and value == converted
 
 
 def _number(value: Any) -> float | None:
