@@ -5,12 +5,18 @@ A saved model directory holds ``prompt_config.json`` (what to rebuild),
 ``README.md`` model card with Hugging Face metadata. The frozen backbone is referenced by
 name and loaded from its own files. A model can be loaded from a hub repo ("user/name"),
 which is downloaded into (or, offline, read from) the Hugging Face cache.
+
+Loading checks every file: each tensor against its checksum, every field of the config
+(:data:`MODEL_CONFIG`), and the config against the fields the weights file recorded when it
+was saved (:data:`BOUND_FIELDS`), so a damaged or hand-edited model is refused, not loaded.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +25,21 @@ from safetensors import SafetensorError, safe_open
 
 from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
-from .errors import UserError
+from .errors import ConfigError, UserError
 from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
 from .heads import build_head
 from .hub import hub_model_id, looks_like_path
 from .model import PromptModel, PromptSupernet, SparsePromptModel
+from .schema import Field, at_least, distinct, validate
+
+logger = logging.getLogger("spt")
 
 FORMAT = "spt-prompt-model"
-VERSION = 2  # 2: the generators of a model are one stack (generators.down.A holds every layer's A)
-READABLE_VERSIONS = (1, 2)
+# 2: the generators of a model are one stack (generators.down.A holds every layer's A);
+# 3: the weights file records the config fields that decide what its tensors mean (BOUND_KEY).
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+BOUND_KEY = "spt_config"  # safetensors metadata: JSON of BOUND_FIELDS as saved
 CONFIG_FILE = "prompt_config.json"
 WEIGHTS_FILE = "prompt_weights.safetensors"
 CARD_FILE = "README.md"
@@ -35,10 +47,12 @@ LIBRARY = "spt-search"  # the model card's library_name
 CARD_TAGS = ["selective-prompt-tuning", "prompt-tuning", "parameter-efficient-fine-tuning", "text-classification"]
 
 
-def read_tensor_file(path: Path, what: str = "checkpoint", fix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def read_tensor_file(path: Path, what: str = "checkpoint", fix: str = "",
+                     checksums: bool = True) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """The tensors and metadata of a safetensors file, every tensor checked against its
     checksum; a missing, corrupt or damaged file is a :class:`UserError` for ``what``
-    ending in ``fix`` (what to do about it)."""
+    ending in ``fix`` (what to do about it). ``checksums=False``: a file without a checksum
+    list is read unchecked (a model saved before spt-search wrote them)."""
     if not path.is_file():
         raise UserError(what, f"{path} does not exist")
     try:
@@ -47,14 +61,19 @@ def read_tensor_file(path: Path, what: str = "checkpoint", fix: str = "") -> tup
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise UserError(what, f"{path} is corrupt or not a safetensors file ({exc}){fix}") from None
-    verify_checksums(tensors, metadata, path, what, fix)
+    verify_checksums(tensors, metadata, path, what, fix, required=checksums)
     return tensors, metadata
 
 
-def verify_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, what: str, fix: str = "") -> None:
-    """Compare every tensor with the checksum written beside it (files written before
-    checksums existed carry none and are taken as they are)."""
+def verify_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path, what: str, fix: str = "",
+                     required: bool = True) -> None:
+    """Compare every tensor with the checksum written beside it. A file without a checksum
+    list is refused (unless not ``required``): spt-search writes one into every tensor file,
+    so a file without one was altered, and its tensors cannot be trusted."""
     if CHECKSUM_KEY not in metadata:
+        if required:
+            raise UserError(what, f"{path} has no checksum list ({CHECKSUM_KEY} in its metadata), which spt-search "
+                            f"writes into every tensor file: it was altered or not written by spt-search{fix}")
         return
     try:
         expected = json.loads(metadata[CHECKSUM_KEY])
@@ -65,11 +84,6 @@ def verify_checksums(tensors: dict[str, torch.Tensor], metadata: dict[str, str],
     for name, tensor in tensors.items():
         if tensor_sha256(tensor) != expected[name]:
             raise UserError(what, f"{path} is damaged: tensor {name} does not match its checksum{fix}")
-
-
-def load_tensors(path: Path, what: str = "checkpoint", fix: str = "") -> dict[str, torch.Tensor]:
-    """Read a safetensors file, checked as :func:`read_tensor_file` does."""
-    return read_tensor_file(path, what, fix)[0]
 
 
 def backbone_reference(name: str, directory: Path) -> str:
@@ -106,7 +120,8 @@ def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
         "trainable_params": model.num_trainable_parameters(),
         "spt_search_version": __version__,
     }
-    save_tensors_atomic(model.trainable_state_dict(), directory / WEIGHTS_FILE, {"format": FORMAT})
+    bound = json.dumps({name: config[name] for name in BOUND_FIELDS}, sort_keys=True)
+    save_tensors_atomic(model.trainable_state_dict(), directory / WEIGHTS_FILE, {"format": FORMAT, BOUND_KEY: bound})
     write_json_atomic(directory / CONFIG_FILE, config)
     return directory
 
@@ -167,7 +182,35 @@ def _card_body(config: dict[str, Any], metrics: dict[str, Any] | None, source: s
             "print(model.predict([\"a text to classify\"]))\n```\n\nor `spt predict RUN_DIR --input texts.txt`.\n")
 
 
-def read_model_config(directory: Path) -> dict[str, Any]:
+# The fields of prompt_config.json that decide what the saved tensors mean: the weights file
+# records them (BOUND_KEY), so a config edited to other layers of the same count is refused.
+BOUND_FIELDS = ("kind", "backbone_fingerprint", "model_type", "num_layers", "hidden_size", "vocab_size", "layers",
+                "labels", "max_length", "instruction", "prompt", "head")
+_POSITIVE = {"check": at_least(1), "must": "at least 1"}
+MODEL_CONFIG = {  # prompt_config.json (its prompt and head sections: PromptConfig, HeadConfig)
+    "kind": Field(str, check=lambda v: v in ("supernet", "sparse"), must="supernet or sparse"),
+    "backbone": Field(str, check=bool, must="a backbone name or folder"),
+    "backbone_fingerprint": Field(str, required=False),  # older saves lack some fields: see _check_recorded
+    "model_type": Field(str, required=False),
+    "num_layers": Field(int, required=False, **_POSITIVE),
+    "hidden_size": Field(int, required=False, **_POSITIVE),
+    "vocab_size": Field(int, required=False, **_POSITIVE),
+    "layers": Field(list[int], check=lambda v: bool(v) and distinct(v) and min(v) >= 0, must="distinct layers, at least one"),
+    "labels": Field(list[str], check=lambda v: len(v) >= 2 and distinct(v), must="at least two distinct labels"),
+    "max_length": Field(int | None, required=False, **_POSITIVE),
+    "instruction": Field(str | None, required=False),
+    "prompt": Field(dict),
+    "head": Field(dict),
+    "trainable_params": Field(int, required=False, check=at_least(0), must="at least 0"),
+    "spt_search_version": Field(str, required=False, check=lambda v: re.match(r"\d+\.\d+", v) is not None,
+                                must="a version such as 0.2.0"),
+}
+
+
+def read_model_config(directory: Path, fix: str = "") -> dict[str, Any]:
+    """A saved model's ``prompt_config.json``, every field checked (:data:`MODEL_CONFIG`, the prompt
+    and head sections as configs); a damaged or hand-edited one is a :class:`UserError` naming the
+    file and the field, ending in ``fix``."""
     path = directory / CONFIG_FILE
     if not path.is_file():
         raise UserError("model", f"{path} does not exist; is {directory} a saved prompt model?")
@@ -178,9 +221,84 @@ def read_model_config(directory: Path) -> dict[str, Any]:
     found = config.get("format") if isinstance(config, dict) else type(config).__name__
     if found != FORMAT:
         raise UserError("model", f"{path} has format {found!r}, expected {FORMAT!r}")
-    if config.get("version") not in READABLE_VERSIONS:
-        raise UserError("model", f"{path} has version {config.get('version')!r}; this spt-search reads versions {READABLE_VERSIONS}")
+    version = config.get("version")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        raise UserError("model", f"{path} has version {version!r}; this spt-search reads versions {READABLE_VERSIONS}")
+    config = validate(config, MODEL_CONFIG, str(path), fix)
+    _check_recorded(config, path, fix)
+    model_sections(config, path, fix)
     return config
+
+
+def _check_recorded(config: dict[str, Any], path: Path, fix: str) -> None:
+    """What the schema cannot say alone: layers below the backbone's layer count, and a
+    fingerprint wherever the saving spt-search recorded its version (both came together)."""
+    layers, count = config["layers"], config.get("num_layers")
+    if count is not None and max(layers) >= count:
+        raise UserError(str(path), f"layers: must be below num_layers ({count}), got {layers}{fix}")
+    if "spt_search_version" in config and "backbone_fingerprint" not in config:
+        raise UserError(str(path), f"backbone_fingerprint: missing, though spt-search {config['spt_search_version']} "
+                        f"records it with every model it saves{fix}")
+
+
+def model_sections(config: dict[str, Any], path: Path, fix: str = "") -> tuple[PromptConfig, HeadConfig]:
+    """The prompt and head sections of a saved model's config, checked as configs are."""
+    try:
+        return config_from_dict(PromptConfig, config["prompt"], "prompt"), config_from_dict(HeadConfig, config["head"], "head")
+    except ConfigError as exc:
+        raise UserError(str(path), f"{exc.field}: {exc.problem}{fix}") from None
+
+
+def _saved_by(config: dict[str, Any]) -> tuple[int, int] | None:
+    """The spt-search release that saved ``config`` (major, minor); None where it is not recorded
+    (saved by an early 0.1.0 build, before models recorded it)."""
+    found = re.match(r"(\d+)\.(\d+)", config.get("spt_search_version") or "")
+    return (int(found[1]), int(found[2])) if found else None
+
+
+def load_weights(directory: Path, config: dict[str, Any], fix: str) -> dict[str, torch.Tensor]:
+    """The tensors of a saved model's weights file, each checked against its checksum, and the
+    config fields it was saved with checked against ``config``. Only a model saved before
+    spt-search 0.2.0 (which wrote checksums into every file) may lack checksums, and only one
+    of format version 1 or 2 its record of the config: it loads, with a warning saying how to
+    save it again."""
+    path = directory / WEIGHTS_FILE
+    saved_by = _saved_by(config)
+    legacy = config["version"] < 3 and (saved_by is None or saved_by < (0, 2))
+    tensors, metadata = read_tensor_file(path, "model weights", fix, checksums=not legacy)
+    lacking = [what for what, key in (("checksums", CHECKSUM_KEY), ("a record of its config", BOUND_KEY)) if key not in metadata]
+    if lacking and config["version"] < 3:
+        logger.warning("%s was saved by an older spt-search without %s, so damage to it cannot be detected; save it again "
+                       "to add them: spt.save_prompt_model(spt.load_prompt_model(%r), %r)", path, " or ".join(lacking),
+                       str(directory), str(directory))
+    _check_bound(config, metadata, directory, fix)
+    return upgrade_generator_names(tensors, config["layers"])
+
+
+def _check_bound(config: dict[str, Any], metadata: dict[str, str], directory: Path, fix: str) -> None:
+    """Refuse a config whose :data:`BOUND_FIELDS` are not those the weights were saved with (a
+    version-3 model's weights file must record them)."""
+    weights = directory / WEIGHTS_FILE
+    if BOUND_KEY not in metadata:
+        if config["version"] >= 3:
+            raise UserError(str(weights), f"{BOUND_KEY}: missing from its metadata, where every version-3 model "
+                            f"records the config it was saved with{fix}")
+        return
+    try:
+        saved = json.loads(metadata[BOUND_KEY])
+    except json.JSONDecodeError:
+        saved = None
+    if not isinstance(saved, dict):
+        raise UserError(str(weights), f"{BOUND_KEY}: not a JSON mapping of config fields{fix}")
+    for name in BOUND_FIELDS:
+        ours, theirs = config.get(name), saved.get(name)
+        if ours == theirs:
+            continue
+        if isinstance(ours, dict) and isinstance(theirs, dict):  # a section (prompt, head): name its field
+            name, ours, theirs = next((f"{name}.{key}", ours.get(key), theirs.get(key)) for key in sorted(set(ours) | set(theirs))
+                                      if ours.get(key) != theirs.get(key))
+        raise UserError(str(directory / CONFIG_FILE), f"{name}: {ours!r} is not what {WEIGHTS_FILE} was saved with "
+                        f"({theirs!r}); restore it{fix}")
 
 
 def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:
@@ -296,9 +414,11 @@ def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str 
     """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given),
     from a folder or a hub repo id (``revision``, ``token``, ``cache_dir``: see ``snapshot_download``)."""
     directory, origin = locate_model(name_or_path, revision, token, cache_dir)
-    config = read_model_config(directory)
-    prompt = config_from_dict(PromptConfig, config["prompt"], "prompt")
-    head_config = config_from_dict(HeadConfig, config["head"], "head")
+    rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
+    fix = f"; save the model again ({rerun})"
+    config = read_model_config(directory, fix)
+    prompt, head_config = model_sections(config, directory / CONFIG_FILE, fix)
+    tensors = load_weights(directory, config, fix)  # (before the backbone: an edited fingerprint is named as such)
     backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin)
     head = build_head(backbone, head_config, config["labels"])
     inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
@@ -306,9 +426,6 @@ def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str 
         model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
     else:
         model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
-    rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
-    fix = f"; save the model again ({rerun})"
-    tensors = upgrade_generator_names(load_tensors(directory / WEIGHTS_FILE, "model weights", fix), config["layers"])
     load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
     return model.eval()
 

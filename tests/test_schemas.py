@@ -1,0 +1,164 @@
+"""Issue 29: every file spt reads back is validated.
+
+A damaged or hand-edited ``prompt_config.json``, weights file, checkpoint (its training
+state, optimizer and callback records), history (``gates.csv``, ``steps.csv``,
+``metrics.csv``), ``status.json``, ``config.yaml``, manifest, mask or ``metrics.json`` ends
+in one ``error: <file>: <field>: <problem>`` line with exit status 2, and nothing is
+written: a resumed run is refused before it touches its directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from helpers import refused, snapshot, tiny_config
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from search.callbacks import Checkpointer
+from search.checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE
+from search.cli import main
+from spt.files import CHECKSUM_KEY
+
+# 24 examples, batch 4: a search of 2 epochs x 3 steps, interrupted after its checkpoint at
+# step 4 (epoch 1, batch 1); a retraining of 2 epochs x 6 steps, interrupted after step 4.
+RETRAIN = {"epochs": 2, "eval_every": 2}
+
+
+def _interrupted(args: list[str], file: str, step: int) -> None:
+    """Run ``spt args`` and stop it (Ctrl-C) right after ``file`` is saved at ``step``."""
+    original = Checkpointer.on_step_end
+
+    def save_then_interrupt(self, trainer, state, scheduled, stats):
+        original(self, trainer, state, scheduled, stats)
+        if self.path.name == file and state.step == step:
+            raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Checkpointer, "on_step_end", save_then_interrupt)
+        assert main(args) == 130
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory, tiny_models) -> dict[str, Path]:
+    """A config; a search and a run (search done, retraining) each interrupted after a
+    checkpoint at step 4; the run, finished (its sparse model saved); texts to label."""
+    root = tmp_path_factory.mktemp("schemas")
+    config = tiny_config(root, tiny_models["bert"], retrain=RETRAIN)
+    paths = {"config": config, "search": root / "search", "retrain": root / "retrain", "finished": root / "finished"}
+    _interrupted(["search", str(config), "--out", str(paths["search"]), "--quiet"], CHECKPOINT_FILE, 4)
+    _interrupted(["run", str(config), "--out", str(paths["retrain"]), "--quiet"], RETRAIN_CHECKPOINT_FILE, 4)
+    shutil.copytree(paths["retrain"], paths["finished"])
+    assert main(["run", str(config), "--out", str(paths["finished"]), "--quiet"]) == 0
+    (root / "texts.txt").write_text("a great film\ni hate this plot\n")
+    paths["texts"] = root / "texts.txt"
+    return paths
+
+
+def _copy(made: dict[str, Path], name: str, tmp_path: Path) -> Path:
+    return shutil.copytree(made[name], tmp_path / name)
+
+
+def _rewrite(path: Path, change: Callable[[dict[str, str]], None]) -> None:
+    """Change the metadata of a safetensors file (its tensors, and so their checksums, stay)."""
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata())
+        tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    change(metadata)
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def _edit(key: str, change: Callable[[dict], object]) -> Callable[[dict[str, str]], None]:
+    """A metadata change: the JSON entry ``key`` edited in place by ``change``."""
+    def edit(metadata: dict[str, str]) -> None:
+        value = json.loads(metadata[key])
+        change(value)
+        metadata[key] = json.dumps(value)
+    return edit
+
+
+def _set(key: str, text: str) -> Callable[[dict[str, str]], None]:
+    return lambda metadata: metadata.__setitem__(key, text)
+
+
+# ------------------------------------------------------------------ a saved model
+
+
+def _json_edit(name: str, change: Callable[[dict], object]) -> Callable[[Path], None]:
+    """An edit of the JSON file ``name`` in a folder: ``change`` alters its data in place."""
+    def edit(folder: Path) -> None:
+        data = json.loads((folder / name).read_text())
+        change(data)
+        (folder / name).write_text(json.dumps(data))
+    return edit
+
+
+def _config_edit(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    return _json_edit("prompt_config.json", change)
+
+
+def _other_layers(config: dict) -> None:
+    others = [layer for layer in range(config["num_layers"]) if layer not in config["layers"]]
+    config["layers"] = sorted([others[0], *config["layers"][1:]])  # as many layers: the shapes still fit
+
+
+MODEL_EDITS = {
+    "prompt-missing": (_config_edit(lambda c: c.pop("prompt")), "prompt_config.json: prompt: missing"),
+    "layers-text": (_config_edit(lambda c: c.update(layers="1,3")), "prompt_config.json: layers: expected a list of integers, got '1,3'"),
+    "labels-numbers": (_config_edit(lambda c: c.update(labels=[0, 1])), "prompt_config.json: labels: expected a list of strings, got [0, 1]"),
+    "num-layers-text": (_config_edit(lambda c: c.update(num_layers="4")), "prompt_config.json: num_layers: expected an integer, got '4'"),
+    "layer-beyond": (_config_edit(lambda c: c.update(layers=[1, 9])), "prompt_config.json: layers: must be below num_layers (4), got [1, 9]"),
+    "length-text": (_config_edit(lambda c: c["prompt"].update(length="x")), "prompt_config.json: prompt.length: expected an integer, got 'x'"),
+    "length-edited": (_config_edit(lambda c: c["prompt"].update(length=4)),
+                      "prompt_config.json: prompt.length: 4 is not what prompt_weights.safetensors was saved with (3)"),
+    "other-layers": (_config_edit(_other_layers), "is not what prompt_weights.safetensors was saved with"),
+    "fingerprint-removed": (_config_edit(lambda c: c.pop("backbone_fingerprint")), "prompt_config.json: backbone_fingerprint: missing"),
+    "checksums-removed": (lambda m: _rewrite(m / "prompt_weights.safetensors", lambda md: md.pop(CHECKSUM_KEY)),
+                          "prompt_weights.safetensors has no checksum list"),
+    "record-removed": (lambda m: _rewrite(m / "prompt_weights.safetensors", lambda md: md.pop("spt_config")),
+                       "prompt_weights.safetensors: spt_config: missing"),
+}
+
+
+@pytest.mark.parametrize("edit, problem", MODEL_EDITS.values(), ids=MODEL_EDITS.keys())
+def test_a_damaged_or_edited_saved_model_is_refused(made, tmp_path, capsys, edit, problem):
+    run = _copy(made, "finished", tmp_path)
+    edit(run / "sparse")
+    before, output = snapshot(run), tmp_path / "predictions.jsonl"
+    line = refused(capsys, ["predict", str(run), "--input", str(made["texts"]), "--output", str(output)], problem)
+    assert str(run / "sparse") in line and line.endswith(f"save the model again (rerun the spt command that wrote {run / 'sparse'})")
+    assert snapshot(run) == before and not output.exists()
+
+
+def test_a_model_saved_before_checksums_loads_with_a_warning_one_claiming_a_later_release_does_not(made, tmp_path):
+    """Saves are told apart by the spt-search that wrote them: before 0.1.0 recorded its version
+    there was no fingerprint; 0.2.0 wrote checksums into every file; format 3 records its config."""
+    from spt import SparsePromptModel
+    from spt.errors import UserError
+
+    model = _copy(made, "finished", tmp_path) / "sparse"
+    saved = json.loads((model / "prompt_config.json").read_text())
+    _config_edit(lambda c: [c.update(version=2), c.pop("spt_search_version"), c.pop("backbone_fingerprint")])(model)
+    _rewrite(model / "prompt_weights.safetensors", lambda md: [md.pop(CHECKSUM_KEY), md.pop("spt_config")])
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("spt").addHandler(handler)
+    try:
+        assert SparsePromptModel.from_pretrained(model).predict(["a great film"])[0]["label"] in ("0", "1")
+    finally:
+        logging.getLogger("spt").removeHandler(handler)
+    (warning,) = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert "without checksums or a record of its config" in warning
+    assert f"spt.save_prompt_model(spt.load_prompt_model({str(model)!r}), {str(model)!r})" in warning
+    _config_edit(lambda c: c.update(spt_search_version="0.1.0"))(model)  # 0.1.0 recorded the fingerprint with it
+    with pytest.raises(UserError, match="prompt_config.json: backbone_fingerprint: missing, though spt-search 0.1.0 records it"):
+        SparsePromptModel.from_pretrained(model)
+    _config_edit(lambda c: c.update(spt_search_version="0.2.0", backbone_fingerprint=saved["backbone_fingerprint"]))(model)
+    with pytest.raises(UserError, match="prompt_weights.safetensors has no checksum list"):  # 0.2.0 wrote them everywhere
+        SparsePromptModel.from_pretrained(model)
