@@ -11,6 +11,8 @@ The search writes ``checkpoint.safetensors``, the retraining ``retrain_checkpoin
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,7 +21,10 @@ import torch
 
 from spt.errors import UserError
 from spt.files import save_tensors_atomic
+from spt.schema import validate
 from spt.serialization import load_trainable_state, read_tensor_file
+
+from .schema import CHECKPOINT
 
 if TYPE_CHECKING:
     from .trainer import Callback, Trainer, TrainState
@@ -77,31 +82,54 @@ def save_checkpoint(path: Path, trainer: Trainer, state: TrainState, callbacks: 
     save_tensors_atomic(tensors, path, metadata)
 
 
-def _fix(path: Path) -> str:
+def checkpoint_fix(path: Path) -> str:
+    """How to get past a checkpoint that cannot be resumed (ends a refusal)."""
     what = "retraining" if path.name == RETRAIN_CHECKPOINT_FILE else "search"
     return f"; delete {path.name} to restart this {what} from its beginning, or start over with --force"
 
 
-def check_checkpoint(path: Path, identity: dict[str, Any] | None = None) -> None:
-    """Refuse a damaged checkpoint, or one written for another ``identity``, before a resumed
-    job writes anything (no file: nothing to check)."""
-    if path.is_file():
-        _check_identity(path, _read(path)[2].get("identity"), identity)
+def check_checkpoint(path: Path, identity: dict[str, Any] | None = None) -> TrainState | None:
+    """Refuse a damaged checkpoint (a tensor that does not match its checksum, a training
+    state, optimizer or callback record of the wrong structure), or one written for another
+    ``identity``, before a resumed job writes anything; returns its training state (no file:
+    None, nothing to check)."""
+    if not path.is_file():
+        return None
+    _, state, meta = _read(path)
+    _check_identity(path, meta.get("identity"), identity)
+    return state
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], TrainState, dict[str, Any]]:
     """The tensors, training state and JSON metadata (optimizers, scalers, callbacks,
-    identity; the last three absent from older checkpoints) of a checkpoint, checked."""
+    identity) of a checkpoint, each checked against its schema (:data:`search.schema.CHECKPOINT`)."""
     from .trainer import TrainState
 
-    tensors, metadata = read_tensor_file(path, "checkpoint", _fix(path))
-    try:
-        state = TrainState.from_dict(json.loads(metadata["state"]))
-        meta = {"optimizers": json.loads(metadata["optimizers"])}
-        meta.update({key: json.loads(metadata[key]) for key in ("scalers", "callbacks", "identity") if key in metadata})
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
-        raise UserError("checkpoint", f"{path} has no valid training state ({exc}){_fix(path)}") from None
-    return tensors, state, meta
+    fix, where = checkpoint_fix(path), f"checkpoint: {path}"
+    tensors, metadata = read_tensor_file(path, "checkpoint", fix)
+    decoded: dict[str, Any] = {}
+    for key in CHECKPOINT:
+        if key in metadata:
+            try:
+                decoded[key] = json.loads(metadata[key])
+            except json.JSONDecodeError as exc:
+                raise UserError(where, f"{key}: not valid JSON ({exc.msg}){fix}") from None
+    meta = validate(decoded, CHECKPOINT, where, fix)
+    _check_tensor_names(tensors, meta, where, fix)
+    return tensors, TrainState.from_dict(meta.pop("state")), meta
+
+
+def _check_tensor_names(tensors: dict[str, torch.Tensor], meta: dict[str, Any], where: str, fix: str) -> None:
+    """Every tensor is the model's, a callback's, or the state of a parameter an optimizer's groups hold."""
+    for name in tensors:
+        part, _, rest = name.partition(".")
+        if part in ("model", "callback") and rest:
+            continue
+        optimizer, _, rest = rest.partition(".")
+        index, _, field = rest.partition(".")
+        groups = meta["optimizers"].get(optimizer, {}).get("param_groups", [])
+        if not (part == "optim" and index.isdigit() and field and any(int(index) in g["params"] for g in groups)):
+            raise UserError(where, f"tensor {name}: not a model, callback or optimizer tensor of this checkpoint{fix}")
 
 
 def load_checkpoint(path: Path, trainer: Trainer, callbacks: dict[str, Callback] | None = None,
@@ -117,16 +145,27 @@ def load_checkpoint(path: Path, trainer: Trainer, callbacks: dict[str, Callback]
     load_trainable_state(trainer.model, _prefixed(tensors, "model."), str(path))
     for name, optimizer in trainer.optimizers().items():
         if name not in meta["optimizers"]:
-            raise UserError("checkpoint", f"{path} has no state for optimizer {name!r}{_fix(path)}")
-        optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
+            raise UserError("checkpoint", f"{path} has no state for optimizer {name!r}{checkpoint_fix(path)}")
+        with _restoring(path, f"optimizers.{name}"):
+            optimizer.load_state_dict(_unflatten_optimizer(name, tensors, meta["optimizers"][name]))
     # (a checkpoint of another precision has no scaler state: a scaler then starts afresh)
     for name, scaler in trainer.scalers.items():
         if name in meta.get("scalers", {}):
-            scaler.load_state_dict(meta["scalers"][name])
+            with _restoring(path, f"scalers.{name}"):
+                scaler.load_state_dict(meta["scalers"][name])
     for name, callback in (callbacks or {}).items():
         if name in meta.get("callbacks", {}):
             callback.restore(_prefixed(tensors, f"callback.{name}."), meta["callbacks"][name])
     return state
+
+
+@contextmanager
+def _restoring(path: Path, what: str) -> Iterator[None]:
+    """torch's refusal of a state that does not fit (other parameter groups, sizes) as a :class:`UserError`."""
+    try:
+        yield
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise UserError(f"checkpoint: {path}", f"{what}: does not fit this training ({exc}){checkpoint_fix(path)}") from None
 
 
 def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -138,4 +177,4 @@ def _check_identity(path: Path, saved: dict[str, Any] | None, expected: dict[str
     for key, value in (expected or {}).items():
         if saved is not None and key in saved and saved[key] != value:
             raise UserError("checkpoint", f"{path} was written for {key} {saved[key]}, but this job trains {key} {value}"
-                            f"{_fix(path)}")
+                            f"{checkpoint_fix(path)}")

@@ -229,9 +229,9 @@ def _start(args: argparse.Namespace, stages: list[str]):
     take the same decision (new run or resume).
     """
     from . import distributed
-    from .checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE, check_checkpoint
     from .config import load_config
     from .pipeline import prepare
+    from .resume import check_resume
     from .runs import open_run_dir, setup_logging
 
     world = distributed.init_from_env()
@@ -241,11 +241,10 @@ def _start(args: argparse.Namespace, stages: list[str]):
     if world.active and args.out is None:
         raise UserError("--out", "under torchrun give the run directory explicitly, so every rank uses the same one")
     run = open_run_dir(args.out, config, stages, force=args.force, create=False)
-    if run.resume:  # damaged: refused before the resumed run writes anything
-        check_checkpoint(run.path / CHECKPOINT_FILE)
-        check_checkpoint(run.path / RETRAIN_CHECKPOINT_FILE)
     setup_logging(None, verbose=not args.quiet and world.is_main)
     prep = prepare(config)
+    if run.resume:  # a damaged checkpoint or history: refused before the resumed run writes anything
+        check_resume(run, prep)
     return config, run, prep
 
 

@@ -43,6 +43,7 @@ from .data import TaskData, load_task
 from .losses import search_loss
 from .progress import WorkProgress
 from .rankers import RANKERS, Evidence
+from .resume import Training, plain_training, search_training
 from .runs import RunDir
 from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
 from .selection import (
@@ -179,11 +180,14 @@ def _step_history(prep: Prepared, run: RunDir, stage: str, every: int) -> StepHi
 
 
 def _resume(path: Path, trainer: Trainer, callbacks: dict[str, Callback], stage: str,
-            identity: dict[str, Any] | None = None) -> TrainState:
-    """The state in the checkpoint at ``path`` (restored into ``trainer`` and ``callbacks``), or a fresh start."""
+            identity: dict[str, Any] | None = None, training: Training | None = None) -> TrainState:
+    """The state in the checkpoint at ``path`` (restored into ``trainer`` and ``callbacks``), or a
+    fresh start; ``training``: what the checkpoint must agree with (its plan and histories)."""
     if not path.is_file():
         return TrainState()
     state = load_checkpoint(path, trainer, callbacks, identity)
+    if training is not None:
+        training.check(path, state)
     logger.info("resuming the %s from step %d (epoch %d) of %s", stage, state.step, state.epoch, path.parent)
     return state
 
@@ -223,7 +227,8 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
         callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), *kept.values(),
                       Checkpointer(ckpt_path, s.checkpoint_every, kept)]
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
-    state = _resume(ckpt_path, trainer, kept, "search")
+    history = run.path if distributed.is_main() else None
+    state = _resume(ckpt_path, trainer, kept, "search", training=search_training(config, n_train, layers, history))
     logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
                 prep.backbone.name, config.task.name, len(layers), n_train, total)
 
@@ -350,7 +355,8 @@ def train_and_evaluate(
         identity = {"stage": desc, "layers": getattr(model, "layers", None)}
         if distributed.is_main():
             callbacks.insert(-1, Checkpointer(checkpoint, r.eval_every, kept, identity))  # (after what it keeps)
-        state = _resume(checkpoint, trainer, kept, "retraining" if desc == "retrain" else desc, identity)
+        training = plain_training(desc, r, n_train, run.path if run is not None and distributed.is_main() else None)
+        state = _resume(checkpoint, trainer, kept, "retraining" if desc == "retrain" else desc, identity, training)
     else:
         state = TrainState()
     steps = steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, state.epoch, state.batch_in_epoch)

@@ -248,7 +248,7 @@ def read_gate_history(path: Path) -> list[dict[str, Any]]:
             raise UserError(path, f"header must be {','.join(GATES_HEADER)}, got {header}")
         for row in reader:
             if row:
-                rows.append(_gate_row(row, f"{path} line {reader.line_num}"))
+                rows.append(gate_row(row, f"{path} line {reader.line_num}"))
     except csv.Error as exc:
         raise UserError(f"{path} line {reader.line_num}", f"not a valid gate row ({exc})") from None
     if not rows:
@@ -256,7 +256,8 @@ def read_gate_history(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _gate_row(row: list[str], where: str) -> dict[str, Any]:
+def gate_row(row: list[str], where: str) -> dict[str, Any]:
+    """One row of ``gates.csv`` with typed values; a damaged one is a :class:`UserError` for ``where``."""
     problem = f"not a valid gate row: {row}; the gate history is damaged (search again with --force)"
     if len(row) != len(GATES_HEADER):
         raise UserError(where, problem)

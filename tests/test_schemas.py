@@ -162,3 +162,91 @@ def test_a_model_saved_before_checksums_loads_with_a_warning_one_claiming_a_late
     _config_edit(lambda c: c.update(spt_search_version="0.2.0", backbone_fingerprint=saved["backbone_fingerprint"]))(model)
     with pytest.raises(UserError, match="prompt_weights.safetensors has no checksum list"):  # 0.2.0 wrote them everywhere
         SparsePromptModel.from_pretrained(model)
+
+
+# ------------------------------------------------------------------ checkpoints
+
+
+CHECKPOINT_EDITS = {
+    "step-text": (_edit("state", lambda s: s.update(step="abc")), "state.step: expected an integer, got 'abc'"),
+    "step-negative": (_edit("state", lambda s: s.update(step=-1)), "state.step: must be at least 0, got -1"),
+    "step-float": (_edit("state", lambda s: s.update(step=4.5)), "state.step: expected an integer, got 4.5"),
+    "epoch-99": (_edit("state", lambda s: s.update(epoch=99)), "state.epoch: 99 is beyond this search's 2 epochs"),
+    "step-off": (_edit("state", lambda s: s.update(step=5)),
+                 "state.step: 5 is not the step of epoch 1, batch 1 (4) of this search"),
+    "batch-beyond": (_edit("state", lambda s: s.update(batch_in_epoch=7, step=10)),
+                     "state.batch_in_epoch: 7 is beyond the 3 steps of epoch 1 of this search"),
+    "state-missing": (lambda m: m.pop("state"), "state: missing"),
+    "state-list": (_set("state", "[4, 1]"), "state: expected a mapping, got [4, 1]"),
+    "optimizers-not-json": (_set("optimizers", "{"), "optimizers: not valid JSON"),
+    "param-groups-text": (_edit("optimizers", lambda o: o["omega"].update(param_groups="x")),
+                          "optimizers.omega.param_groups: expected a list of mappings, got 'x'"),
+    "lr-text": (_edit("optimizers", lambda o: o["arch"]["param_groups"][0].update(lr="fast")),
+                "optimizers.arch.param_groups.0.lr: expected a number, got 'fast'"),
+    "params-cut": (_edit("optimizers", lambda o: o["omega"]["param_groups"][0].update(params=[0])),
+                   "not a model, callback or optimizer tensor of this checkpoint"),
+    "counts-text": (_edit("callbacks", lambda c: c["metrics"].update(counts="x")),
+                    "callbacks.metrics.counts: expected a mapping, got 'x'"),
+    "no-checksums": (lambda m: m.pop(CHECKSUM_KEY), "has no checksum list (spt_sha256 in its metadata)"),
+}
+
+
+@pytest.mark.parametrize("edit, problem", CHECKPOINT_EDITS.values(), ids=CHECKPOINT_EDITS.keys())
+def test_a_damaged_search_checkpoint_is_refused_before_the_resume_writes_anything(made, tmp_path, capsys, edit, problem):
+    run = _copy(made, "search", tmp_path)
+    _rewrite(run / CHECKPOINT_FILE, edit)
+    before = snapshot(run)
+    line = refused(capsys, ["search", str(made["config"]), "--out", str(run), "--quiet"], problem)
+    if problem.startswith("has no checksum"):
+        assert line.startswith(f"error: checkpoint: {run / CHECKPOINT_FILE} has no checksum list")
+    else:
+        assert line.startswith(f"error: checkpoint: {run / CHECKPOINT_FILE}: ")
+    assert line.endswith("delete checkpoint.safetensors to restart this search from its beginning, or start over with --force")
+    assert snapshot(run) == before  # no log, no gate row, no manifest entry
+
+
+def test_a_retraining_checkpoint_beyond_its_epochs_is_refused_before_the_resume_writes_anything(made, tmp_path, capsys):
+    run = _copy(made, "retrain", tmp_path)
+    _rewrite(run / RETRAIN_CHECKPOINT_FILE, _edit("state", lambda s: s.update(epoch=99)))
+    before = snapshot(run)
+    line = refused(capsys, ["run", str(made["config"]), "--out", str(run), "--quiet"],
+                   f"error: checkpoint: {run / RETRAIN_CHECKPOINT_FILE}: state.epoch: 99 is beyond this retrain's 2 epochs")
+    assert "delete retrain_checkpoint.safetensors to restart this retraining" in line
+    assert snapshot(run) == before
+
+
+# ------------------------------------------------------------------ histories
+
+
+def _lines(path: Path, keep: Callable[[list[str]], list[str]]) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        lines = (run / path).read_text().splitlines()
+        (run / path).write_text("".join(line + "\n" for line in keep(lines)))
+    return edit
+
+
+HISTORY_EDITS = {
+    "gates-header-only": (_lines(Path("gates.csv"), lambda lines: lines[:1]),
+                          "gates.csv: the row of step 0, epoch 0, layer 0 is missing"),
+    "gates-garbled": (_lines(Path("gates.csv"), lambda lines: [*lines[:3], "3,0,x,0.5", *lines[4:]]),
+                      "gates.csv line 4: not a valid row: 3,0,x,0.5"),
+    "gates-step-cut": (_lines(Path("gates.csv"), lambda lines: [line for line in lines if not line.startswith("2,")]),
+                       "gates.csv: the row of step 2, epoch 0, layer 0 is missing"),
+    "steps-header-only": (_lines(Path("steps.csv"), lambda lines: lines[:1]), "steps.csv: the row of step 1, epoch 1 is missing"),
+    "steps-garbled": (_lines(Path("steps.csv"), lambda lines: [lines[0], "search,1,1,abc,,,,", *lines[2:]]),
+                      "steps.csv line 2: not a valid row: search,1,1,abc"),
+    "metrics-header-only": (_lines(Path("metrics.csv"), lambda lines: lines[:1]),
+                            "metrics.csv: the row of epoch 1, step 3 is missing"),
+    "metrics-garbled": (_lines(Path("metrics.csv"), lambda lines: [lines[0], lines[1].replace("search,1,3", "search,one,3")]),
+                        "metrics.csv line 2: not a valid row: search,one,3"),
+}
+
+
+@pytest.mark.parametrize("edit, problem", HISTORY_EDITS.values(), ids=HISTORY_EDITS.keys())
+def test_a_history_cut_or_garbled_before_the_checkpoint_refuses_the_resume(made, tmp_path, capsys, edit, problem):
+    run = _copy(made, "search", tmp_path)
+    edit(run)
+    before = snapshot(run)
+    line = refused(capsys, ["search", str(made["config"]), "--out", str(run), "--quiet"], f"error: {run}/{problem}")
+    assert line.endswith("the history up to it must be whole: start the search over with --force")
+    assert snapshot(run) == before  # the rows are not cut, nothing is appended
