@@ -17,6 +17,7 @@ from pathlib import Path
 
 from spt.errors import UserError
 from spt.files import read_text, write_json_atomic
+from spt.schema import Field, validate
 
 MANIFEST_FILE = ".spt-manifest.json"
 FORMAT = "spt-run-manifest"
@@ -45,11 +46,11 @@ class Manifest:
             data = json.loads(read_text(path, "--out"))
         except json.JSONDecodeError as exc:
             raise UserError("--out", f"{path} is damaged (not valid JSON: {exc.msg}); {fix}") from None
-        entries, stages = (data.get(k) if isinstance(data, dict) else None for k in ("entries", "stages"))
-        if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(stages, list)
-                and isinstance(entries, list) and all(_plain_name(e) for e in entries)):
-            raise UserError("--out", f"{path} is damaged (not an {FORMAT} with stages and entries); {fix}")
-        return cls(directory, map(str, stages), entries)
+        try:
+            data = validate(data, MANIFEST, str(path))
+        except UserError as exc:  # "--out: <file> is damaged (<field>: <problem>); <fix>"
+            raise UserError("--out", f"{path} is damaged ({exc.problem}); {fix}") from None
+        return cls(directory, data["stages"], data["entries"])
 
     def add(self, name: str) -> None:
         """Record that spt writes the top-level entry holding ``name`` (saved at once)."""
@@ -81,3 +82,11 @@ class Manifest:
 def _plain_name(entry: object) -> bool:
     """A name inside the directory: no separator, not ``..`` (a manifest never reaches outside)."""
     return isinstance(entry, str) and entry not in ("", ".", "..") and "/" not in entry and "\\" not in entry
+
+
+MANIFEST = {  # what .spt-manifest.json holds (see spt.schema)
+    "format": Field(str, check=lambda v: v == FORMAT, must=repr(FORMAT)),
+    "version": Field(int, required=False),
+    "stages": Field(list[str]),
+    "entries": Field(list[str], check=lambda names: all(map(_plain_name, names)), must="names inside the folder"),
+}

@@ -13,22 +13,22 @@ from typing import Any
 from spt.errors import UserError
 from spt.files import check_writable, write_text_atomic
 from spt.model import SparsePromptModel
+from spt.schema import conforms
 
-from .config import RunConfig, config_from_run_dict, split_view
+from .config import RunConfig, split_view
 from .data import DataError, Example, describe_layout, read_examples
 from .metrics import compute_metrics
 from .runs import RunDir
+from .schema import METRICS
 
 
 def load_run(run_dir: str | Path, backbone: str | None = None) -> tuple[RunConfig, SparsePromptModel]:
     """The config of a finished run and its retrained sparse model (eval mode)."""
     run = RunDir(Path(run_dir))
-    recorded = run.recorded_config()
-    if recorded is None:
-        raise UserError("run_dir", f"{run_dir} has no config.yaml; is it an spt run directory?")
+    config = run.config()  # (errors name config.yaml)
     if not run.file("sparse").is_dir():
         raise UserError("run_dir", f"{run_dir} holds no retrained model (sparse/); run `spt run` or `spt retrain` first")
-    return config_from_run_dict(recorded), SparsePromptModel.from_pretrained(run.file("sparse"), backbone)
+    return config, SparsePromptModel.from_pretrained(run.file("sparse"), backbone)
 
 
 def read_inputs(config: RunConfig, path: str | Path, fmt: str) -> list[tuple[str, Example]]:
@@ -118,6 +118,8 @@ def _run_row(name: str) -> dict[str, Any]:
     path, damaged = Path(name), []
     config = _read_mapping(path / "config.yaml", damaged)
     metrics = _read_mapping(path / "metrics.json", damaged)
+    if metrics and not conforms(metrics, METRICS):  # (what is readable still shows)
+        _damage(damaged, "metrics.json")
     mask = _read_mapping(path / "layer_mask.json", damaged)
     task = _field(config, "task", dict, "config.yaml", damaged) or {}
     model = _field(config, "model", dict, "config.yaml", damaged) or {}

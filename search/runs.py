@@ -20,11 +20,13 @@ import yaml
 
 from spt.errors import UserError
 from spt.files import check_writable, read_text, write_json_atomic, write_text_atomic
+from spt.schema import validate
 
 from . import lock
 from .clearing import TRASH, check_clearable, clear
 from .config import RunConfig, config_from_run_dict, dump_config, run_identity
 from .manifest import MANIFEST_FILE, Manifest
+from .schema import CONFIG, STAGE_STATUS
 from .storage import mask_argument, mask_secrets
 
 STATUS_FILE = "status.json"
@@ -85,9 +87,9 @@ class RunDir:
             status = json.loads(read_text(path, str(path)))
         except json.JSONDecodeError as exc:
             raise UserError(str(path), f"is damaged (not valid JSON: {exc.msg}, line {exc.lineno}); {DAMAGED_FIX}") from None
-        if not isinstance(status, dict) or not all(isinstance(v, dict) for v in status.values()):
+        if not isinstance(status, dict):
             raise UserError(str(path), f"is damaged (not a mapping of stage -> status); {DAMAGED_FIX}")
-        return status
+        return {stage: validate(entry, STAGE_STATUS, str(path), f"; {DAMAGED_FIX}", f"{stage}.") for stage, entry in status.items()}
 
     def mark(self, stage: str, **info: Any) -> None:
         status = self.status()
@@ -108,7 +110,7 @@ class RunDir:
             raise UserError(str(path), f"is damaged (not valid YAML: {problem}); {DAMAGED_FIX}") from None
         if not isinstance(data, dict):
             raise UserError(str(path), f"is damaged (not a mapping of config sections); {DAMAGED_FIX}")
-        return data
+        return validate(data, CONFIG, str(path), f"; {DAMAGED_FIX}")  # each section a mapping (fields: see config())
 
     def config(self) -> RunConfig:
         """The run's recorded config, checked like any config (errors name the file)."""

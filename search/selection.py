@@ -228,6 +228,12 @@ def _check_mask(mask: LayerMask, where: str) -> None:
             raise UserError(where, f"field {name} has {len(values)} values for {len(mask.candidate_layers)} candidate layers")
     if mask.k != len(mask.selected_layers):
         raise UserError(where, f"field k={mask.k} but {len(mask.selected_layers)} layers are selected")
+    for name, low in (("trainable_params", 0), ("prompt_length", 1), ("param_budget", 1)):  # counts
+        value = getattr(mask, name)
+        if value is not None and value < low:
+            raise UserError(where, f"field {name} must be at least {low}, got {value}")
+    if mask.spread is not None and min(mask.spread) < 0:
+        raise UserError(where, f"field spread holds a negative value: {mask.spread}")
 
 
 # ---------------------------------------------------------------------- gate history

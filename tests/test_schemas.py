@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import refused, snapshot, tiny_config
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -250,3 +251,59 @@ def test_a_history_cut_or_garbled_before_the_checkpoint_refuses_the_resume(made,
     line = refused(capsys, ["search", str(made["config"]), "--out", str(run), "--quiet"], f"error: {run}/{problem}")
     assert line.endswith("the history up to it must be whole: start the search over with --force")
     assert snapshot(run) == before  # the rows are not cut, nothing is appended
+
+
+# ------------------------------------------------------------------ run files
+
+
+def _yaml_edit(change: Callable[[dict], object]) -> Callable[[Path], None]:
+    def edit(run: Path) -> None:
+        data = yaml.safe_load((run / "config.yaml").read_text())
+        change(data)
+        (run / "config.yaml").write_text(yaml.safe_dump(data))
+    return edit
+
+
+RUN_FILE_EDITS = {  # edit, the run it damages, the command that reads it, the refusal
+    "status-steps": (_json_edit("status.json", lambda s: s["search"].update(steps="x")), "retrain", "run",
+                     "status.json: search.steps: expected an integer, got 'x'"),
+    "status-seconds": (_json_edit("status.json", lambda s: s["search"].update(seconds="fast")), "retrain", "run",
+                       "status.json: search.seconds: expected a number, got 'fast'"),
+    "status-alphas": (_json_edit("status.json", lambda s: s["search"].update(alphas=[0.5, 7])), "retrain", "run",
+                      "status.json: search.alphas: must be gates in [0, 1], got [0.5, 7.0]"),
+    "status-entry": (_json_edit("status.json", lambda s: s.update(search="done")), "retrain", "run",
+                     "status.json: search: expected a mapping of fields, got 'done'"),
+    "config-section-text": (_yaml_edit(lambda c: c.update(task="toy")), "finished", "predict",
+                            "config.yaml: task: expected a mapping or null, got 'toy'"),
+    "config-list": (lambda run: (run / "config.yaml").write_text("- 1\n- 2\n"), "finished", "predict",
+                    "config.yaml: is damaged (not a mapping of config sections)"),
+    "manifest-stages": (_json_edit(".spt-manifest.json", lambda m: m.update(stages=[["search"]])), "search", "search",
+                        ".spt-manifest.json is damaged (stages: expected a list of strings, got [['search']])"),
+    "mask-params": (_json_edit("layer_mask.json", lambda m: m.update(trainable_params=-5)), "finished", "retrain",
+                    "layer_mask.json: field trainable_params must be at least 0, got -5"),
+}
+
+
+@pytest.mark.parametrize("edit, name, command, problem", RUN_FILE_EDITS.values(), ids=RUN_FILE_EDITS.keys())
+def test_a_damaged_run_file_is_refused_naming_file_and_field(made, tmp_path, capsys, edit, name, command, problem):
+    run = _copy(made, name, tmp_path)
+    edit(run)
+    before = snapshot(run)
+    config, out = str(made["config"]), tmp_path / "out"
+    args = {"run": ["run", config, "--out", str(run), "--quiet"], "search": ["search", config, "--out", str(run), "--quiet"],
+            "predict": ["predict", str(run), "--input", str(made["texts"]), "--output", str(out)],
+            "retrain": ["retrain", config, "--mask", str(run / "layer_mask.json"), "--out", str(out), "--quiet"]}[command]
+    refused(capsys, args, f"{run}/{problem}")
+    assert snapshot(run) == before and not out.exists()
+
+
+def test_spt_runs_says_a_metrics_file_with_a_mistyped_field_is_damaged(made, tmp_path, capsys):
+    import csv
+
+    run = _copy(made, "finished", tmp_path)
+    _json_edit("metrics.json", lambda m: m.update(retrain_steps="twelve"))(run)
+    before = snapshot(run)
+    assert main(["runs", str(run), "--format", "csv"]) == 0
+    (row,) = csv.DictReader(capsys.readouterr().out.splitlines())
+    assert row["note"] == "damaged: metrics.json" and row["dev"] != ""  # what is readable still shows
+    assert snapshot(run) == before
