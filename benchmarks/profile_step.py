@@ -46,8 +46,7 @@ def main() -> None:
     text = [f"# Device time of one step: {args.backbone}, batch {args.batch} x {args.length}", "",
             f"Measured on {speed.environment(device)}.", "", f"Command: `python benchmarks/profile_step.py {' '.join(sys.argv[1:])}`"]
     for precision in args.precision:
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        backbone = speed.get_backbone(args.backbone, dtype).to(device)
+        backbone = speed.get_backbone(args.backbone, speed.Precision(precision).backbone_dtype).to(device)
         fns = speed.Steps(backbone, args.backbone, args.batch, args.length, device, precision).functions()
         for key in STEPS:
             device_ms, table = profile_step(fns[key], device)

@@ -46,11 +46,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from search.architect import compiled  # noqa: E402
 from search.baselines import build_baseline  # noqa: E402
 from search.config import RetrainConfig, SearchConfig  # noqa: E402
+from search.feed import Feed, Precision  # noqa: E402
 from search.losses import search_loss  # noqa: E402
 from search.profiling import count_ops, device_counts, graph_breaks  # noqa: E402
+from search.steps import compiled  # noqa: E402
 from search.trainer import Trainer  # noqa: E402
 from spt import Backbone, HeadConfig, PromptConfig, PromptSupernet, SparsePromptModel, build_head, load_backbone  # noqa: E402
 from spt.inputs import EncodedSplit, collate  # noqa: E402
@@ -91,37 +92,41 @@ class Steps:
                  compile_step: bool = False) -> None:
         split = encoded(batch_size, length, backbone.config.vocab_size)
         self.indices = list(range(batch_size))
-        self.batch = collate(split, self.indices, device, PROMPT_LENGTH, torch.bfloat16 if precision == "bf16" else None)
+        self.batch = collate(split, self.indices, device, PROMPT_LENGTH, Precision(precision).autocast_dtype)
         cfg, head_cfg = PromptConfig(length=PROMPT_LENGTH), HeadConfig(pooling="mean")
         L = backbone.num_layers
         torch.manual_seed(0)
         self.supernet = PromptSupernet(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS)
         self.sparse = SparsePromptModel(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS, [0, L // 2, L - 1])
-        common = {"train": split, "seed": 0, "device": device, "precision": precision, "fused_optimizer": True}
+
+        def trainer(model, settings, frozen_cache_mb: float = 0, **kwargs) -> Trainer:
+            feed = Feed(model, split, device, precision, frozen_cache_mb)
+            return Trainer(model, settings, feed, seed=0, fused_optimizer=True, **kwargs)
+
         self.trainers = {
-            "sparse": Trainer(self.sparse, RetrainConfig(), **common),
-            "supernet": Trainer(self.supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 0, L), **common),
+            "sparse": trainer(self.sparse, RetrainConfig()),
+            "supernet": trainer(self.supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 0, L)),
         }
         for method in ("peft-prefix", "peft-prompt"):
             if method == "peft-prefix" and backbone.config.model_type == "mpnet":
                 continue  # PEFT prefix tuning cannot serve MPNet
             model = build_baseline(method, name, 2, "mean", 0.1, PROMPT_LENGTH, target_params=1, backbone=backbone)
-            self.trainers[method] = Trainer(model, RetrainConfig(), **common)
+            self.trainers[method] = trainer(model, RetrainConfig())
         if compile_step:  # runtime.compile: step (CUDA graphs on a GPU)
-            self.trainers["sparse-compiled"] = Trainer(self.sparse, RetrainConfig(), compile_step=True, **common)
+            self.trainers["sparse-compiled"] = trainer(self.sparse, RetrainConfig(), compile_step=True)
         # the last three layers (what the gates mostly pick), without and with the states below them kept
         self.top = SparsePromptModel(backbone, cfg, build_head(backbone, head_cfg, LABELS), head_cfg, LABELS, [L - 3, L - 2, L - 1])
-        self.trainers["top"] = Trainer(self.top, RetrainConfig(), **common)
-        self.trainers["top-kept"] = Trainer(self.top, RetrainConfig(), frozen_cache_mb=1024, **common)
-        self.kept_batch = self.trainers["top-kept"].batch(split, self.indices)
-        for key, trainer in self.trainers.items():  # every step sees the same, already made batch
+        self.trainers["top"] = trainer(self.top, RetrainConfig())
+        self.trainers["top-kept"] = trainer(self.top, RetrainConfig(), frozen_cache_mb=1024)
+        self.kept_batch = self.trainers["top-kept"].feed.batch(split, self.indices)
+        for key, made in self.trainers.items():  # every step (the gate step too) sees the same, already made batch
             fixed = self.kept_batch if key == "top-kept" else self.batch
-            trainer.local_batch = lambda indices, b=fixed: (b, 1.0)
+            made.feed.local_batch = lambda indices, b=fixed: (b, 1.0)
         self.backbone, self.precision = backbone, precision
 
     def functions(self) -> dict[str, Callable[[], object]]:
         t, b, backbone = self.trainers, self.batch, self.backbone
-        autocast = t["sparse"].autocast
+        autocast = t["sparse"].feed.autocast
 
         def floor():
             with autocast():
@@ -149,12 +154,12 @@ class Steps:
         return fns
 
     def _infer(self, model, batch) -> None:
-        with torch.inference_mode(), self.trainers["sparse"].autocast():
+        with torch.inference_mode(), self.trainers["sparse"].feed.autocast():
             model.eval()(batch)
 
     def compiled_functions(self) -> dict[str, Callable[[], object]]:
         """The frozen floor and the sparse step under ``runtime.compile: step``."""
-        b, backbone, autocast = self.batch, self.backbone, self.trainers["sparse"].autocast
+        b, backbone, autocast = self.batch, self.backbone, self.trainers["sparse"].feed.autocast
         floor_loss = compiled(lambda emb: {"loss": backbone.base.encoder(emb).last_hidden_state.float().mean()}, b["input_ids"].device)
 
         def floor():
@@ -166,7 +171,7 @@ class Steps:
 
     def breaks(self) -> dict[str, int]:
         """Graph breaks of the sparse and the supernet forward + loss under torch.compile."""
-        labels, autocast = self.batch["labels"], self.trainers["sparse"].autocast
+        labels, autocast = self.batch["labels"], self.trainers["sparse"].feed.autocast
 
         def sparse_loss(batch):
             with autocast():
@@ -250,8 +255,7 @@ def _count_cells(n: dict[str, int]) -> str:
 
 def measure(name: str, batch_size: int, length: int, device: torch.device, precision: str, args) -> dict[str, list[str]]:
     """One backbone, batch and precision: its rows of the counted, the device-measured and the timed tables."""
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    backbone = get_backbone(name, dtype).to(device)
+    backbone = get_backbone(name, Precision(precision).backbone_dtype).to(device)
     steps = Steps(backbone, name, batch_size, length, device, precision, compile_step=args.compile)
     fns = steps.functions()
     for fn in fns.values():

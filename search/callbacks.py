@@ -150,7 +150,8 @@ class Checkpointer(Callback):
 
 class DevEvaluator(Callback):
     """Evaluate on dev every ``every`` steps (0: at each epoch end) and at the last step;
-    keep the dev-best weights and put them back at the end.
+    keep the dev-best weights and put them back at the end. ``evaluate()`` gives the dev
+    scores (the pipeline's :class:`~search.evaluator.Evaluator`, on the trainer's feed).
 
     ``on_eval(step, score)`` is called after each evaluation (Optuna pruning hooks in
     here); with ``patience`` set, training stops after that many evaluations without a
@@ -160,7 +161,7 @@ class DevEvaluator(Callback):
     """
 
     def __init__(
-        self, evaluate: Callable[[Trainer], dict[str, float]], metric: str, every: int, total: int,
+        self, evaluate: Callable[[], dict[str, float]], metric: str, every: int, total: int,
         on_eval: Callable[[int, float], None] | None = None, patience: int | None = None,
     ) -> None:
         self.evaluate, self.metric, self.every, self.total = evaluate, metric, every, total
@@ -174,7 +175,7 @@ class DevEvaluator(Callback):
         due = state.step % self.every == 0 if self.every else step.last
         if not (due or state.step == self.total):
             return
-        dev = self.evaluate(trainer)
+        dev = self.evaluate()
         score = self.last_score = self.scores_by_step[state.step] = dev[self.metric]
         if self.best["score"] is None or score > self.best["score"]:
             weights = {k: v.detach().clone() for k, v in trainer.model.trainable_state_dict().items()}

@@ -40,6 +40,8 @@ from .callbacks import (
 from .checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE, load_checkpoint
 from .config import RetrainConfig, RunConfig
 from .data import TaskData, load_task
+from .evaluator import Evaluator
+from .feed import Feed, Precision
 from .losses import search_loss
 from .progress import WorkProgress
 from .rankers import RANKERS, Evidence
@@ -57,7 +59,7 @@ from .selection import (
     select_layers,
     write_mask,
 )
-from .trainer import AUTOCAST_DTYPES, Callback, Trainer, TrainState
+from .trainer import Callback, Trainer, TrainState
 
 logger = logging.getLogger("spt")
 
@@ -82,11 +84,6 @@ def cached_backbone(name: str, with_lm_head: bool, dtype: torch.dtype = torch.fl
     return load_backbone(name, with_lm_head=with_lm_head, dtype=dtype)
 
 
-def backbone_dtype(precision: str) -> torch.dtype:
-    """``bf16``/``fp16``: the frozen backbone is stored in that dtype (no cast per call); what trains stays fp32."""
-    return AUTOCAST_DTYPES.get(precision, torch.float32)
-
-
 @dataclass
 class Prepared:
     """Everything a stage needs that does not depend on the prompt weights."""
@@ -104,8 +101,12 @@ class Prepared:
         task = self.config.task
         return task.labels.index(task.positive_label) if task.positive_label is not None else None
 
-    def evaluate(self, trainer: Trainer, split: EncodedSplit) -> dict[str, float]:
-        return trainer.evaluate(split, self.config.search.eval_batch_size, self.config.task.metric, self.positive_index)
+    def feed(self, model: TrainableModel) -> Feed:
+        """``model``'s batches of these splits, on this device, as ``runtime`` says."""
+        return Feed.from_runtime(self.config.runtime, self.device, model, self.train)
+
+    def evaluate(self, evaluator: Evaluator, split: EncodedSplit) -> dict[str, float]:
+        return evaluator.evaluate(split, self.config.search.eval_batch_size, self.config.task.metric, self.positive_index)
 
 
 def prepare(config: RunConfig) -> Prepared:
@@ -113,7 +114,7 @@ def prepare(config: RunConfig) -> Prepared:
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
-    backbone = cached_backbone(config.model.backbone, config.head.verbalizer, backbone_dtype(config.runtime.precision))
+    backbone = cached_backbone(config.model.backbone, config.head.verbalizer, Precision(config.runtime.precision).backbone_dtype)
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     backbone.check_length(config.model.max_length, config.prompt.length)
     # Refuse an impossible selection or budget now, not after a search has run.
@@ -209,10 +210,9 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     n_train = len(prep.train)
     total = search_steps(n_train, s.epochs, s.warmup, s.batch_size, s.d1_fraction, s.max_steps)
     model = build_supernet(prep)
-    trainer = Trainer(model, s, prep.train, config.seed, prep.device, config.runtime.precision,
+    trainer = Trainer(model, s, prep.feed(model), config.seed,
                       loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
-                      compile_step=config.runtime.compile == "step", total_steps=total,
-                      frozen_cache_mb=config.runtime.frozen_cache_mb)
+                      compile_step=config.runtime.compile == "step", total_steps=total)
     ckpt_path = run.file(CHECKPOINT_FILE)
     layers = model.candidate_layers
 
@@ -271,12 +271,11 @@ def rank_candidates(run: RunDir, prep: Prepared, method: str | None = None, keep
     if passes == 0:
         return ranker.rank(Evidence(candidates, gates, None, config.seed, rounds))
     supernet = load_prompt_model(run.file("supernet"), backbone=prep.backbone)
-    trainer = Trainer(supernet, config.search, prep.train, config.seed, prep.device, config.runtime.precision,
-                      frozen_cache_mb=config.runtime.frozen_cache_mb)
+    evaluator = Evaluator(supernet, prep.feed(supernet))
     meter = WorkProgress(passes, f"select ({method})", "dev pass", "dev passes", enabled=progress and distributed.is_main())
 
     def dev_loss(mask: list[float] | None, hard: bool) -> list[float]:
-        losses = trainer.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
+        losses = evaluator.predict(prep.dev, config.search.eval_batch_size, arch_mask=mask, hard_gates=hard)[1]
         meter.advance(f"dev loss {sum(losses) / len(losses):.4f}")
         return losses
 
@@ -347,10 +346,10 @@ def train_and_evaluate(
     config, r = prep.config, settings
     n_train = len(prep.train)
     total = steps_per_epoch(n_train, r.batch_size) * r.epochs
-    trainer = Trainer(model, r, prep.train, config.seed, prep.device, config.runtime.precision,
-                      compile_step=config.runtime.compile == "step", total_steps=total,
-                      frozen_cache_mb=config.runtime.frozen_cache_mb)
-    callbacks, kept, dev = _retrain_callbacks(prep, r, total, desc, progress, on_eval, run)
+    feed = prep.feed(model)  # (one for the steps and the evaluations: they share the kept states)
+    trainer = Trainer(model, r, feed, config.seed, compile_step=config.runtime.compile == "step", total_steps=total)
+    evaluator = Evaluator(model, feed)
+    callbacks, kept, dev = _retrain_callbacks(prep, evaluator, r, total, desc, progress, on_eval, run)
     if checkpoint is not None:
         identity = {"stage": desc, "layers": getattr(model, "layers", None)}
         if distributed.is_main():
@@ -361,17 +360,17 @@ def train_and_evaluate(
         state = TrainState()
     steps = steps_from(lambda e: plain_schedule(n_train, r.batch_size, config.seed, e), r.epochs, state.epoch, state.batch_in_epoch)
     state = trainer.fit(steps, callbacks, state)
-    test = prep.evaluate(trainer, prep.test) if evaluate_test else {}
+    test = prep.evaluate(evaluator, prep.test) if evaluate_test else {}
     return TrainResult(dev.best["dev"], test, model.num_trainable_parameters(), state.seconds, state.step, dev.best["step"])
 
 
 def _retrain_callbacks(
-    prep: Prepared, r: RetrainConfig, total: int, desc: str, progress: bool,
+    prep: Prepared, evaluator: Evaluator, r: RetrainConfig, total: int, desc: str, progress: bool,
     on_eval: Callable[[int, float], None] | None, run: RunDir | None,
 ) -> tuple[list[Callback], dict[str, Callback], DevEvaluator]:
     """The callbacks of a training (Progress last), those of them a checkpoint keeps, and the dev evaluator."""
     config, metric = prep.config, prep.config.task.metric
-    dev = DevEvaluator(lambda t: prep.evaluate(t, prep.dev), metric, r.eval_every, total, on_eval, r.patience)
+    dev = DevEvaluator(lambda: prep.evaluate(evaluator, prep.dev), metric, r.eval_every, total, on_eval, r.patience)
 
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{r.epochs} loss {loss:.3f} dev {metric} {dev.last_score:.4f}"
@@ -388,10 +387,8 @@ def _retrain_callbacks(
 
 def evaluate_model(prep: Prepared, model: TrainableModel) -> TrainResult:
     """Score ``model`` on dev and test as it is, without training (zero-shot, in-context)."""
-    config = prep.config
-    trainer = Trainer(model, config.retrain, prep.train, config.seed, prep.device, config.runtime.precision,
-                      frozen_cache_mb=config.runtime.frozen_cache_mb)
-    return TrainResult(prep.evaluate(trainer, prep.dev), prep.evaluate(trainer, prep.test),
+    evaluator = Evaluator(model, prep.feed(model))  # (no optimizer: nothing is trained)
+    return TrainResult(prep.evaluate(evaluator, prep.dev), prep.evaluate(evaluator, prep.test),
                        model.num_trainable_parameters(), 0.0, 0, 0)
 
 

@@ -26,7 +26,8 @@ from spt.heads import build_head
 from spt.inputs import answered, encode_split
 
 from .baselines import FrozenModel
-from .pipeline import Prepared, backbone_dtype, cached_backbone
+from .feed import Precision
+from .pipeline import Prepared, cached_backbone
 
 
 def lm_backbone(prep: Prepared, strategy: str) -> Backbone:
@@ -35,7 +36,7 @@ def lm_backbone(prep: Prepared, strategy: str) -> Backbone:
         return prep.backbone
     name = prep.config.model.backbone
     try:
-        return cached_backbone(name, True, backbone_dtype(prep.config.runtime.precision))
+        return cached_backbone(name, True, Precision(prep.config.runtime.precision).backbone_dtype)
     except MissingHeadError as exc:
         raise UserError(f"strategy {strategy}", f"scores label words with the backbone's language-model head, and "
                         f"{name!r} has no trained one ({exc.detail}); leave {strategy} out for this backbone") from None

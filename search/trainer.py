@@ -5,7 +5,8 @@
 model's :class:`~search.architect.Architect` then updates the gate logits on a D2 batch.
 What happens around the steps (gate history, checkpoints, dev evaluation and best
 weights, progress, metric history, stopping) is done by callbacks
-(:mod:`search.callbacks`).
+(:mod:`search.callbacks`). The batches come from the model's :class:`~search.feed.Feed`;
+evaluation is the :class:`~search.evaluator.Evaluator`'s.
 
 Every step reseeds torch from ``(seed, step)`` (see :mod:`search.schedule`), so a run
 resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
@@ -13,54 +14,23 @@ resumed from a checkpoint takes exactly the steps an uninterrupted run takes.
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from torch import nn
 
-from spt.inputs import EncodedSplit, collate, longest_first
 from spt.trainable import TrainableModel
 
 from . import distributed
-from .architect import Architect, compiled
+from .architect import Architect
 from .config import RetrainConfig, SearchConfig
-from .frozen import FrozenStates
+from .feed import Feed
 from .losses import TaskLoss, task_loss
-from .metrics import compute_metrics
-from .schedule import ScheduledStep, batch_indices, lr_factor, step_seed
-
-# ``runtime.precision`` -> the dtype of the frozen backbone and of autocast (fp32: no autocast).
-AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def keep_fp32(params: Iterable[nn.Parameter]) -> None:
-    """Store the fp16 ones of ``params`` in fp32 (fp16 training keeps fp32 weights; autocast
-    casts them per operation, and a loss scaler refuses to unscale fp16 gradients)."""
-    for p in params:
-        if p.dtype == torch.float16:
-            p.data = p.data.float()
-
-
-def clip_gradients(params: Iterable[nn.Parameter], max_norm: float) -> None:
-    """Scale the gradients of ``params`` by ``min(1, max_norm / norm)``, ``norm`` their joint 2-norm.
-
-    What ``nn.utils.clip_grad_norm_`` does (less its 1e-6 added to the norm), in six kernels
-    where it takes eight: the norm over the per-tensor norms, one ``max(1, norm / max_norm)``,
-    one multi-tensor division. Gradients of several devices or dtypes go to torch's function.
-    """
-    params = list(params)
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return
-    if len({(g.device, g.dtype) for g in grads}) > 1 or any(g.is_sparse for g in grads):
-        nn.utils.clip_grad_norm_(params, max_norm)
-        return
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
-    torch._foreach_div_(grads, (norm / max_norm).clamp_min(1.0))
+from .schedule import ScheduledStep, lr_factor, step_seed
+from .steps import apply_gradients, compiled, held_still, scaled
 
 
 @dataclass
@@ -108,48 +78,43 @@ class Callback:
 
 
 class Trainer:
-    """The model, its weight optimizer, its architect (supernets) and the step functions.
+    """The model's weight optimizer, its architect (supernets), loss scalers and the weight step.
 
     ``settings`` is the config section that trains the model (``search`` or ``retrain``,
     or a copy with another learning rate for a baseline): ``lr``, ``weight_decay`` and
     ``grad_clip`` are read from it, and a supernet's architect reads the ``arch_*`` fields.
+    ``feed`` makes the model's batches (:class:`~search.feed.Feed`: the train split, the
+    device, the precision, the kept frozen states).
     """
 
     def __init__(
-        self, model: TrainableModel, settings: SearchConfig | RetrainConfig, train: EncodedSplit, seed: int,
-        device: torch.device | str = "cpu", precision: str = "fp32", loss: TaskLoss = task_loss,
-        fused_optimizer: bool | None = None, compile_step: bool = False, total_steps: int | None = None,
-        frozen_cache_mb: float = 0,
+        self, model: TrainableModel, settings: SearchConfig | RetrainConfig, feed: Feed, seed: int,
+        loss: TaskLoss = task_loss, fused_optimizer: bool | None = None, compile_step: bool = False,
+        total_steps: int | None = None,
     ) -> None:
-        self.device = torch.device(device)
-        self.model = model.to(self.device)
-        self.settings = settings
-        self.train_split = train
-        self.seed = seed
-        self.precision = precision
-        self.loss = loss
-        self.compile_step = compile_step
+        if feed.model is not model:
+            raise ValueError("the feed makes the batches of another model")
+        self.model, self.settings, self.feed, self.seed, self.loss = model, settings, feed, seed, loss
+        self.device = feed.device
         self.compute_loss = compiled(loss, self.device) if compile_step and loss.compilable else loss
-        self.prompt_length: int | None = getattr(model, "prompt_length", None)  # collate pools for the generators
         self.weights = model.weight_parameters()
-        if precision == "fp16":
-            keep_fp32(self.weights + model.architecture_parameters())
         # Fused on GPUs: one kernel for all parameters. (The CPU keeps the reference implementation,
         # whose rounding the stored reference results were made with.)
         fused = self.device.type == "cuda" if fused_optimizer is None else fused_optimizer
-        # (None for a model with nothing to train, which is only evaluated.)
+        # (None for a model with nothing to train.)
         self.optimizer = torch.optim.AdamW(self.weights, lr=settings.lr, weight_decay=settings.weight_decay,
                                            fused=fused) if self.weights else None
-        self.architect = Architect(self, settings) if model.architecture_parameters() else None
-        # fp16: a loss scaler per optimizer, each with its own scale: a gate step between two
-        # accumulated weight batches must not rescale the weight gradients waiting there.
-        self.scalers: dict[str, torch.amp.GradScaler] = (
-            {name: torch.amp.GradScaler(self.device.type) for name in self.optimizers()} if precision == "fp16" else {})
+        self.scaler = feed.precision.scaler(self.device) if self.optimizer is not None else None  # (fp16)
+        self.architect = (Architect(model, settings, feed, seed, fused, compile_step)
+                          if model.architecture_parameters() else None)
         self.total_steps = total_steps  # for learning-rate schedules
         self.accumulate = settings.gradient_accumulation_steps
-        self.frozen_bytes_left = frozen_cache_mb * 2**20  # (runtime.frozen_cache_mb: for all splits together)
-        self._frozen: dict[int, tuple[EncodedSplit, FrozenStates | None]] = {}
-        distributed.broadcast_parameters(self.weights + (self.architect.params if self.architect else []))
+        distributed.broadcast_parameters(self.weights + self.gates)
+
+    @property
+    def gates(self) -> list[nn.Parameter]:
+        """The architecture parameters (a supernet's gate logits; none for other models)."""
+        return self.architect.params if self.architect is not None else []
 
     # ------------------------------------------------------------------ the loop
 
@@ -193,133 +158,20 @@ class Trainer:
         gradients of its loss, and (``update``) the optimizer step on what has accumulated."""
         torch.manual_seed(step_seed(self.seed, step, stream=1))
         self.model.train()
-        batch, scale = self.local_batch(indices)
+        batch, scale = self.feed.local_batch(indices)
         stats: dict[str, torch.Tensor] = {}
         if batch is not None:  # a rank whose share of a small last batch is empty only joins the all-reduce
             inputs = self.loss.inputs(step)
-            with self.training(self.weights):
-                with self.autocast():
+            with held_still(self.gates):
+                with self.feed.autocast():
                     terms = self.compute_loss(self.model, batch, *inputs)
                 weight = scale / self.accumulate
                 loss = terms["loss"] if weight == 1 else terms["loss"] * weight  # (x 1: two kernels for nothing)
-                self.scaled(loss, "omega").backward()
+                scaled(loss, self.scaler).backward()
             stats = {k: v.detach() for k, v in terms.items()}
         if update:
-            self.clip_and_step(self.optimizer, self.weights, self.scalers.get("omega"))
+            apply_gradients(self.optimizer, self.weights, self.settings.grad_clip, self.scaler)
         return stats
-
-    def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
-        """This rank's share of a global batch, and the loss weight of that share."""
-        local = distributed.shard(indices)
-        batch = self.batch(self.train_split, local) if local else None
-        return batch, distributed.loss_scale(len(local), len(indices))
-
-    def batch(self, split: EncodedSplit, indices: list[int]) -> dict[str, torch.Tensor]:
-        """The examples at ``indices`` of ``split`` collated on the device, with the states below
-        the first prompt layer where they are kept (:mod:`search.frozen`)."""
-        batch = collate(split, indices, self.device, self.prompt_length, self.weights_dtype)
-        frozen = self.frozen_states(split)
-        if frozen is not None:
-            batch["frozen_states"] = frozen.rows(indices, batch["input_ids"].shape[1])
-            batch["frozen_upto"] = frozen.layer
-        return batch
-
-    def frozen_states(self, split: EncodedSplit) -> FrozenStates | None:
-        """``split``'s states below the lowest layer the model can prompt, computed on first use; None
-        for a model without frozen layers below its prompts, or where they exceed what is left of
-        ``frozen_cache_mb`` (shared by the splits in the order they are first used: train, dev, test)."""
-        if getattr(self.model, "frozen_upto", 0) == 0 or self.frozen_bytes_left <= 0:
-            return None
-        if id(split) not in self._frozen:  # (the split is kept with its states: its id stays its own)
-            kept = FrozenStates.compute(self.model, split, self.device, self.autocast, self.frozen_bytes_left)
-            self.frozen_bytes_left -= kept.nbytes if kept is not None else 0
-            self._frozen[id(split)] = split, kept
-        return self._frozen[id(split)][1]
-
-    @contextlib.contextmanager
-    def training(self, params: list[nn.Parameter]) -> Iterator[None]:
-        """Weight gradients computed for ``params`` only.
-
-        The caller runs the forward pass under :meth:`autocast` and the backward pass outside
-        it: autograd gives each backward operator the dtypes of its forward one, and an
-        autocast still in force would cast the gradients of fp32 operators (the generators'
-        weight products) to bf16 and back.
-        """
-        chosen = {id(p) for p in params}
-        others = [p for p in self.weights + (self.architect.params if self.architect else []) if id(p) not in chosen]
-        for p in others:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in others:
-                p.requires_grad_(True)
-
-    @property
-    def weights_dtype(self) -> torch.dtype | None:
-        """The dtype collate gives the pooling weights: what the matmuls that use them run in."""
-        return AUTOCAST_DTYPES.get(self.precision)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """bf16 or fp16 autocast as ``precision`` says; for fp32 nothing (an outer autocast stays in force)."""
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        if dtype is not None:
-            return torch.autocast(self.device.type, dtype=dtype)
-        return contextlib.nullcontext()
-
-    def scaled(self, loss: torch.Tensor, optimizer: str) -> torch.Tensor:
-        """``loss`` times the loss scale of ``optimizer``'s scaler (fp16), so that small
-        gradients do not underflow in the fp16 backward pass; ``loss`` itself otherwise."""
-        scaler = self.scalers.get(optimizer)
-        return loss if scaler is None else scaler.scale(loss)
-
-    def clip_and_step(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
-                      scaler: torch.amp.GradScaler | None = None) -> None:
-        """Average (torchrun), clip and apply the gradients of ``params``; with a ``scaler``
-        (fp16), unscale them first, and skip the step where one is inf or nan."""
-        distributed.average_gradients(params)  # no-op in a single process
-        if scaler is not None and all(p.grad is None for p in params):
-            return  # (nothing to apply: the scaler would find no gradient to check)
-        if scaler is not None:
-            scaler.unscale_(optimizer)  # (clipping sees the true gradients)
-        if self.settings.grad_clip > 0:
-            clip_gradients(params, self.settings.grad_clip)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)  # skipped where a gradient overflowed; update() then shrinks the scale
-            scaler.update()
-        if optimizer.defaults.get("fused"):
-            # A fused step writes the parameters without bumping their versions, which caches
-            # keyed by version (the built PHM weights) rely on.
-            torch.autograd.graph.increment_version(params)
-        optimizer.zero_grad(set_to_none=True)
-
-    # ------------------------------------------------------------------ evaluation
-
-    @torch.inference_mode()
-    def predict(self, split: EncodedSplit, batch_size: int, **forward: Any) -> tuple[list[int], list[float]]:
-        """Predicted label indices and per-example cross-entropy over ``split``, in order
-        (shared out across ranks); ``forward`` goes to the model (e.g. a supernet's ``arch_mask``)."""
-        self.model.eval()
-        mine = longest_first(split, distributed.shard(range(len(split))))
-        local: list[tuple[int, int, float]] = []
-        for indices in batch_indices(mine, batch_size):
-            batch = self.batch(split, indices)
-            with self.autocast():
-                logits = self.model(batch, **forward).logits.float()
-            losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
-            local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
-        results = sorted(distributed.gather_objects(local))
-        return [r[1] for r in results], [r[2] for r in results]
-
-    def evaluate(self, split: EncodedSplit, batch_size: int, metric: str, positive_index: int | None = None) -> dict[str, float]:
-        predictions, losses = self.predict(split, batch_size)
-        loss = sum(losses) / max(1, len(split))
-        scores = compute_metrics(split.labels, predictions, metric, positive_index)
-        scores["loss"] = loss
-        scores["n"] = len(split)
-        return scores
 
     # ------------------------------------------------------------------ state
 
@@ -329,3 +181,10 @@ class Trainer:
         if self.architect is not None:
             opts["arch"] = self.architect.optimizer
         return opts
+
+    @property
+    def scalers(self) -> dict[str, torch.amp.GradScaler]:
+        """The loss scalers a checkpoint saves (fp16), by the name of their optimizer: one each, with its
+        own scale (a gate step between two accumulated weight batches must not rescale the weight gradients)."""
+        named = {"omega": self.scaler, "arch": self.architect.scaler if self.architect is not None else None}
+        return {name: scaler for name, scaler in named.items() if scaler is not None}

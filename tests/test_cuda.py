@@ -11,6 +11,7 @@ import torch
 from helpers import tiny_config
 
 from search.config import RetrainConfig, SearchConfig, load_config
+from search.feed import Feed
 from search.losses import search_loss
 from search.pipeline import build_sparse, build_supernet, prepare
 from search.profiling import device_counts
@@ -33,16 +34,15 @@ def _prepare(tmp_path, model_dir, precision="fp32", dropout=0.1):
     return prepare(load_config(tiny_config(tmp_path, model_dir, **sections)))
 
 
-def _trainer(prep, model, precision="fp32", **kwargs) -> Trainer:
-    return Trainer(model, RetrainConfig(), train=prep.train, seed=1, device="cuda", precision=precision, **kwargs)
+def _trainer(prep, model, precision="fp32", settings=None, **kwargs) -> Trainer:
+    return Trainer(model, settings or RetrainConfig(), Feed(model, prep.train, "cuda", precision), seed=1, **kwargs)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_cuda_steps_never_make_the_host_wait(tmp_path, tiny_bert, precision):
     prep = _prepare(tmp_path, tiny_bert, precision)
     sparse = _trainer(prep, build_sparse(prep, [0, 2]), precision)
-    supernet = Trainer(build_supernet(prep), SearchConfig(), train=prep.train, seed=1, device="cuda",
-                       precision=precision, loss=search_loss(1.0, 0.5, 1, 4))
+    supernet = _trainer(prep, build_supernet(prep), precision, settings=SearchConfig(), loss=search_loss(1.0, 0.5, 1, 4))
     steps = {"sparse weight step": lambda: sparse.weight_step(BATCH, 0),
              "supernet weight step": lambda: supernet.weight_step(BATCH, 3),
              "gate step": lambda: supernet.architect.step(BATCH, 3)}
@@ -63,9 +63,9 @@ def test_cuda_gives_the_cpus_logits_and_gradients(tmp_path, tiny_bert):
     model = build_sparse(prep, [0, 2])
     results = {}
     for device in ("cpu", "cuda"):
-        trainer = Trainer(model, RetrainConfig(), train=prep.train, seed=1, device=device)
+        trainer = Trainer(model, RetrainConfig(), Feed(model, prep.train, device), seed=1)
         model.zero_grad(set_to_none=True)
-        batch, _ = trainer.local_batch(BATCH)
+        batch, _ = trainer.feed.local_batch(BATCH)
         loss = trainer.loss(model.train(), batch)["loss"]
         loss.backward()
         # (copies: moving the model to the GPU moves its gradients in place)

@@ -17,8 +17,9 @@ from torch import nn
 from search.cli import main
 from search.config import load_config
 from search.data import Example
+from search.evaluator import Evaluator
+from search.feed import Feed
 from search.pipeline import prepare
-from search.trainer import Trainer
 from spt import (
     ConfigError,
     HeadConfig,
@@ -244,9 +245,9 @@ def test_spt_run_on_a_tiny_decoder_exports_a_mask_and_reloads(tmp_path, tiny_dec
     sparse = load_prompt_model(run / "sparse")
     assert sparse.head.pooling == "last" and sparse.selected_layers == mask["selected_layers"]
     prep = prepare(load_config(config))
-    trainer = Trainer(sparse, prep.config.retrain, prep.train, 7)
-    assert trainer.evaluate(prep.dev, 8, "accuracy")["accuracy"] == metrics["dev"]["accuracy"]  # the saved weights are the dev-best ones
-    assert trainer.evaluate(prep.test, 8, "accuracy")["accuracy"] == metrics["test"]["accuracy"]  # and scored the reported test
+    evaluator = Evaluator(sparse, Feed(sparse, prep.train))
+    assert evaluator.evaluate(prep.dev, 8, "accuracy")["accuracy"] == metrics["dev"]["accuracy"]  # the saved weights are the dev-best ones
+    assert evaluator.evaluate(prep.test, 8, "accuracy")["accuracy"] == metrics["test"]["accuracy"]  # and scored the reported test
     assert sparse.instruction == instruction  # saved: new text is tokenized as in training
     predicted = sparse.predict(SENTENCES[:2])
     batch = collate(encode_split(sparse.backbone.tokenizer, [Example(t, None, 0) for t in SENTENCES[:2]], 32,

@@ -16,6 +16,7 @@ from helpers import tiny_config, write_sentiment_tsv
 
 from search.cli import main
 from search.config import RetrainConfig, load_config
+from search.feed import Feed
 from search.pipeline import build_sparse, prepare
 from search.schedule import lr_factor
 from search.trainer import Trainer
@@ -135,7 +136,7 @@ def test_gradient_accumulation_equals_one_larger_batch(tmp_path, tiny_bert):
     for settings, batches in ((RetrainConfig(batch_size=8), [list(range(8))]),
                               (RetrainConfig(batch_size=4, gradient_accumulation_steps=2), [list(range(4)), list(range(4, 8))])):
         model = build_sparse(prep, [0, 2])
-        trainer = Trainer(model, settings, prep.train, seed=1)
+        trainer = Trainer(model, settings, Feed(model, prep.train), seed=1)
         for i, batch in enumerate(batches):
             trainer.weight_step(batch, i, update=i == len(batches) - 1)
         results.append({k: v.clone() for k, v in model.trainable_state_dict().items()})

@@ -22,6 +22,7 @@ from search.callbacks import Checkpointer, FiniteCheck
 from search.checkpoint import RETRAIN_CHECKPOINT_FILE
 from search.cli import main
 from search.config import SearchConfig, load_config
+from search.feed import Feed
 from search.pipeline import build_supernet, prepare
 from search.schedule import search_schedule
 from search.trainer import Trainer
@@ -178,7 +179,7 @@ def test_fp16_overflowing_steps_are_skipped_by_the_scaler_not_stopped_as_diverge
     prep = prepare(config)
     assert next(prep.backbone.parameters()).dtype == torch.float16
     model = build_supernet(prep)
-    trainer = Trainer(model, SearchConfig(), prep.train, seed=1, precision="fp16")
+    trainer = Trainer(model, SearchConfig(), Feed(model, prep.train, precision="fp16"), seed=1)
     assert all(p.dtype == torch.float32 for p in trainer.weights + trainer.architect.params)
     # A scale no fp16 gradient survives: the first steps overflow, are skipped, and halve it.
     for scaler in trainer.scalers.values():

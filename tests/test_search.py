@@ -12,6 +12,7 @@ from helpers import assert_same_gates, kill_during_search, spt_command, spt_env,
 
 from search.cli import main
 from search.config import SearchConfig, load_config
+from search.feed import Feed
 from search.pipeline import build_supernet, prepare
 from search.schedule import search_schedule
 from search.selection import Ranking, read_gate_history, read_mask, select_layers
@@ -34,7 +35,7 @@ def test_gate_steps_change_only_gates_and_omega_steps_only_generators_and_head(t
     config = load_config(tiny_config(tmp_path, tiny_bert))
     prep = prepare(config)
     model = build_supernet(prep)
-    trainer = Trainer(model, SearchConfig(lr=0.05, arch_lr=0.5), prep.train, seed=1)
+    trainer = Trainer(model, SearchConfig(lr=0.05, arch_lr=0.5), Feed(model, prep.train), seed=1)
     batch = list(range(4))
 
     def snapshot():

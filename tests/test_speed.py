@@ -8,6 +8,7 @@ import torch
 from helpers import tiny_config
 
 from search.config import RetrainConfig, SearchConfig, load_config
+from search.feed import Feed
 from search.losses import search_loss
 from search.pipeline import build_sparse, build_supernet, prepare
 from search.profiling import count_ops, graph_breaks
@@ -19,10 +20,13 @@ from spt.model import make_plan
 def _trainers(tmp_path, model_dir, precision="fp32", pooling="cls"):
     prep = prepare(load_config(tiny_config(tmp_path, model_dir, runtime={"precision": precision}, head={"pooling": pooling})))
     sparse, supernet = build_sparse(prep, [0, 2]), build_supernet(prep)
-    common = {"train": prep.train, "seed": 1, "precision": precision, "fused_optimizer": True}
+
+    def trainer(model, settings, **kwargs):
+        return Trainer(model, settings, Feed(model, prep.train, precision=precision), seed=1, fused_optimizer=True, **kwargs)
+
     return prep, {
-        "sparse": Trainer(sparse, RetrainConfig(), **common),
-        "supernet": Trainer(supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 1, 4), **common),
+        "sparse": trainer(sparse, RetrainConfig()),
+        "supernet": trainer(supernet, SearchConfig(), loss=search_loss(1.0, 0.5, 1, 4)),
     }
 
 
@@ -191,7 +195,7 @@ def test_queries_of_a_keys_values_only_layer_are_projected_without_a_copy_in_inf
 
 
 def test_gradient_clipping_matches_torch_in_fewer_kernels():
-    from search.trainer import clip_gradients
+    from search.steps import clip_gradients
 
     def params(scale: float) -> list[torch.nn.Parameter]:
         torch.manual_seed(0)
