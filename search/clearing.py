@@ -24,7 +24,7 @@ from typing import Union
 
 from spt.errors import UserError
 
-from .manifest import Manifest
+from .manifest import STATUS_FILE, Manifest
 
 TRASH = ".spt-trash"  # where a clearing moves the entries it deletes (gone when it ends)
 
@@ -38,7 +38,6 @@ def _layouts() -> Layout:
     from spt.serialization import CARD_FILE, CONFIG_FILE, WEIGHTS_FILE
 
     from .checkpoint import CHECKPOINT_FILE, RETRAIN_CHECKPOINT_FILE
-    from .runs import STATUS_FILE
 
     model: Layout = dict.fromkeys((CONFIG_FILE, WEIGHTS_FILE, CARD_FILE))
     events: Layout = {"events.out.tfevents.*": None}

@@ -72,8 +72,7 @@ def disk_error_line(exc: OSError, args: argparse.Namespace) -> str:
 
 def _finished(run: Path) -> bool:
     """Whether every stage of ``run``'s manifest is marked done in its status (unreadable: no)."""
-    from .manifest import MANIFEST_FILE
-    from .runs import STATUS_FILE
+    from .manifest import MANIFEST_FILE, STATUS_FILE
 
     try:
         stages = json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8"))["stages"]

@@ -20,6 +20,7 @@ from spt.files import read_text, write_json_atomic
 from spt.schema import Field, validate
 
 MANIFEST_FILE = ".spt-manifest.json"
+STATUS_FILE = "status.json"  # which stages of a run are done (search.runs writes it; clearing and reports read the name)
 FORMAT = "spt-run-manifest"
 
 

@@ -21,8 +21,8 @@ from spt.errors import UserError
 from spt.files import write_json_atomic
 from spt.heads import build_head, head_parameter_count
 from spt.inputs import EncodedSplit, encode_split
-from spt.model import PromptSupernet, SparsePromptModel
-from spt.serialization import load_prompt_model, save_prompt_model, write_model_card
+from spt.model import PromptSupernet, SparsePromptModel, load_prompt_model
+from spt.serialization import save_prompt_model, write_model_card
 from spt.trainable import TrainableModel
 
 from . import distributed

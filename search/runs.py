@@ -25,11 +25,10 @@ from spt.schema import validate
 from . import lock
 from .clearing import TRASH, check_clearable, clear
 from .config import RunConfig, config_from_run_dict, dump_config, run_identity
-from .manifest import MANIFEST_FILE, Manifest
+from .manifest import MANIFEST_FILE, STATUS_FILE, Manifest
 from .schema import CONFIG, STAGE_STATUS
 from .storage import mask_argument, mask_secrets
 
-STATUS_FILE = "status.json"
 CONFIG_FILE = "config.yaml"
 ENVIRONMENT_FILE = "environment.json"
 DEFAULT_ROOT = Path("runs")

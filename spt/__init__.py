@@ -34,7 +34,7 @@ _EXPORTS = {
     "SparsePromptModel": "model",
     "PHMLinear": "phm",
     "phm_parameter_count": "phm",
-    "load_prompt_model": "serialization",
+    "load_prompt_model": "model",
     "save_prompt_model": "serialization",
 }
 

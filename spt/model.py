@@ -26,6 +26,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -36,7 +37,20 @@ from .config import HeadConfig, PromptConfig
 from .errors import ConfigError, UserError
 from .gates import LayerGates
 from .generator import PromptGenerators, adaptive_pool_weights
+from .heads import build_head
 from .inputs import TextInput
+from .serialization import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_trainable_state,
+    load_weights,
+    locate_model,
+    model_sections,
+    read_model_config,
+    resolve_backbone,
+    save_prompt_model,
+    write_model_card,
+)
 from .trainable import PromptOutput, TrainableMixin
 
 Rows = tuple[bool, ...]
@@ -304,6 +318,8 @@ class PromptModel(TrainableMixin, nn.Module):
     are saved with the model, so :meth:`predict` tokenizes new text as in training.
     """
 
+    KIND: ClassVar[str]  # "supernet" or "sparse": the kind a saved model's config records
+
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig,
         labels: list[str], layers: list[int], max_length: int | None = None, instruction: str | None = None,
@@ -357,8 +373,6 @@ class PromptModel(TrainableMixin, nn.Module):
 
     def save_pretrained(self, directory: str | os.PathLike, metrics: dict | None = None) -> Path:
         """Config JSON, trainable weights (safetensors) and a ``README.md`` model card in ``directory``."""
-        from .serialization import save_prompt_model, write_model_card
-
         path = save_prompt_model(self, directory)
         write_model_card(path, metrics)
         return path
@@ -372,8 +386,6 @@ class PromptModel(TrainableMixin, nn.Module):
         eval mode. An existing folder comes first. Its backbone is loaded from the saved reference
         (an alias, a hub id, or a folder relative to the model's folder) unless given: a model
         trained on a local backbone folder needs ``backbone=`` when it comes from the hub."""
-        from .serialization import load_prompt_model
-
         model = load_prompt_model(name_or_path, backbone, revision=revision, token=token, cache_dir=cache_dir)
         if not isinstance(model, cls):
             raise UserError("model", f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
@@ -385,8 +397,6 @@ class PromptModel(TrainableMixin, nn.Module):
         ``metrics`` as its scores), and upload it to the Hugging Face Hub as ``repo_id`` (needs a
         reachable hub); ``upload=False`` only prepares the folder."""
         import tempfile
-
-        from .serialization import save_prompt_model, write_model_card
 
         folder = save_prompt_model(self, Path(tempfile.mkdtemp(prefix="spt-push-")) / repo_id.replace("/", "--"))
         write_model_card(folder, metrics, repo_id=repo_id)
@@ -460,6 +470,8 @@ def _active_rows(mask: ArchMask | None, count: int) -> list[Rows]:
 class PromptSupernet(PromptModel):
     """Frozen backbone + a generator and a probability gate on every candidate layer."""
 
+    KIND = "supernet"  # what a saved model's config calls it
+
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig, labels: list[str],
         max_length: int | None = None, instruction: str | None = None,
@@ -506,6 +518,8 @@ class PromptSupernet(PromptModel):
 class SparsePromptModel(PromptModel):
     """Generators only at the selected layers, no gates (their value is 1)."""
 
+    KIND = "sparse"
+
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig,
         labels: list[str], layers: list[int], max_length: int | None = None, instruction: str | None = None,
@@ -532,3 +546,25 @@ class SparsePromptModel(PromptModel):
         for mine, theirs in zip(self.generators.parameters(), supernet.generators.parameters()):
             mine.copy_(theirs[index])
         self.head.load_state_dict(supernet.head.state_dict())
+
+
+def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
+                      revision: str | None = None, token: str | bool | None = None,
+                      cache_dir: str | os.PathLike | None = None) -> PromptModel:
+    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given),
+    from a folder or a hub repo id (``revision``, ``token``, ``cache_dir``: see ``snapshot_download``)."""
+    directory, origin = locate_model(name_or_path, revision, token, cache_dir)
+    rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
+    fix = f"; save the model again ({rerun})"
+    config = read_model_config(directory, fix)
+    prompt, head_config = model_sections(config, directory / CONFIG_FILE, fix)
+    tensors = load_weights(directory, config, fix)  # (before the backbone: an edited fingerprint is named as such)
+    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin)
+    head = build_head(backbone, head_config, config["labels"])
+    inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
+    if config["kind"] == "supernet":
+        model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
+    else:
+        model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
+    load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
+    return model.eval()

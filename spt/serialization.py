@@ -18,7 +18,7 @@ import logging
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,10 +27,11 @@ from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import ConfigError, UserError
 from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
-from .heads import build_head
 from .hub import hub_model_id, looks_like_path
-from .model import PromptModel, PromptSupernet, SparsePromptModel
 from .schema import Field, at_least, distinct, validate
+
+if TYPE_CHECKING:  # the model classes import this module to save and load themselves
+    from .model import PromptModel
 
 logger = logging.getLogger("spt")
 
@@ -104,7 +105,7 @@ def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
     config = {
         "format": FORMAT,
         "version": VERSION,
-        "kind": "supernet" if isinstance(model, PromptSupernet) else "sparse",
+        "kind": model.KIND,
         "backbone": backbone_reference(model.backbone.name, directory),
         "backbone_fingerprint": model.backbone.fingerprint(),
         "model_type": model.backbone.config.model_type,
@@ -406,28 +407,6 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None, cach
                         f"({type(exc).__name__}: {reason}); check the folder or repo id, pass token= for a private "
                         "repo, or download it where the hub is reachable (with HF_HUB_OFFLINE=1 only the local "
                         "Hugging Face cache is read)") from None
-
-
-def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
-                      revision: str | None = None, token: str | bool | None = None,
-                      cache_dir: str | os.PathLike | None = None) -> PromptModel:
-    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given),
-    from a folder or a hub repo id (``revision``, ``token``, ``cache_dir``: see ``snapshot_download``)."""
-    directory, origin = locate_model(name_or_path, revision, token, cache_dir)
-    rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
-    fix = f"; save the model again ({rerun})"
-    config = read_model_config(directory, fix)
-    prompt, head_config = model_sections(config, directory / CONFIG_FILE, fix)
-    tensors = load_weights(directory, config, fix)  # (before the backbone: an edited fingerprint is named as such)
-    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin)
-    head = build_head(backbone, head_config, config["labels"])
-    inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
-    if config["kind"] == "supernet":
-        model: PromptModel = PromptSupernet(backbone, prompt, head, head_config, config["labels"], **inputs)
-    else:
-        model = SparsePromptModel(backbone, prompt, head, head_config, config["labels"], config["layers"], **inputs)
-    load_trainable_state(model, tensors, str(directory / WEIGHTS_FILE))
-    return model.eval()
 
 
 def load_trainable_state(model: PromptModel, tensors: dict[str, torch.Tensor], source: str) -> None:
