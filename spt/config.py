@@ -20,8 +20,9 @@ class PromptConfig(Section):
         phm_n: ``n`` of the PHM layers; must divide the hidden size and ``bottleneck``.
         activation: generator activation: relu, gelu, tanh, silu or identity.
         dropout: dropout on the generated prompt.
-        discard: ``lambda``: 1 - a new prompt replaces the propagated one in proportion to
-            its gate; 0 - it is added to it.
+        discard: the paper's ``lambda`` in ``P_i = (1 - lambda g_i) P^_i + g_i G_i(H_i)``: how
+            much of the propagated prompt ``P^_i`` a new prompt discards. 1 - it replaces the
+            propagated one in proportion to its gate; 0 - it is added to it.
         reparam_gates: use the re-parameterized gate ``alpha * sg(S) / S`` (False: plain
             DARTS gate, for ablations).
         gate_init: initial gate logit ``a_i`` (0 gives ``alpha = 0.5``).
