@@ -344,6 +344,14 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def _draw(chart) -> None:
+    """Draw the picture a command described: the CLI is the one layer above both the work
+    (search) and the pictures (analysis), so search itself imports no plotting."""
+    from analysis.comparison import draw_chart
+
+    draw_chart(chart)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from .compare import run_compare
     from .config import load_config
@@ -358,7 +366,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         extra += [f"select.k={args.k}", "select.budget=null"]
     config = load_config(args.config, extra)
     setup_logging(None, verbose=not args.quiet)
-    run, table = run_compare(config, args.out, force=args.force, progress=config.runtime.progress and not args.quiet)
+    run, table, chart = run_compare(config, args.out, force=args.force, progress=config.runtime.progress and not args.quiet)
+    _draw(chart)
     print(table)
     print(f"wrote {run.file('compare.csv')}, {run.file('compare.md')} and {run.file('compare.png')}")
     return 0
@@ -371,7 +380,8 @@ def cmd_front(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.set)
     setup_logging(None, verbose=not args.quiet)
-    run, table = run_front(config, args.out, args.ks, force=args.force, progress=config.runtime.progress and not args.quiet)
+    run, table, chart = run_front(config, args.out, args.ks, force=args.force, progress=config.runtime.progress and not args.quiet)
+    _draw(chart)
     print(table)
     print(f"wrote {run.file('front.csv')}, {run.file('front.md')} and {run.file('front.png')}")
     return 0
@@ -379,7 +389,7 @@ def cmd_front(args: argparse.Namespace) -> int:
 
 def cmd_hpo(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .hpo import check_export, export_best, run_hpo, study_table
+    from .hpo import check_export, export_best, pareto_report, run_hpo, study_table
     from .runs import setup_logging
 
     extra = list(args.set)
@@ -396,6 +406,9 @@ def cmd_hpo(args: argparse.Namespace) -> int:
         check_export(args.export_best, args.force)  # before the study is created or run
     setup_logging(None, verbose=not args.quiet)
     study = run_hpo(config, args.trials, max_trials=args.max_trials, out=args.out, timeout=args.timeout)
+    chart = pareto_report(config, study, args.out)
+    if chart is not None:
+        _draw(chart)
     print(study_table(study))
     if args.export_best:
         print(f"wrote {export_best(config, study, args.export_best, force=args.force, max_params=args.max_params)}")

@@ -10,10 +10,10 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from analysis.comparison import aggregate, markdown_table, plot_comparison, read_rows_csv, write_rows_csv
 from spt.errors import UserError
 from spt.files import write_json_atomic, write_text_atomic
 
+from .comparison import Chart, aggregate, markdown_table, read_rows_csv, write_rows_csv
 from .config import RunConfig
 from .pipeline import Prepared, prepare
 from .runs import RunDir, create_run_dir, open_run_dir
@@ -27,8 +27,10 @@ def _for_seed(config: RunConfig, seed: int) -> RunConfig:
     return dataclasses.replace(config, seed=seed)
 
 
-def run_compare(config: RunConfig, out: str | Path | None, force: bool = False, progress: bool = True) -> tuple[RunDir, str]:
-    """Run ``config.compare.strategies`` for ``config.compare.seeds``; returns the run and its table."""
+def run_compare(config: RunConfig, out: str | Path | None, force: bool = False,
+                progress: bool = True) -> tuple[RunDir, str, Chart]:
+    """Run ``config.compare.strategies`` for ``config.compare.seeds``; returns the run, its table and
+    the picture to draw (``compare.png``)."""
     cfg = config.compare
     if config.select.k is None:
         raise UserError("select.k", "spt compare compares strategies at a fixed K; set select.k (not select.budget)")
@@ -66,6 +68,5 @@ def run_compare(config: RunConfig, out: str | Path | None, force: bool = False, 
     table = markdown_table(summary, config.task.metric)
     title = f"{config.task.name} on {config.model.backbone}, K={config.select.k}, seeds {cfg.seeds}"
     write_text_atomic(run.file("compare.md"), f"# {title}\n\n![comparison](compare.png)\n\n{table}\n")
-    plot_comparison(summary, config.task.metric, run.file("compare.png"), title)
     run.mark("compare", strategies=cfg.strategies, seeds=cfg.seeds)
-    return run, table
+    return run, table, Chart("comparison", summary, config.task.metric, run.file("compare.png"), title)

@@ -8,10 +8,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from analysis.comparison import plot_fronts
 from spt.errors import UserError
 from spt.files import write_text_atomic
 
+from .comparison import Chart
 from .config import RunConfig
 from .pipeline import build_sparse, prepare, run_search, select_from_run, train_and_evaluate
 from .runs import RunDir, create_run_dir, open_run_dir
@@ -21,8 +21,9 @@ COLUMNS = ["k", "layers", "method", "trainable_params", "dev", "test", "train_se
 
 
 def run_front(config: RunConfig, out: str | Path | None, ks: list[int] | None = None, force: bool = False,
-              progress: bool = True) -> tuple[RunDir, str]:
-    """Search once (or reuse the finished search in ``out``), retrain the pick for each K."""
+              progress: bool = True) -> tuple[RunDir, str, Chart]:
+    """Search once (or reuse the finished search in ``out``), retrain the pick for each K; returns
+    the run, its table and the picture to draw (``front.png``)."""
     run = open_run_dir(out, config, ["search", "front"], force=force, create=False)
     prep = prepare(config)
     candidates = config.prompt.candidates(prep.backbone.num_layers)
@@ -51,9 +52,8 @@ def run_front(config: RunConfig, out: str | Path | None, ks: list[int] | None = 
         for r in rows])
     title = f"{config.task.name} on {config.model.backbone}: SPT's picks for each K from one search ({metric})"
     write_text_atomic(run.file("front.md"), f"# {title}\n\n![front](front.png)\n\n{table}\n")
-    plot_fronts({"spt": rows}, metric, run.file("front.png"), title)
     run.mark("front", ks=ks)
-    return run, table
+    return run, table, Chart("fronts", {"spt": rows}, metric, run.file("front.png"), title)
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

@@ -27,6 +27,7 @@ from spt.files import check_writable, write_text_atomic
 
 from . import lock
 from .callbacks import TrainingDiverged
+from .comparison import Chart
 from .config import OBJECTIVES, RunConfig, config_from_run_dict, dump_config
 from .pipeline import Prepared, prepare, run_job, run_retrain, write_metrics
 from .runs import RunDir, create_run_dir, open_run_dir
@@ -208,9 +209,14 @@ def run_hpo(config: RunConfig, trials: int, max_trials: int | None = None, out: 
         callbacks.append(optuna.study.MaxTrialsCallback(max_trials, states=(TrialState.COMPLETE, TrialState.PRUNED)))
     if trials > 0:
         study.optimize(make_objective(config, root, progress), n_trials=trials, timeout=timeout, callbacks=callbacks, catch=())
-    if len(hpo.objectives) > 1 and study.best_trials:
-        write_pareto(study, root, config.task.metric)
     return study
+
+
+def pareto_report(config: RunConfig, study, out: str | Path | None) -> Chart | None:
+    """A multi-objective study's ``pareto.md`` (written) and its picture to draw, if it has a front."""
+    if len(config.hpo.objectives) < 2 or not study.best_trials:
+        return None
+    return write_pareto(study, hpo_root(config, out), config.task.metric)
 
 
 def make_objective(config: RunConfig, root: Path, progress: bool) -> Callable[[Any], float]:
@@ -356,10 +362,9 @@ def study_table(study) -> str:
     return "\n".join(lines)
 
 
-def write_pareto(study, root: Path, metric: str) -> Path:
-    """``pareto.md`` and ``pareto.png`` in ``root``: the non-dominated trials, dev score against size."""
-    from analysis.comparison import plot_fronts
-
+def write_pareto(study, root: Path, metric: str) -> Chart:
+    """``pareto.md`` in ``root`` and the picture of ``pareto.png``: the non-dominated trials, dev
+    score against size."""
     front = sorted(study.best_trials, key=lambda t: t.user_attrs.get("params", 0))
     rows = [{"trainable_params": t.user_attrs.get("params", 0), "test": t.values[0], "k": len(t.user_attrs.get("selected_layers", [])),
              "trial": t.number, "layers": t.user_attrs.get("selected_layers")} for t in front]
@@ -367,8 +372,7 @@ def write_pareto(study, root: Path, metric: str) -> Path:
         f"| {r['trial']} | {r['k']} | {r['layers']} | {int(r['trainable_params']):,} | {r['test']:.4f} |" for r in rows])
     title = f"Pareto front of study {study.study_name!r}: dev {metric} against trainable parameters"
     write_text_atomic(root / "pareto.md", f"# {title}\n\n![front](pareto.png)\n\n{table}\n")
-    plot_fronts({"pareto front (dev)": rows}, metric, root / "pareto.png", title)
-    return root / "pareto.md"
+    return Chart("fronts", {"pareto front (dev)": rows}, metric, root / "pareto.png", title)
 
 
 def export_best(config: RunConfig, study, path: str | Path, force: bool = False, max_params: int | None = None) -> Path:

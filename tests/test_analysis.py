@@ -319,7 +319,7 @@ def test_comparison_plot_shows_points_with_error_bars(tmp_path):
 def test_gallery_script_regenerates_the_readme_figures(tmp_path):
     import importlib.util
 
-    from analysis.comparison import write_rows_csv
+    from search.comparison import write_rows_csv
 
     spec = importlib.util.spec_from_file_location("make_gallery", Path(__file__).parent.parent / "docs" / "figures" / "make_gallery.py")
     gallery = importlib.util.module_from_spec(spec)

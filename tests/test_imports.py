@@ -1,7 +1,7 @@
 """The import map of spt/, search/ and analysis/: no circle between modules (an import inside
 a function counts: a lazy import hides a circle, it does not remove it; one under ``if
-TYPE_CHECKING:`` loads nothing and does not) and no upward arrow (the model package ``spt``
-imports nothing of ``search`` or ``analysis``)."""
+TYPE_CHECKING:`` loads nothing and does not) and no upward arrow between the layers below
+(the model ``spt``, the work ``search``, the pictures ``analysis``, the command line)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,18 @@ def test_no_module_imports_one_that_imports_it_back():
     assert circles(graph) == []
 
 
-def test_the_model_package_imports_nothing_above_it():
-    upward = sorted(f"{m} -> {t}" for m, targets in import_graph().items() if m.split(".")[0] == "spt"
-                    for t in targets if t.split(".")[0] != "spt")
+# The layers, lowest first: the model; the work (data, training, selection, reports as
+# tables); the pictures; the command line, the one layer that hands the work's results to the
+# pictures. An import may only point at its own layer or one below.
+APP = ("search.cli", "search.__main__")
+
+
+def layer(module: str) -> int:
+    if module in APP:
+        return 3
+    return {"spt": 0, "search": 1, "analysis": 2}[module.split(".")[0]]
+
+
+def test_no_import_points_up_a_layer():
+    upward = sorted(f"{m} -> {t}" for m, targets in import_graph().items() for t in targets if layer(t) > layer(m))
     assert upward == []

@@ -28,7 +28,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from analysis import FigureStyle, plot, plot_comparison  # noqa: E402
-from analysis.comparison import aggregate, markdown_table, read_rows_csv  # noqa: E402
+from search.comparison import aggregate, markdown_table, read_rows_csv  # noqa: E402
 from spt.errors import UserError  # noqa: E402
 
 HEATMAP = ("minilm-heatmap-tasks", "MiniLM-L6: gates as ranked, per task (box: selected, K=3)")
