@@ -36,10 +36,10 @@ OUT = REPO / "benchmarks" / "results" / "pareto"
 
 
 def subsets_of(store: quality.Store, task: str, seed: int) -> dict[str, dict]:
-    recipe = quality.training_recipe(quality.task_config(task, seed, []))
+    config = quality.task_config(task, seed, [])
     rows = {}
     for job in quality.jobs_for(task, seed, ["oracle", "exhaustive"]):
-        row = store.get(job.key(recipe))
+        row = store.get(job.key(config))
         if row is not None:
             rows[job.name] = row
     return rows
@@ -113,8 +113,8 @@ BUDGET_VARIANTS = {1: "budget k=1", 2: "budget k=2", 3: "budget"}
 
 
 def _search(store: quality.Store, task: str, seed: int, variant: str) -> dict | None:
-    overrides = quality.variant_overrides(task, seed, variant, False)
-    return store.get(f"{task}|{seed}|search|{variant}|{quality.search_recipe(quality.task_config(task, seed, overrides))}")
+    job = quality.Job(task, seed, "search", variant)
+    return store.get(job.key(quality.job_config(job)))
 
 
 def budget_ablation(store: quality.Store, task: str, seeds: list[int], variant: str, method: str) -> list[str]:

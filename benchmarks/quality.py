@@ -29,15 +29,19 @@ and the search's compute against the oracle's; then the mean over tasks.
     python benchmarks/quality.py run --tasks sst2-16shot-mpnet --what oracle   # then a sampled oracle holding their picks
     python benchmarks/quality.py report --tasks sst2-16shot-mpnet --report quality-mpnet.md
 
-Every training is appended to ``results/quality/results.jsonl`` as it finishes (keyed by
-task, seed, what was trained and a hash of the settings that decide it), so runs resume
-and a later session reuses what is there. Uses a GPU when there is one.
+Every training is appended to ``results/quality/results.jsonl`` as it finishes, so runs resume
+and a later session reuses what is there. A row's key is the task, seed and what was trained,
+and a hash of all that decides the result: the job's whole resolved config, less what cannot
+change a result, and ``RESULTS_VERSION``, the version of the code that computes it (see
+``job_identity``); the row holds that ``identity``. A changed default, or a new option, gives
+new keys: a result is never reused for a config it was not computed with. (Rows of the old keys,
+a hash of the settings that differed from the defaults of their day: ``benchmarks/migrate_store.py``.)
+Uses a GPU when there is one.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import fcntl
 import hashlib
 import itertools
@@ -160,12 +164,6 @@ for _k in (1, 2):
 VARIANT_LABELS = {"default": "previous defaults", "honest": "new defaults", "budget": "new defaults, budget-aware gates",
                   "absent slots": "new defaults, closed gates absent", "additive": "new defaults, additive prompts (lambda 0)"}
 HIDDEN_SIZE = 384  # MiniLM-L6's width: what one generator's parameter count depends on
-# The settings whose defaults changed after the benchmark began: recipes are hashed against
-# these values, so every stored result keeps its key.
-RECIPE_BASE: dict[str, dict[str, Any]] = {
-    "prompt": {"normalize": False}, "search": {"warmup_epochs": 0, "arch_dropout": True, "arch_batches": 1},
-    "select": {"average_last": 1},
-}
 METHODS = list(RANKERS)  # every selection method the registry holds
 BACKBONES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}  # config folder -> backbone
 TRANSFERRED = "spt: new defaults, gates"  # the strategy whose masks the transfer matrix moves between tasks
@@ -177,39 +175,103 @@ QUICK = ["task.max_train=16", "task.max_dev=16", "task.max_test=32", "search.epo
 
 # ---------------------------------------------------------------------- the results store
 
+# The version of the code behind a stored result. A key hashes it with the job's whole resolved
+# config (``job_identity``), so a changed setting or a changed default gets new keys by itself;
+# what no config shows is a change to the code that computes a result. Bump this when the same
+# config would now give other numbers: the models' forward or backward pass, initialisation,
+# the optimizers and schedules, the order of batches or of random draws, reading, sampling or
+# tokenizing the data, evaluation, metrics, selection (a search's rankings). Leave it for changes
+# that keep seeded runs bit-identical (say so in the commit). Every stored result then has to be
+# recomputed: rows of another version are never found, and stay in the file.
+# 1: the code as of issue 27 (every row computed under the old keys; benchmarks/migrate_store.py).
+RESULTS_VERSION = 1
+# What a key leaves out of a job's resolved config, because it cannot change the result:
+UNUSED_SECTIONS = {  # whole sections the job never reads (hpo: the study around runs)
+    "search": ("retrain", "compare", "hpo"),
+    "training": ("search", "select", "compare", "hpo"),  # a layer subset, or a baseline of fixed layers
+    "baseline": ("search", "select", "hpo"),  # PEFT methods, adapters, head-only: compare's lr, sizes, kind
+}
+NOT_RESULTS = {
+    # where and how a job runs: threads and devices change float rounding (a GPU also draws other
+    # dropout masks from the same seed), not the experiment, so workers on any machine fill one store
+    # (each new row records its device); progress bars and TensorBoard files only report; kept frozen
+    # states are the layers' outputs computed once instead of every step (equal to rounding,
+    # tests/test_frozen.py). precision and compile stay: they change the arithmetic (and compiled
+    # code its random draws).
+    "runtime": ("device", "threads", "progress", "tensorboard", "frozen_cache_mb"),
+    "compare": ("strategies", "seeds"),  # which jobs `spt compare` runs, not what one computes
+    "task": ("data_dir",),  # the split files are named relative to it (``_portable_task``)
+}
+# The sparse model (a trained subset, a baseline) has no gates and never rescales its prompts:
+# the prompt fields that only the supernet reads leave a training's key.
+SUPERNET_ONLY = ("reparam_gates", "gate_init", "candidate_layers", "gate_budget", "normalize", "presence_bias")
 
-def _hash(data: Any) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+def identity_digest(data: Any) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _settings(config: RunConfig, sections: list[str], prompt_fields: tuple[str, ...] | None = None) -> dict[str, Any]:
-    """The fields of ``sections`` that differ from their defaults: options added later with a
-    default that keeps today's behaviour leave the hash, and so the stored results, valid."""
-    out: dict[str, Any] = {"seed": config.seed}
-    for name in sections:
-        section = getattr(config, name)
-        default = type(section)()
-        base = RECIPE_BASE.get(name, {})
-        values = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
-                  if getattr(section, f.name) != base.get(f.name, getattr(default, f.name))}
-        if name == "prompt" and prompt_fields is not None:
-            values = {k: v for k, v in values.items() if k in prompt_fields}
-        out[name] = values
+def _relative(path: str, base: str | None) -> str:
+    return Path(path).relative_to(base).as_posix() if base and Path(path).is_relative_to(base) else path
+
+
+def _portable_task(task: dict[str, Any]) -> dict[str, Any]:
+    """The task section with its split files named relative to ``data_dir``: the same files in another
+    folder, on another machine, are the same data (a file outside it keeps its path)."""
+    out = dict(task)
+    for split in ("train", "dev", "test"):
+        spec = out[split]
+        if isinstance(spec, dict) and isinstance(spec.get("path"), str):
+            out[split] = {**spec, "path": _relative(spec["path"], task["data_dir"])}
+        elif isinstance(spec, str):
+            out[split] = _relative(spec, task["data_dir"])
     return out
 
 
-def training_recipe(config: RunConfig) -> str:
-    """What decides a sparse model's training: data, backbone, prompt shape, head, retraining."""
-    shape = ("length", "bottleneck", "phm_n", "activation", "dropout", "discard")
-    return _hash(_settings(config, ["model", "prompt", "head", "task", "retrain"], shape))
+def job_use(job: Job) -> str:
+    """Which code computes a job's result: ``search``, ``training`` (a sparse model of fixed layers)
+    or ``baseline`` (another method, which reads the compare section)."""
+    if job.kind == "search":
+        return "search"
+    return "training" if job.kind == "subset" or job.name in LAYER_SETS else "baseline"
 
 
-def search_recipe(config: RunConfig) -> str:
-    return _hash(_settings(config, ["model", "prompt", "head", "task", "search", "select"]))
+def result_fields(use: str, data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict less what cannot change the result of a ``use`` job (``UNUSED_SECTIONS``,
+    ``NOT_RESULTS``, and for a training ``SUPERNET_ONLY``); anything else it holds stays."""
+    out: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in UNUSED_SECTIONS[use]:
+            continue
+        if isinstance(value, dict):
+            drop = NOT_RESULTS.get(name, ()) + (SUPERNET_ONLY if name == "prompt" and use != "search" else ())
+            value = {field_name: v for field_name, v in value.items() if field_name not in drop}
+        out[name] = value
+    return out
+
+
+def job_identity(job: Job, config: RunConfig) -> dict[str, Any]:
+    """What decides a job's result: ``RESULTS_VERSION`` and the job's resolved config (``config.to_dict()``,
+    every default filled in, split files named portably), less what cannot change it (``result_fields``).
+    Whatever a config gains (a new field, a new section) is part of it unless listed there."""
+    data = config.to_dict()
+    data["task"] = _portable_task(data["task"])
+    return {"version": RESULTS_VERSION, "config": result_fields(job_use(job), data)}
+
+
+def identity_key(job: Job, identity: dict[str, Any]) -> str:
+    """``task|seed|kind|name|v<version>-<hash of the identity>``."""
+    return f"{job.task}|{job.seed}|{job.kind}|{job.name}|v{identity['version']}-{identity_digest(identity)}"
+
+
+def is_legacy_key(key: str) -> bool:
+    """A key of the old scheme (a hash of the settings that differed from the defaults of its day)."""
+    return not key.rsplit("|", 1)[-1].startswith("v")
 
 
 class Store:
-    """``results.jsonl``: one JSON line per finished training or search, appended under a lock."""
+    """``results.jsonl``: one JSON line per finished training or search, appended under a lock;
+    each row holds its ``key`` and the ``identity`` it hashes."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -219,6 +281,11 @@ class Store:
                 if line.strip():
                     row = json.loads(line)
                     self.rows[row["key"]] = row
+        legacy = [key for key in self.rows if is_legacy_key(key)]
+        if legacy:
+            raise SystemExit(f"{path}: {len(legacy)} results keyed by the old scheme (e.g. {legacy[0]}); "
+                             f"re-key them first: python benchmarks/migrate_store.py {path}"
+                             + (" --quick" if "quick" in path.name else ""))
 
     def get(self, key: str) -> dict[str, Any] | None:
         if key not in self.rows:
@@ -245,8 +312,12 @@ class Job:
     kind: str  # subset | baseline | search
     name: str  # "0-2-4", "peft-lora", a variant name
 
-    def key(self, recipe: str) -> str:
-        return f"{self.task}|{self.seed}|{self.kind}|{self.name}|{recipe}"
+    def identity(self, config: RunConfig) -> dict[str, Any]:
+        return job_identity(self, config)
+
+    def key(self, config: RunConfig) -> str:
+        """The job's key in the store, for ``config`` (``job_config``'s, or a variation of it)."""
+        return identity_key(self, self.identity(config))
 
 
 def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> RunConfig:
@@ -307,23 +378,29 @@ def variant_overrides(task: str, seed: int, variant: str, quick: bool) -> list[s
     return [o.format(warmup=max(1, config.search.epochs // 4), **budgets) for o in SEARCH_VARIANTS[variant]]
 
 
-def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
+def job_config(job: Job, quick: bool = False, extra: tuple[str, ...] = ()) -> RunConfig:
+    """The resolved config a job runs with (a search's: its variant's overrides on the task's; then ``extra``)."""
     overrides = variant_overrides(job.task, job.seed, job.name, quick) if job.kind == "search" else []
-    config = task_config(job.task, job.seed, overrides, quick)
-    recipe = search_recipe(config) if job.kind == "search" else training_recipe(config)
-    key = job.key(recipe)
+    return task_config(job.task, job.seed, [*overrides, *extra], quick)
+
+
+def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
+    config = job_config(job, quick)
+    identity = job.identity(config)
+    key = identity_key(job, identity)
     if store.get(key) is not None:
         return
     prep = prepare(config)
     started = time.time()
     ctx = Context(k=K, workdir=work / job.task / job.name)
-    base = {"key": key, "task": job.task, "seed": job.seed, "kind": job.kind, "name": job.name, "recipe": recipe,
-            "metric": config.task.metric}
+    base = {"key": key, "task": job.task, "seed": job.seed, "kind": job.kind, "name": job.name, "recipe": identity_digest(identity),
+            "metric": config.task.metric, "device": str(prep.device)}
     if job.kind == "search":
         row = {**base, **search_entry(prep, job, ctx)}
     else:
         row = {**base, **train_entry(prep, job, ctx)}
     row["wall_seconds"] = round(time.time() - started, 1)
+    row["identity"] = identity
     store.add(row)
     if job.kind == "search":
         outcome = "picks " + ", ".join(f"{method} {r['layers']}" for method, r in row["rankings"].items())
@@ -467,13 +544,12 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
     for task in tasks:
         seeds = task_seeds(task, requested)
         configs = {seed: task_config(task, seed, [], quick) for seed in seeds}
-        recipes = {seed: training_recipe(c) for seed, c in configs.items()}
         oracle: dict[str, dict[int, float]] = {}
         cost: dict[int, tuple[int, float]] = {}
         wanted = oracle_subsets(task, store)
         for seed in seeds:
             for name in wanted:
-                row = store.get(Job(task, seed, "subset", name).key(recipes[seed]))
+                row = store.get(Job(task, seed, "subset", name).key(configs[seed]))
                 if row is not None:
                     oracle.setdefault(name, {})[seed] = row["test"]
                     steps, seconds = cost.get(seed, (0, 0.0))
@@ -491,12 +567,11 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
             # the top K layers, a fixed rule a search has to beat (an oracle subset: no training of its own)
             report.strategies.setdefault(LAST, {})[seed] = complete[last_subset(task)][seed]
             for job in jobs_for(task, seed, ["baselines"]):
-                row = store.get(job.key(recipes[seed]))
+                row = store.get(job.key(configs[seed]))
                 if row is not None:
                     report.strategies.setdefault(job.name, {})[seed] = row["test"]
             for job in jobs_for(task, seed, ["spt"]):
-                config = task_config(task, seed, variant_overrides(task, seed, job.name, quick), quick)
-                row = store.get(job.key(search_recipe(config)))
+                row = store.get(job.key(job_config(job, quick)))
                 for method, ranking in (row or {}).get("rankings", {}).items():
                     if _name(ranking["layers"]) not in complete:  # (a sampled oracle trains the gate picks only)
                         continue
