@@ -19,7 +19,7 @@ from spt.adapters import adapter_size_for, add_adapters
 from spt.backbone import FAMILIES, Backbone, load_hf_model, sublayer_outputs
 from spt.errors import UserError
 from spt.heads import ClassifierHead
-from spt.model import frozen_states
+from spt.model import unprompted_states
 from spt.trainable import PromptOutput, TrainableMixin
 
 PEFT_METHODS = ("peft-prompt", "peft-prefix", "peft-ptuning", "peft-lora")
@@ -40,7 +40,7 @@ class FrozenModel(TrainableMixin, nn.Module):
         return self
 
     def forward(self, batch: dict[str, torch.Tensor]) -> PromptOutput:
-        representation = self.head.representation(frozen_states(self.backbone, batch), batch)
+        representation = self.head.representation(unprompted_states(self.backbone, batch), batch)
         return PromptOutput(self.head(representation), representation)
 
     def weight_parameters(self) -> list[nn.Parameter]:

@@ -27,7 +27,7 @@ from .generator import PromptGenerators
 from .heads import build_head
 from .inputs import TextInput
 from .plan import ArchMask, LayerPlan, Plan, Rows, active_rows, make_plan
-from .prompted import frozen_layers, frozen_states, is_padded, run_prompted_layers
+from .prompted import frozen_layers, is_padded, run_prompted_layers, unprompted_states
 from .serialization import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -46,7 +46,7 @@ from .variants import AS_GENERATED, ATTENDED, PromptScale, SlotPresence, variant
 # (the plan and the pass are re-exported: tests and search/ import them from here)
 __all__ = [
     "ArchMask", "LayerPlan", "Plan", "PromptModel", "PromptOutput", "PromptSupernet", "Rows", "SparsePromptModel",
-    "frozen_states", "load_prompt_model", "make_plan", "run_prompted_layers",
+    "unprompted_states", "load_prompt_model", "make_plan", "run_prompted_layers",
 ]
 
 

@@ -138,6 +138,7 @@ def entering(backbone: Backbone, batch: dict[str, torch.Tensor], first: int, pad
     return frozen_layers(backbone, batch, first, padded, start)
 
 
-def frozen_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Final states ``(B, T, d)`` of the frozen backbone alone (no prompt anywhere)."""
+def unprompted_states(backbone: Backbone, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final states ``(B, T, d)`` of the backbone alone, no prompt anywhere (what a linear probe
+    reads; "frozen states" in this project are the kept states below the first prompt layer)."""
     return backbone.finish(frozen_layers(backbone, batch, backbone.num_layers, is_padded(batch)))

@@ -151,16 +151,16 @@ def test_adapters_start_as_the_frozen_model_and_match_the_generator_budget(mlm_p
     assert not torch.allclose(moved, frozen, atol=1e-3)
 
 
-def test_head_only_trains_the_classifier_on_the_frozen_states(prep, tmp_path):
+def test_head_only_trains_the_classifier_on_the_unprompted_states(prep, tmp_path):
     from spt.inputs import collate
-    from spt.model import frozen_states
+    from spt.model import unprompted_states
 
     model = STRATEGIES["head-only"].build_model(prep, Context(k=2, workdir=tmp_path))
     assert set(model.trainable_parameters()) == {"head.classifier.weight", "head.classifier.bias"}
     batch = collate(prep.train, [0, 1, 2])
     model.eval()
     with torch.no_grad():
-        states = frozen_states(prep.backbone, batch)
+        states = unprompted_states(prep.backbone, batch)
         torch.testing.assert_close(model(batch).logits, model.head.classifier(states[:, 0]))
 
 

@@ -162,7 +162,7 @@ def test_presence_bias_makes_closed_gates_absent_and_open_gates_plain(tiny_model
     """Gates near 0: with ``prompt.presence_bias`` the slots get no attention and the supernet
     computes the frozen model's states; without it the zero slots are still attended. Gates
     near 1: the bias is log 1 = 0 and both passes agree."""
-    from spt.model import frozen_states
+    from spt.model import unprompted_states
 
     model_dir = {**tiny_models, **tiny_decoders}[family]
     pooling = "cls" if family == "bert" else "last"
@@ -171,7 +171,7 @@ def test_presence_bias_makes_closed_gates_absent_and_open_gates_plain(tiny_model
     real = batch["attention_mask"].bool()
     states = {}
     with torch.no_grad():
-        frozen = frozen_states(hidden.backbone, batch)[real]
+        frozen = unprompted_states(hidden.backbone, batch)[real]
         for logit in (-40.0, 40.0):
             for name, net in (("hidden", hidden), ("plain", plain)):
                 net.gates.logits.fill_(logit)
