@@ -279,9 +279,8 @@ class MetricHistory(Callback):
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
         kept: list[list[str]] = []
         if self.path.is_file():  # keep other stages' rows, and this stage's up to a resumed step
-            with open(self.path, newline="", encoding="utf-8") as handle:
-                rows = list(csv.reader(handle))[1:]
-            kept = [r for r in rows if r and (r[0] != self.stage or (r[2].isdigit() and int(r[2]) <= state.step))]
+            rows = list(csv.reader(io.StringIO(read_text(self.path, str(self.path)), newline="")))[1:]
+            kept = [r for r in rows if r and (r[0] != self.stage or (len(r) > 2 and r[2].isdigit() and int(r[2]) <= state.step))]
         text = "".join(",".join(r) + "\n" for r in [self.header(), *kept])
         write_text_atomic(self.path, text)
         self.sums = {k: v.to(trainer.device) for k, v in self.sums.items()}

@@ -473,6 +473,8 @@ class RunConfig:
             raise ConfigError("task.labels", f"declare the label set (at least two labels), got {task.labels}")
         if task.metric == "f1" and task.positive_label not in task.labels:
             raise ConfigError("task.positive_label", f"metric f1 needs a positive label from {task.labels}, got {task.positive_label!r}")
+        if task.positive_label is not None and task.positive_label not in task.labels:  # (every metric reports it)
+            raise ConfigError("task.positive_label", f"must be one of task.labels {task.labels} or null, got {task.positive_label!r}")
         if task.format == "hf":
             if not task.hf or "path" not in task.hf:
                 raise ConfigError("task.hf", "format hf needs task.hf.path (and optionally name, splits)")
@@ -526,9 +528,9 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     text that is not valid YAML is taken as a string)."""
     result: dict[str, Any] = {}
     for item in items or []:
-        if "=" not in item:
+        key, sign, raw = item.partition("=")
+        if not sign or "" in key.strip().split("."):  # no '=', or an empty name: '=1', 'search.=1', 'a..b=1'
             raise UserError(f"--set {item!r}", "expected key=value, e.g. --set search.epochs=2")
-        key, raw = item.split("=", 1)
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
@@ -541,6 +543,33 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
                 raise UserError(f"--set {key}", f"{part} is not a section")
         node[parts[-1]] = value
     return result
+
+
+def check_text(value: Any, field: str, _open: tuple[int, ...] = (), _seen: set[int] | None = None) -> None:
+    """Refuse what YAML (and JSON) can hold but no config field can take, before it fails
+    later with a traceback: text that is not UTF-8 (a lone surrogate, half of a UTF-16 pair,
+    such as ``"\\ud800"``: it fails as a path or in a file), and a value that holds itself (an
+    alias such as ``&a [*a]``). A value shared by several aliases is checked once."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ConfigError(field or "config", f"holds {value[exc.start]!r}, half of a UTF-16 surrogate pair, which is "
+                              "not text; write the character itself") from None
+        return
+    if not isinstance(value, (dict, list)):
+        return
+    seen = set() if _seen is None else _seen
+    if id(value) in _open:
+        raise ConfigError(field or "config", "holds itself (a YAML alias inside its own anchor, such as &a [*a])")
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    items = value.items() if isinstance(value, dict) else ((f"[{i}]", item) for i, item in enumerate(value))
+    for key, item in items:
+        check_text(key, field or "config", (), seen)
+        name = key if isinstance(value, list) else (f".{key}" if field else str(key))
+        check_text(item, f"{field}{name}", (*_open, id(value)), seen)
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -579,6 +608,8 @@ def build_config(data: dict[str, Any], base_dir: Path, overrides: dict[str, Any]
     if not isinstance(data, dict):
         raise UserError("config", "the file must hold a YAML mapping of sections (model, task, ...)")
     overrides = overrides or {}
+    check_text(data, "")
+    check_text(overrides, "")
     unknown = sorted((set(data) | set(overrides)) - set(SECTIONS) - {"seed"})
     if unknown:
         raise ConfigError(unknown[0], f"unknown section; known sections: seed, base, {', '.join(SECTIONS)}")
@@ -618,6 +649,7 @@ def read_config_file(path: Path, seen: tuple[Path, ...] = ()) -> tuple[dict[str,
         raise UserError("config", f"{path} is not valid YAML ({exc})") from None
     if not isinstance(data, dict):
         raise UserError("config", f"{path} must hold a YAML mapping of sections (model, task, ...)")
+    check_text(data, "")
     base = data.pop("base", None)
     data = _absolutize(data, path.parent)
     if base is None:
