@@ -50,6 +50,11 @@ def _layouts() -> Layout:
             "spt-seed*": search_run}
 
 
+def written_files() -> list[str]:
+    """The names of the files (not folders) spt writes at the top of a search or run directory."""
+    return sorted(name for name, inner in _layouts()["spt-seed*"].items() if inner is None)
+
+
 def _match(name: str, layout: Layout, folder: bool) -> tuple[bool, Layout | None]:
     """Whether ``name`` (a folder or not) is one ``layout`` allows, and its own layout."""
     for pattern, inner in layout.items():

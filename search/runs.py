@@ -23,7 +23,7 @@ from spt.files import check_writable, read_text, write_json_atomic, write_text_a
 from spt.schema import validate
 
 from . import lock
-from .clearing import TRASH, check_clearable, clear
+from .clearing import TRASH, check_clearable, clear, written_files
 from .config import RunConfig, config_from_run_dict, dump_config, run_identity
 from .manifest import MANIFEST_FILE, STATUS_FILE, Manifest
 from .schema import CONFIG, STAGE_STATUS
@@ -199,6 +199,13 @@ def _check_resumable(run: RunDir, config: RunConfig, with_compare: bool) -> None
                         f"({', '.join(run.stages)}) would overwrite; choose another --out, or pass --force to replace them")
     if all(run.done(stage) for stage in run.stages):
         raise UserError("--out", f"{path} already holds this finished run; pass --force to run it again")
+    for name in (CONFIG_FILE, ENVIRONMENT_FILE, *written_files()):  # a resumed job reads or appends to them
+        file = run.file(name)
+        if file.exists() and not file.is_file():
+            raise UserError(str(file), "is a folder (or not a regular file) where spt keeps a file of this run; "
+                            "move it away, or pass --force to start the run over")
+        if name.endswith(".csv") and file.is_file():  # a history a stage keeps rows of: text now, not after a rewrite
+            read_text(file, str(file))
 
 
 def create_run_dir(run: RunDir, config: RunConfig) -> RunDir:

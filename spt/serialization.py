@@ -296,10 +296,21 @@ def _check_bound(config: dict[str, Any], metadata: dict[str, str], directory: Pa
         if ours == theirs:
             continue
         if isinstance(ours, dict) and isinstance(theirs, dict):  # a section (prompt, head): name its field
-            name, ours, theirs = next((f"{name}.{key}", ours.get(key), theirs.get(key)) for key in sorted(set(ours) | set(theirs))
-                                      if ours.get(key) != theirs.get(key))
+            # (a field left out differs from one saved as null: compare presence too)
+            key = next(key for key in sorted(set(ours) | set(theirs)) if (key in ours, ours.get(key)) != (key in theirs, theirs.get(key)))
+            name, ours, theirs = f"{name}.{key}", ours.get(key, _LEFT_OUT), theirs.get(key, _LEFT_OUT)
         raise UserError(str(directory / CONFIG_FILE), f"{name}: {ours!r} is not what {WEIGHTS_FILE} was saved with "
                         f"({theirs!r}); restore it{fix}")
+
+
+class _LeftOut:
+    """A field absent from one side of a comparison (shown as such in the message)."""
+
+    def __repr__(self) -> str:
+        return "left out"
+
+
+_LEFT_OUT = _LeftOut()
 
 
 def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int]) -> dict[str, torch.Tensor]:

@@ -376,9 +376,6 @@ def _history_not_utf8(run: Path) -> None:
     (run / "metrics.csv").write_bytes((run / "metrics.csv").read_bytes() + b"search,1,9,\xff\n")
 
 
-PENDING = "the other engineer's schema for files spt reads back (in progress) should refuse it"
-
-
 @pytest.mark.parametrize("command, sets, damage, fragment", [
     ("run", ['task.data_dir="\\ud800\\udc00"'], None, "error: task.data_dir: holds '\\ud800', half of a UTF-16 surrogate pair"),
     ("run", ["hpo.space=&a {x: *a}"], None, "error: hpo.space.x: holds itself (a YAML alias inside its own anchor"),
