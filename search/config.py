@@ -116,6 +116,13 @@ SCHEDULERS = ("constant", "linear", "cosine")
 OBJECTIVES = {"dev": "maximize", "params": "minimize", "step_ms": "minimize"}
 
 
+MAX_EPOCHS = 100_000  # a training plans its steps epoch by epoch: far beyond any real run, short of exhausting memory
+
+
+def _check_epochs(section: Section) -> None:
+    section.require("epochs", section.epochs <= MAX_EPOCHS, f"at most {MAX_EPOCHS:,}")
+
+
 def _check_schedule(section: Section) -> None:
     section.one_of("lr_scheduler", SCHEDULERS, "scheduler")
     section.require("warmup_ratio", 0 <= section.warmup_ratio < 1, "in [0, 1)")
@@ -189,6 +196,7 @@ class SearchConfig(Section):
     def check(self) -> None:
         self.positive("epochs", "batch_size", "eval_batch_size", "lr", "arch_lr", "arch_batches", "log_every", "checkpoint_every",
                       "max_steps", "gradient_accumulation_steps", "budget_params")
+        _check_epochs(self)
         _check_schedule(self)
         self.non_negative("weight_decay", "arch_weight_decay", "consistency_weight", "grad_clip")
         if self.warmup_epochs is not None:
@@ -262,6 +270,7 @@ class RetrainConfig(Section):
 
     def check(self) -> None:
         self.positive("epochs", "batch_size", "lr", "gradient_accumulation_steps", "patience")
+        _check_epochs(self)
         self.non_negative("weight_decay", "grad_clip", "eval_every")
         _check_schedule(self)
 

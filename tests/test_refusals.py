@@ -179,6 +179,16 @@ def test_a_seed_optuna_cannot_take_is_refused_in_the_config(seed, tmp_path, tiny
     assert not (tmp_path / "run").exists() and not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("section", ["search", "retrain"])
+def test_an_epoch_count_no_run_could_plan_is_refused_before_the_run_folder_exists(section, tmp_path, tiny_bert, capsys):
+    """(The fuzzer's 2**63 retrain.epochs ran the whole search, then an OverflowError or a
+    MemoryError whose message blamed the batch size.)"""
+    config = tiny_config(tmp_path, tiny_bert)
+    refused(capsys, ["run", str(config), "--out", str(tmp_path / "run"), "--set", f"{section}.epochs={2**63}"],
+            f"{section}.epochs: must be at most 100,000, got {2**63}")
+    assert not (tmp_path / "run").exists()
+
+
 # ------------------------------------------------------------------ 3. model.max_length and the backbone's positions
 
 
