@@ -196,9 +196,10 @@ NOT_RESULTS = {
     # dropout masks from the same seed), not the experiment, so workers on any machine fill one store
     # (each new row records its device); progress bars and TensorBoard files only report; kept frozen
     # states are the layers' outputs computed once instead of every step (equal to rounding,
-    # tests/test_frozen.py). precision and compile stay: they change the arithmetic (and compiled
-    # code its random draws).
-    "runtime": ("device", "threads", "progress", "tensorboard", "frozen_cache_mb"),
+    # tests/test_frozen.py); activation checkpointing recomputes the same layers with the same random
+    # draws (tests/test_checkpointing.py). precision and compile stay: they change the arithmetic
+    # (and compiled code its random draws).
+    "runtime": ("device", "threads", "progress", "tensorboard", "frozen_cache_mb", "activation_checkpointing"),
     "compare": ("strategies", "seeds"),  # which jobs `spt compare` runs, not what one computes
     "task": ("data_dir",),  # the split files are named relative to it (``_portable_task``)
 }

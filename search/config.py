@@ -428,6 +428,14 @@ class RuntimeConfig(Section):
             size x 4 bytes; 2 in bf16 or fp16 on a CPU). Shared by the splits a training uses,
             in the order they are first used (train, dev, test); a split that no longer fits
             is computed layer by layer as usual; 0 turns it off.
+        activation_checkpointing: ``none`` (default), ``prompted`` or ``all``: trade compute
+            for memory in training (the supernet and the sparse model, not the baselines) with
+            ``torch.utils.checkpoint`` (non-reentrant): each prompted layer (from the first
+            prompt layer on) keeps only its inputs and recomputes its forward pass in the
+            backward pass. ``all`` is the same as ``prompted``: the layers below the first
+            prompt run without autograd (or come from kept states), so they keep nothing to
+            spare. Gradients are those of ``none`` (within rounding); with dropout on, the
+            recomputation draws the same masks (the RNG state is restored).
     """
 
     device: str = "auto"
@@ -437,6 +445,7 @@ class RuntimeConfig(Section):
     compile: str = "none"
     tensorboard: bool = False
     frozen_cache_mb: float = 1024
+    activation_checkpointing: str = "none"
 
     SECTION: ClassVar[str] = "runtime"
 
@@ -445,6 +454,7 @@ class RuntimeConfig(Section):
         self.non_negative("frozen_cache_mb")
         self.one_of("precision", ("fp32", "bf16", "fp16"))
         self.one_of("compile", ("none", "step"))
+        self.one_of("activation_checkpointing", ("none", "prompted", "all"))
 
 
 @dataclass

@@ -140,8 +140,10 @@ def build_supernet(prep: Prepared) -> PromptSupernet:
     config = prep.config
     torch.manual_seed(config.seed)  # the seed fixes generator, gate and head initialisation
     head = build_head(prep.backbone, config.head, prep.data.labels)
-    return PromptSupernet(prep.backbone, search_prompt(config, prep.backbone), head, config.head, prep.data.labels,
-                          config.model.max_length, config.task.instruction)
+    supernet = PromptSupernet(prep.backbone, search_prompt(config, prep.backbone), head, config.head, prep.data.labels,
+                              config.model.max_length, config.task.instruction)
+    supernet.activation_checkpointing = config.runtime.activation_checkpointing
+    return supernet
 
 
 def per_generator(config: RunConfig, backbone: Backbone) -> int:
@@ -161,8 +163,10 @@ def build_sparse(prep: Prepared, layers: list[int]) -> SparsePromptModel:
     config = prep.config
     torch.manual_seed(config.seed)
     head = build_head(prep.backbone, config.head, prep.data.labels)
-    return SparsePromptModel(prep.backbone, config.prompt, head, config.head, prep.data.labels, layers, config.model.max_length,
-                             config.task.instruction)
+    model = SparsePromptModel(prep.backbone, config.prompt, head, config.head, prep.data.labels, layers,
+                              config.model.max_length, config.task.instruction)
+    model.activation_checkpointing = config.runtime.activation_checkpointing
+    return model
 
 
 def _format_gates(alphas: torch.Tensor) -> str:

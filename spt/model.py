@@ -59,6 +59,9 @@ class PromptModel(TrainableMixin, nn.Module):
     """
 
     KIND: ClassVar[str]  # "supernet" or "sparse": the kind a saved model's config records
+    # ``runtime.activation_checkpointing`` (none, prompted, all): a runtime choice, set after
+    # construction by whoever trains the model, never saved with it
+    activation_checkpointing: str = "none"
 
     def __init__(
         self, backbone: Backbone, prompt: PromptConfig, head: nn.Module, head_config: HeadConfig,
@@ -95,7 +98,9 @@ class PromptModel(TrainableMixin, nn.Module):
 
     def _encode(self, batch: dict[str, torch.Tensor], plan: Plan, gates: torch.Tensor | None) -> PromptOutput:
         states = run_prompted_layers(
-            self.backbone, batch, self.generators, plan, gates, self.prompt_config.length, float(self.prompt_config.discard)
+            self.backbone, batch, self.generators, plan, gates, self.prompt_config.length, float(self.prompt_config.discard),
+            # (prompted and all alike: the layers below the first prompt run without autograd)
+            checkpointed=self.activation_checkpointing != "none",
         )
         representation = self.head.representation(states, batch)
         return PromptOutput(self.head(representation), representation)

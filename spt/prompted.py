@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .backbone import Backbone
 from .generator import PromptGenerators, adaptive_pool_weights
@@ -30,11 +31,13 @@ def run_prompted_layers(
     gates: torch.Tensor | None,
     prompt_length: int,
     discard: float,
+    checkpointed: bool = False,
 ) -> torch.Tensor:
     """Final states ``(B, T, d)`` of the real-token positions with prompts inserted as ``plan`` says.
 
     ``gates`` holds one value per generator (the supernet's ``alpha~``); ``None`` with a
-    hard plan, whose gates are 1 wherever a prompt is inserted.
+    hard plan, whose gates are 1 wherever a prompt is inserted. ``checkpointed``: each layer's
+    forward is recomputed in the backward pass instead of keeping its activations.
     """
     token_mask = batch["attention_mask"]
     padded = is_padded(batch)
@@ -70,12 +73,22 @@ def run_prompted_layers(
         if step.new_context or step.generator is not None:
             context = plan.presence.attend(base_context, absent, prompt_length, sequence)
         if step.keys_values_only:  # (the token states as queries: a tensor of their own when just joined)
-            hidden = backbone.run_layer(step.layer, sequence, context, prompt_length, hidden if joined else None)
+            hidden = _run_layer(backbone, checkpointed, step.layer, sequence, context, prompt_length,
+                                hidden if joined else None)
             sequence = None
         else:
-            sequence = backbone.run_layer(step.layer, sequence, context)
+            sequence = _run_layer(backbone, checkpointed, step.layer, sequence, context)
             slots, hidden = sequence[:, :prompt_length], sequence[:, prompt_length:]
     return backbone.finish(hidden)
+
+
+def _run_layer(backbone: Backbone, checkpointed: bool, *args: object) -> torch.Tensor:
+    """``backbone.run_layer(*args)``, checkpointed when asked and autograd records (runtime.activation_checkpointing)."""
+    if checkpointed and torch.is_grad_enabled():
+        # (non-reentrant: gradients reach the generators through the inputs; the RNG state is
+        # restored for the recomputation, so dropout draws the same masks twice)
+        return checkpoint(backbone.run_layer, *args, use_reentrant=False, preserve_rng_state=True)
+    return backbone.run_layer(*args)
 
 
 def _on(rows: Rows, like: torch.Tensor) -> torch.Tensor:

@@ -89,6 +89,7 @@ def test_a_new_option_changes_the_keys_and_assume_rekeys_the_stored_rows(monkeyp
 def _run_elsewhere(config) -> None:
     runtime = config.runtime
     runtime.threads, runtime.progress, runtime.tensorboard, runtime.device, runtime.frozen_cache_mb = 1, True, True, "cuda", 0
+    runtime.activation_checkpointing = "prompted"
     config.compare.seeds, config.compare.strategies = [1, 2], ["first"]
     config.hpo.sampler = "random"
 
