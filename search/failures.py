@@ -110,5 +110,6 @@ def memory_error_line(exc: BaseException, args: argparse.Namespace) -> str:
     called = _functions(exc.__traceback__) | {COMMAND_STAGES.get(args.command, "")}
     what, settings = next(((w, s) for name, w, s in STAGES if name in called), ("the run", ["search.batch_size", "retrain.batch_size"]))
     settings = settings + MODEL_SETTINGS
-    return (f"error: {settings[0]}: out of {device} in {what}; lower {', '.join(settings[:-1])} or {settings[-1]} "
-            "(--set KEY=VALUE) and run the same command again to resume")
+    # recomputing the prompted layers in backward trades step time for the activations' memory
+    return (f"error: {settings[0]}: out of {device} in {what}; lower {', '.join(settings[:-1])} or {settings[-1]}, "
+            "or set runtime.activation_checkpointing=prompted (--set KEY=VALUE) and run the same command again to resume")
