@@ -2,8 +2,8 @@
 
 A column gathers the runs that share the chosen attribute. Its cells hold the mean over
 those runs of each layer's gate as selection ranks it (``value="gate"``: averaged over the
-steps ``select.average_last`` names, by default the last epoch's, so a box never sits on a
-lower value than an unboxed cell of the same run) or the share of those runs that
+steps ``select.average_last`` names, by default the last epoch's, so in a run selected by
+gates a box never sits on a lower value than an unboxed cell of the same run) or the share of those runs that
 selected the layer (``value="frequency"``). A cell is *marked* when more than half of the
 column's runs selected that layer.
 
