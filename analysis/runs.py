@@ -79,7 +79,7 @@ def load_run(path: str | Path) -> RunGates:
     """Load a search or run directory; a directory without a gate history is refused."""
     from search.config import SelectConfig
     from search.runs import RunDir
-    from search.selection import gate_scores, rank_layers, read_gate_history, read_mask
+    from search.selection import averaged_steps, final_scores, rank_layers, read_gate_history, read_mask
 
     path = Path(path)
     if not path.is_dir():
@@ -105,7 +105,7 @@ def load_run(path: str | Path) -> RunGates:
     select = config.get("select") if isinstance(config.get("select"), dict) else {}
     average_last = select.get("average_last", SelectConfig.average_last)
     average_last = average_last if isinstance(average_last, int) and average_last >= 0 else SelectConfig.average_last
-    ranked = gate_scores(rows, candidates, average_last)[0]
+    ranked = final_scores(rows, candidates, average_last)
     mask_path = path / "layer_mask.json"
     if mask_path.is_file():
         mask = read_mask(mask_path)
@@ -125,11 +125,6 @@ def load_run(path: str | Path) -> RunGates:
         history=history,
         selected_layers=selected,
         ranked=ranked,
-        averaged=_averaged(average_last),
+        averaged=averaged_steps(average_last),
     )
 
-
-def _averaged(average_last: int) -> str:
-    if average_last == 0:
-        return "mean over the last epoch's logged steps"
-    return "the last logged step" if average_last == 1 else f"mean over the last {average_last} logged steps"

@@ -19,19 +19,18 @@ import csv
 import io
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from spt.errors import UserError
 from spt.files import append_text, read_text, write_text_atomic
 
 from . import distributed
 from .checkpoint import save_checkpoint
+from .progress import WorkProgress
 from .schedule import ScheduledStep
 from .selection import GATES_HEADER
 from .trainer import Callback, Trainer, TrainState
@@ -210,7 +209,8 @@ class DevEvaluator(Callback):
 
 
 class Progress(Callback):
-    """A tqdm bar on a terminal; with output redirected, one line per 10% (no bar frames).
+    """Training steps on a :class:`~search.progress.WorkProgress` display (a bar on a terminal,
+    one line per 10% otherwise), from the step a resumed run starts at.
 
     ``describe(trainer, state, step, loss)`` gives the text after the bar; ``loss`` is the
     smoothed weight-step loss. Values are read from the device only when the text is shown.
@@ -220,35 +220,23 @@ class Progress(Callback):
                  enabled: bool = True, refresh: int = 1) -> None:
         self.total, self.desc, self.describe, self.enabled, self.refresh = total, desc, describe, enabled, refresh
         self.smooth: torch.Tensor | None = None
-        self.bar: tqdm | None = None
-        self.interactive = sys.stderr.isatty()
-        self.next_line = 0
+        self.meter: WorkProgress | None = None
 
     def on_fit_start(self, trainer: Trainer, state: TrainState) -> None:
-        if self.enabled and self.interactive:
-            self.bar = tqdm(total=self.total, initial=state.step, desc=self.desc, unit="step", dynamic_ncols=True, leave=True)
-        self.next_line = (state.step * 10 // max(1, self.total) + 1) * self.total / 10
+        self.meter = WorkProgress(self.total, self.desc, "step", "steps", self.enabled, initial=state.step,
+                                  clock=lambda: state.seconds)  # the run's seconds, resumed parts included
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
         loss = stats.get("loss")  # absent on a rank whose share of the batch was empty
         if loss is not None:
             self.smooth = loss if self.smooth is None else 0.9 * self.smooth + 0.1 * loss
-        if not self.enabled:
-            return
-        shown = state.step % self.refresh == 0 or step.last or state.step == self.total
-        if self.bar is not None:
-            if shown:
-                self.bar.set_postfix_str(self.describe(trainer, state, step, self._loss()), refresh=False)
-            self.bar.update(1)
-        elif state.step >= self.next_line or state.step == self.total:
-            self.next_line += self.total / 10
-            percent = 100 * state.step / max(1, self.total)
-            logger.info("%s %3.0f%% (%d/%d steps, %.0fs) %s", self.desc, percent, state.step, self.total, state.seconds,
-                        self.describe(trainer, state, step, self._loss()))
+        if self.meter is not None:
+            shown = state.step % self.refresh == 0 or step.last or state.step == self.total
+            self.meter.advance(lambda: self.describe(trainer, state, step, self._loss()), shown)
 
     def on_fit_end(self, trainer: Trainer, state: TrainState) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.meter is not None:
+            self.meter.close()
 
     def _loss(self) -> float:
         return math.nan if self.smooth is None else float(self.smooth)
@@ -304,7 +292,7 @@ class MetricHistory(Callback):
         self.sums, self.counts = {}, {}
         dev = self.dev.scores_by_step.get(state.step) if self.dev is not None else None
         gates = trainer.model.alphas().tolist() if hasattr(trainer.model, "alphas") else []
-        lrs = [trainer.optimizer.param_groups[0]["lr"], trainer.architect.optimizer.param_groups[0]["lr"] if trainer.architect else None]
+        lrs = trainer.learning_rates()
         row = [self.stage, epoch + 1, state.step, round(state.seconds, 3), *(_cell(means.get(k)) for k in ("loss", "arch_loss", "consistency")),
                self.dev.metric if dev is not None else "", _cell(dev), *(_cell(x) for x in lrs), *(_cell(g) for g in gates)]
         append_text(self.path, csv_text([row]))  # all or nothing: a full disk leaves no half row
@@ -358,7 +346,7 @@ class StepHistory(Callback):
 
     def on_step_end(self, trainer: Trainer, state: TrainState, step: ScheduledStep, stats: dict) -> None:
         if state.step % self.every == 0 or step.last or state.stop:
-            lrs = [trainer.optimizer.param_groups[0]["lr"], trainer.architect.optimizer.param_groups[0]["lr"] if trainer.architect else None]
+            lrs = trainer.learning_rates()
             self.pending.append((state.step, step.epoch + 1, [stats.get(k) for k in self.TERMS], lrs))
         if step.last or state.stop:
             self.flush()

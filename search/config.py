@@ -20,7 +20,7 @@ from spt.errors import ConfigError, UserError
 from spt.files import read_text
 from spt.typed import Section
 
-from .options import SEED_LIMIT
+from .options import SEED_LIMIT, valid_seed
 from .rankers import RANKERS
 from .storage import mask_url
 
@@ -325,7 +325,7 @@ class CompareConfig(Section):
                       "lora_r", "ptuning_hidden", "adapter_size", "demonstrations")
         self.one_of("optuna_pruner", ("median", "none"))
         self.one_of("adapter_kind", ("houlsby", "pfeiffer"))
-        self.require("seeds", all(0 <= seed < SEED_LIMIT for seed in self.seeds), f"whole numbers in [0, {SEED_LIMIT - 1}]")
+        self.require("seeds", all(valid_seed(seed) for seed in self.seeds), f"whole numbers in [0, {SEED_LIMIT - 1}]")
 
 
 def _default_space() -> dict[str, Any]:
@@ -638,7 +638,7 @@ def build_config(data: dict[str, Any], base_dir: Path, overrides: dict[str, Any]
     seed = merged.get("seed", 42)
     if not isinstance(seed, int) or isinstance(seed, bool):
         raise ConfigError("seed", f"expected an integer, got {seed!r}")
-    if not 0 <= seed < SEED_LIMIT:
+    if not valid_seed(seed):
         raise ConfigError("seed", f"must be in [0, {SEED_LIMIT - 1}] (NumPy's and Optuna's samplers take no other), got {seed}")
     config = RunConfig(seed=seed, **sections)
     task = config.task

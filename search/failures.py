@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import math
 import sys
 from pathlib import Path
 from types import TracebackType
+
+from spt.errors import UserError
 
 FULL = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded", errno.EFBIG: "file too large"}
 MB = 1024 * 1024
@@ -72,13 +73,13 @@ def disk_error_line(exc: OSError, args: argparse.Namespace) -> str:
 
 def _finished(run: Path) -> bool:
     """Whether every stage of ``run``'s manifest is marked done in its status (unreadable: no)."""
-    from .manifest import MANIFEST_FILE, STATUS_FILE
+    from .manifest import Manifest
+    from .runs import RunDir
 
     try:
-        stages = json.loads((run / MANIFEST_FILE).read_text(encoding="utf-8"))["stages"]
-        status = json.loads((run / STATUS_FILE).read_text(encoding="utf-8"))
-        return bool(stages) and all(status[stage]["done"] is True for stage in stages)
-    except (OSError, ValueError, KeyError, TypeError):
+        manifest = Manifest.read(run)
+        return manifest is not None and bool(manifest.stages) and all(RunDir(run).done(s) for s in manifest.stages)
+    except (UserError, OSError):
         return False
 
 

@@ -11,7 +11,6 @@ and a folder without a manifest is never cleared.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,18 +65,6 @@ class Manifest:
 
     def save(self) -> None:
         write_json_atomic(self.path, {"format": FORMAT, "version": 1, "stages": self.stages, "entries": sorted(self.entries)})
-
-    def clear(self) -> None:
-        """Delete every listed entry (and its ``.tmp``); the manifest then lists nothing, no stage either."""
-        for name in sorted(self.entries):
-            for path in (self.directory / name, self.directory / (name + ".tmp")):
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif path.exists() or path.is_symlink():
-                    path.unlink()
-        self.entries.clear()
-        self.stages = []
-        self.save()
 
 
 def _plain_name(entry: object) -> bool:

@@ -21,6 +21,11 @@ MAX_FONT_POINTS = 72.0
 SEED_LIMIT = 2**32  # NumPy's and Optuna's samplers take seeds in [0, 2**32)
 
 
+def valid_seed(value: int) -> bool:
+    """Whether ``value`` is a seed every sampler takes (the one rule for --seeds, seed, compare.seeds)."""
+    return 0 <= value < SEED_LIMIT
+
+
 def checked(cast: Callable[[str], T], accept: Callable[[T], bool], rule: str) -> Callable[[str], T]:
     """An argparse ``type=`` that reads ``cast(text)`` and refuses values ``accept`` rejects,
     with ``"<rule>, got <text>"`` as argparse's message."""
@@ -40,7 +45,7 @@ def checked(cast: Callable[[str], T], accept: Callable[[T], bool], rule: str) ->
 
 positive_int = checked(int, lambda v: v >= 1, "must be a whole number of at least 1")
 nonneg_int = checked(int, lambda v: v >= 0, "must be a whole number, 0 or more")
-seed_int = checked(int, lambda v: 0 <= v < SEED_LIMIT, f"must be a whole number in [0, {SEED_LIMIT - 1}]")
+seed_int = checked(int, valid_seed, f"must be a whole number in [0, {SEED_LIMIT - 1}]")
 positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "must be a finite number above 0")
 inches = checked(float, lambda v: 0 < v <= MAX_INCHES, f"must be in (0, {MAX_INCHES:g}] inches")
 dots_per_inch = checked(float, lambda v: DPI_RANGE[0] <= v <= DPI_RANGE[1],

@@ -47,7 +47,7 @@ from .progress import WorkProgress
 from .rankers import RANKERS, Evidence
 from .resume import Training, plain_training, search_training
 from .runs import RunDir
-from .schedule import plain_schedule, search_schedule, search_steps, steps_from, steps_per_epoch
+from .schedule import plain_schedule, search_schedule, steps_from, steps_per_epoch
 from .selection import (
     LayerMask,
     Ranking,
@@ -212,13 +212,15 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
     """SPT-DARTS search; resumes from ``run``'s checkpoint when there is one."""
     config, s = prep.config, prep.config.search
     n_train = len(prep.train)
-    total = search_steps(n_train, s.epochs, s.warmup, s.batch_size, s.d1_fraction, s.max_steps)
     model = build_supernet(prep)
+    layers = model.candidate_layers
+    history = run.path if distributed.is_main() else None
+    training = search_training(config, n_train, layers, history)
+    total = training.plan.total  # (the one count of a search's steps: the resume check reads the same plan)
     trainer = Trainer(model, s, prep.feed(model), config.seed,
                       loss=search_loss(s.consistency_weight, s.mask_prob, config.seed, len(model.candidate_layers)),
                       compile_step=config.runtime.compile == "step", total_steps=total)
     ckpt_path = run.file(CHECKPOINT_FILE)
-    layers = model.candidate_layers
 
     def describe(trainer: Trainer, state: TrainState, step, loss: float) -> str:
         return f"ep {step.epoch + 1}/{s.epochs} loss {loss:.3f} α {_format_gates(model.alphas())}"
@@ -231,8 +233,7 @@ def run_search(prep: Prepared, run: RunDir, progress: bool = True) -> SearchResu
         callbacks += [GateHistory(run.file("gates.csv"), layers, s.log_every, total), *kept.values(),
                       Checkpointer(ckpt_path, s.checkpoint_every, kept)]
     callbacks.append(Progress(total, "search", describe, enabled=progress and distributed.is_main()))
-    history = run.path if distributed.is_main() else None
-    state = _resume(ckpt_path, trainer, kept, "search", training=search_training(config, n_train, layers, history))
+    state = _resume(ckpt_path, trainer, kept, "search", training=training)
     logger.info("search: %s on %s, %d candidate layers, %d train examples, %d steps",
                 prep.backbone.name, config.task.name, len(layers), n_train, total)
 
@@ -349,7 +350,8 @@ def train_and_evaluate(
     """
     config, r = prep.config, settings
     n_train = len(prep.train)
-    total = steps_per_epoch(n_train, r.batch_size) * r.epochs
+    training = plain_training(desc, r, n_train, run.path if run is not None and distributed.is_main() else None)
+    total = training.plan.total
     feed = prep.feed(model)  # (one for the steps and the evaluations: they share the kept states)
     trainer = Trainer(model, r, feed, config.seed, compile_step=config.runtime.compile == "step", total_steps=total)
     evaluator = Evaluator(model, feed)
@@ -358,7 +360,6 @@ def train_and_evaluate(
         identity = {"stage": desc, "layers": getattr(model, "layers", None)}
         if distributed.is_main():
             callbacks.insert(-1, Checkpointer(checkpoint, r.eval_every, kept, identity))  # (after what it keeps)
-        training = plain_training(desc, r, n_train, run.path if run is not None and distributed.is_main() else None)
         state = _resume(checkpoint, trainer, kept, "retraining" if desc == "retrain" else desc, identity, training)
     else:
         state = TrainState()

@@ -12,7 +12,9 @@ before it touches the run directory; the pipeline checks each training it resume
 
 from __future__ import annotations
 
+import bisect
 import csv
+import functools
 import io
 import itertools
 from collections.abc import Callable
@@ -53,11 +55,15 @@ class Plan:
 
     def epoch_of(self, step: int) -> int:
         """The epoch (from 0) that step ``step`` (counted from 1) belongs to; 0 for step 0."""
-        return next((e for e, end in enumerate(self.ends()) if step <= end), len(self.epochs))
+        return bisect.bisect_left(self._ends, step)  # the first epoch whose end is at or after ``step``
+
+    @functools.cached_property
+    def _ends(self) -> list[int]:
+        return self.ends()  # (once: a history check asks for every logged step)
 
 
 def search_plan(s: SearchConfig, n_train: int) -> Plan:
-    """The search's steps: warm-up epochs over all of train, later ones over D1 (as :func:`search_steps`)."""
+    """The search's steps: warm-up epochs over all of train, later ones over D1 (as :func:`search_schedule` draws them)."""
     return Plan(tuple(steps_per_epoch(n_train, s.batch_size, None if e < s.warmup else s.d1_fraction)
                       for e in range(s.epochs)), s.max_steps)
 

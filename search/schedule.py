@@ -74,12 +74,6 @@ def steps_per_epoch(n_train: int, batch_size: int, d1_fraction: float | None = N
     return math.ceil(n / batch_size)
 
 
-def search_steps(n_train: int, epochs: int, warmup_epochs: int, batch_size: int, d1_fraction: float, max_steps: int | None = None) -> int:
-    """How many steps a search takes (``max_steps`` caps it)."""
-    total = warmup_epochs * steps_per_epoch(n_train, batch_size) + (epochs - warmup_epochs) * steps_per_epoch(n_train, batch_size, d1_fraction)
-    return total if max_steps is None else min(total, max_steps)
-
-
 def steps_from(schedule_for_epoch: Callable[[int], list[ScheduledStep]], epochs: int, epoch: int = 0, batch_in_epoch: int = 0) -> Iterator[ScheduledStep]:
     """The steps from ``(epoch, batch_in_epoch)`` on (skipping what a checkpoint already covers)."""
     for e in range(epoch, epochs):

@@ -381,10 +381,15 @@ def combined_ranking(candidates: list[int], gates: Ranking, removal: Ranking) ->
     return ranking
 
 
+def averaged_steps(average_last: int) -> str:
+    """Which logged steps the gates' ranking averages (``select.average_last``), in words."""
+    if average_last == 0:
+        return "mean over the last epoch's logged steps"
+    return "the last logged step" if average_last == 1 else f"mean over the last {average_last} logged steps"
+
+
 def gates_summary(candidates: list[int], gates: Ranking, average_last: int) -> str:
     """The gates' ranking in words: which steps' gates it averages and their values, best first."""
-    steps = "every step logged in the last epoch" if average_last == 0 else (
-        "the last logged step" if average_last == 1 else f"the last {average_last} logged steps")
     values = ", ".join(f"{layer} {gates.scores[candidates.index(layer)]:.3f}±{gates.spread[candidates.index(layer)]:.3f}"
                        for layer in gates.order)
-    return f"gate alpha ({steps}): {values}"
+    return f"gate alpha ({averaged_steps(average_last)}): {values}"

@@ -153,6 +153,10 @@ class Trainer:
             for group in optimizer.param_groups:
                 group["lr"] = base * factor
 
+    def learning_rates(self) -> list[float | None]:
+        """The weights' and the gates' current learning rates (None: no gates trained)."""
+        return [self.optimizer.param_groups[0]["lr"], self.architect.optimizer.param_groups[0]["lr"] if self.architect else None]
+
     def weight_step(self, indices: list[int], step: int, update: bool = True) -> dict[str, torch.Tensor]:
         """The weights' step on the global batch ``indices`` (this rank's share under torchrun):
         gradients of its loss, and (``update``) the optimizer step on what has accumulated."""

@@ -95,16 +95,21 @@ def hub_model_id(name: str) -> str | None:
     alias = ALIASES.get(name.lower())
     if alias is not None:
         return HUB_IDS[alias]
+    return name if is_hub_repo_id(name) else None
+
+
+def is_hub_repo_id(name: str) -> bool:
+    """Whether ``name`` is a valid hub repo id as written (no alias is looked up)."""
     if looks_like_path(name):
-        return None
+        return False
     from huggingface_hub.errors import HFValidationError  # not at the top: `spt --help` imports this module
     from huggingface_hub.utils import validate_repo_id
 
     try:
         validate_repo_id(name)
     except HFValidationError:
-        return None
-    return name
+        return False
+    return True
 
 
 def model_identity(name: str) -> str:

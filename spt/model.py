@@ -26,7 +26,7 @@ from .gates import LayerGates
 from .generator import PromptGenerators
 from .heads import build_head
 from .inputs import TextInput
-from .plan import ArchMask, LayerPlan, Plan, Rows, active_rows, make_plan
+from .plan import ArchMask, Plan, Rows, active_rows, make_plan
 from .prompted import frozen_layers, is_padded, run_prompted_layers, unprompted_states
 from .serialization import (
     CONFIG_FILE,
@@ -45,8 +45,8 @@ from .variants import AS_GENERATED, ATTENDED, PromptScale, SlotPresence, variant
 
 # (the plan and the pass are re-exported: tests and search/ import them from here)
 __all__ = [
-    "ArchMask", "LayerPlan", "Plan", "PromptModel", "PromptOutput", "PromptSupernet", "Rows", "SparsePromptModel",
-    "unprompted_states", "load_prompt_model", "make_plan", "run_prompted_layers",
+    "PromptModel", "PromptOutput", "PromptSupernet", "SparsePromptModel",
+    "load_prompt_model", "make_plan", "run_prompted_layers", "unprompted_states",
 ]
 
 

@@ -27,7 +27,7 @@ from .backbone import Backbone, load_backbone
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import ConfigError, UserError
 from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
-from .hub import hub_model_id, looks_like_path
+from .hub import hub_model_id, is_hub_repo_id, looks_like_path
 from .schema import Field, at_least, distinct, validate
 
 if TYPE_CHECKING:  # the model classes import this module to save and load themselves
@@ -389,7 +389,8 @@ def locate_model(name_or_path: str | os.PathLike, revision: str | None = None, t
     path = Path(name_or_path).expanduser()
     if path.is_dir() or not isinstance(name_or_path, str):
         return path, None
-    repo_id = None if looks_like_path(name_or_path) else hub_model_id(name_or_path)
+    # a saved prompt model's repo as written: a backbone alias ("minilm-l6") names no prompt model
+    repo_id = name_or_path if is_hub_repo_id(name_or_path) else None
     if repo_id is None or "/" not in repo_id:  # what push_to_hub makes is always "user/name"
         raise UserError("model", f"no folder {name_or_path!r} here, and it is not a hub repo id (user/name); give the "
                         "folder save_pretrained wrote, or the hub repo push_to_hub uploaded")

@@ -105,6 +105,7 @@ def test_a_hub_model_trained_on_a_local_backbone_folder_asks_for_backbone(tiny_b
     ("runs/sst2-k2/sparse", r"^model: no folder 'runs/sst2-k2/sparse' here, and it is not a hub repo id \(user/name\)"),
     ("./sparse", r"^model: no folder './sparse' here, and it is not a hub repo id"),
     ("no such model", r"^model: no folder 'no such model' here, and it is not a hub repo id"),
+    ("minilm-l6", r"^model: no folder 'minilm-l6' here, and it is not a hub repo id"),  # a backbone alias: no download
 ])
 def test_a_model_that_is_neither_here_nor_in_the_cache_is_one_clear_error(tmp_path, name, message):
     with pytest.raises(UserError, match=message):
