@@ -333,9 +333,9 @@ def _name(layers: Any) -> str:
     return "-".join(map(str, layers))
 
 
-def last_subset(task: str) -> str:
-    """The last K layers of the task's backbone."""
-    return _name(range(TASKS[task].layers - K, TASKS[task].layers))
+def last_subset(layers: int) -> str:
+    """The last K of a backbone's ``layers``."""
+    return _name(range(layers - K, layers))
 
 
 def uniform_subsets(task: str) -> list[str]:
@@ -350,7 +350,7 @@ def oracle_subsets(task: str, store: Store | None) -> list[str]:
     chosen = uniform_subsets(task)
     if not TASKS[task].sample:
         return chosen
-    extra = [_name(range(K)), last_subset(task)]
+    extra = [_name(range(K)), last_subset(TASKS[task].layers)]
     for row in (store.rows.values() if store else []):
         if row["task"] == task and row["kind"] == "search":
             extra.append(_name(row["rankings"]["gates"]["layers"]))
@@ -470,25 +470,16 @@ def _std(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+def _ranks(scores: list[float]) -> list[float]:
+    """1 for the lowest score ... n for the highest (ties share the mean)."""
+    return [sum(y < x for y in scores) + (sum(y == x for y in scores) + 1) / 2 for x in scores]
+
+
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman's rho over the pairs where both are numbers (a sampled oracle may hold no subset with a layer)."""
     pairs = [(x, y) for x, y in zip(a, b) if x == x and y == y]
     a, b = [x for x, _ in pairs], [y for _, y in pairs]
-
-    def ranks(x: list[float]) -> list[float]:
-        order = sorted(range(len(x)), key=lambda i: x[i])
-        r = [0.0] * len(x)
-        i = 0
-        while i < len(order):  # ties share their average rank
-            j = i
-            while j + 1 < len(order) and x[order[j + 1]] == x[order[i]]:
-                j += 1
-            for m in range(i, j + 1):
-                r[order[m]] = (i + j) / 2
-            i = j + 1
-        return r
-
-    ra, rb = ranks(a), ranks(b)
+    ra, rb = _ranks(a), _ranks(b)
     ma, mb = _mean(ra), _mean(rb)
     cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
     var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
@@ -503,6 +494,7 @@ class TaskReport:
     majority: float
     oracle: dict[str, dict[int, float]]  # subset -> seed -> test
     oracle_cost: dict[int, tuple[int, float]]  # seed -> (steps, seconds)
+    oracle_dev: dict[str, dict[int, float]] = field(default_factory=dict)  # subset -> seed -> dev score
     strategies: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> seed -> test
     picks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # variant -> seed -> search entry
     layers: int = 6
@@ -546,6 +538,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         seeds = task_seeds(task, requested)
         configs = {seed: task_config(task, seed, [], quick) for seed in seeds}
         oracle: dict[str, dict[int, float]] = {}
+        oracle_dev: dict[str, dict[int, float]] = {}
         cost: dict[int, tuple[int, float]] = {}
         wanted = oracle_subsets(task, store)
         for seed in seeds:
@@ -553,6 +546,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                 row = store.get(Job(task, seed, "subset", name).key(configs[seed]))
                 if row is not None:
                     oracle.setdefault(name, {})[seed] = row["test"]
+                    oracle_dev.setdefault(name, {})[seed] = row["dev"]
                     steps, seconds = cost.get(seed, (0, 0.0))
                     cost[seed] = (steps + row["steps"], seconds + row["seconds"])
         complete = {s: v for s, v in oracle.items() if len(v) == len(seeds)}
@@ -562,11 +556,11 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         every = math.comb(TASKS[task].layers, K)  # a sampled oracle's cost, scaled to training every subset
         cost = {seed: (round(steps * every / len(wanted)), seconds * every / len(wanted)) for seed, (steps, seconds) in cost.items()}
         report = TaskReport(task, configs[seeds[0]].task.metric, seeds, majority_score(configs[seeds[0]]), complete, cost,
-                            layers=TASKS[task].layers, uniform=uniform_subsets(task))
+                            oracle_dev, layers=TASKS[task].layers, uniform=uniform_subsets(task))
         for seed in seeds:
             report.strategies.setdefault("random (expectation)", {})[seed] = _mean([complete[s][seed] for s in report.uniform])
             # the top K layers, a fixed rule a search has to beat (an oracle subset: no training of its own)
-            report.strategies.setdefault(LAST, {})[seed] = complete[last_subset(task)][seed]
+            report.strategies.setdefault(LAST, {})[seed] = complete[last_subset(TASKS[task].layers)][seed]
             for job in jobs_for(task, seed, ["baselines"]):
                 row = store.get(job.key(configs[seed]))
                 if row is not None:
@@ -582,8 +576,96 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                     report.strategies.setdefault(name, {})[seed] = complete[_name(ranking["layers"])][seed]
         for name in [n for n, by_seed in report.picks.items() if len(by_seed) < len(seeds)]:  # (a sampled oracle's
             del report.picks[name], report.strategies[name]  # untrained picks: a strategy there on some seeds only)
+        if not TASKS[task].sample:
+            add_derived_selectors(report)
         reports.append(report)
     return reports
+
+
+# ---------------------------------------------------------------------- selectors built on stored searches
+
+# Noise-resistant selectors (issue 26) made from what the store already holds, without training
+# anything new: a search's layer scores, and the oracle's rows, which are the very trainings a user
+# would run to check a few subsets on dev (same config, same seed). Each is judged like a search's
+# own pick, and its compute counts the searches and extra trainings it needs.
+ENSEMBLE = ("default", "honest")  # the searches an ensemble rank-averages: two search recipes, one seed
+DEV_CHECKED = (2, 3)  # how many of the search's best subsets a dev-checked pick retrains
+
+
+def subset_score(scores: list[float], subset: str) -> float:
+    """A K-subset's score under per-layer scores: their sum (top-K by layer score maximizes it)."""
+    return sum(scores[int(layer)] for layer in subset.split("-"))
+
+
+def _z(values: list[float]) -> list[float]:
+    mean, sd = _mean(values), statistics.pstdev(values)
+    return [(v - mean) / sd if sd else 0.0 for v in values]
+
+
+def _top_k(scores: list[float]) -> list[int]:
+    return sorted(sorted(range(len(scores)), key=lambda i: (-scores[i], i))[:K])
+
+
+def _train_cost(r: TaskReport, seed: int) -> tuple[float, float]:
+    """One oracle training's mean steps and seconds at ``seed``."""
+    steps, seconds = r.oracle_cost[seed]
+    return steps / len(r.oracle), seconds / len(r.oracle)
+
+
+def dev_checked(r: TaskReport, entry: dict[str, Any], seed: int, m: int) -> dict[str, Any]:
+    """Retrain the ``m`` best subsets by the search's scores and keep the one best on dev (ties: the
+    search's order); uncertain when the kept subset's dev score does not beat the runner-up's."""
+    top = sorted(r.oracle, key=lambda s: (-subset_score(entry["scores"], s), s))[:m]
+    kept = max(top, key=lambda s: (r.oracle_dev[s][seed], -top.index(s)))
+    dev_scores = sorted((r.oracle_dev[s][seed] for s in top), reverse=True)
+    steps, seconds = _train_cost(r, seed)
+    return {"layers": [int(x) for x in kept.split("-")], "scores": entry["scores"], "uncertain": dev_scores[0] <= dev_scores[1],
+            "steps": entry["steps"] + (m - 1) * steps, "seconds": entry["seconds"] + (m - 1) * seconds}
+
+
+def prior_plus_evidence(gates: dict[str, Any], perturbation: dict[str, Any]) -> dict[str, Any]:
+    """Gates as the prior, perturbation's dev evidence added in proportion to its reliability: the share
+    of the layers' score variance that is not the dev passes' own noise (their spread)."""
+    scores, spread = perturbation["scores"], perturbation["spread"]
+    signal = statistics.pvariance(scores)
+    reliability = signal / (signal + _mean([s * s for s in spread])) if signal else 0.0
+    sd = statistics.pstdev(scores) or 1.0
+    combined = [g + reliability * p for g, p in zip(_z(gates["scores"]), _z(scores))]
+    order = sorted(range(len(combined)), key=lambda i: (-combined[i], i))
+    margin = combined[order[K - 1]] - combined[order[K]]  # the K-th kept against the first dropped
+    noise = reliability * max(spread[order[K - 1]], spread[order[K]]) / sd
+    return {"layers": _top_k(combined), "scores": [round(c, 6) for c in combined], "uncertain": margin < noise,
+            "steps": perturbation["steps"], "seconds": perturbation["seconds"]}
+
+
+def ensemble(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Rank-average the layer scores of several searches; uncertain when their own picks differ."""
+    ranks = [_ranks(e["scores"]) for e in entries]
+    mean_rank = [_mean(list(layer)) for layer in zip(*ranks)]
+    return {"layers": _top_k(mean_rank), "scores": mean_rank, "uncertain": len({_name(e["layers"]) for e in entries}) > 1,
+            "steps": sum(e["steps"] for e in entries), "seconds": sum(e["seconds"] for e in entries)}
+
+
+def add_derived_selectors(r: TaskReport) -> None:
+    """Add the selectors above to ``r``'s picks and strategies, for every search variant they can use."""
+    derived: dict[str, dict[int, dict[str, Any]]] = {}
+    for variant in TASKS[r.task].variants:
+        label = VARIANT_LABELS.get(variant, variant)
+        gates, perturbation = (r.picks.get(f"spt: {label}, {m}") for m in ("gates", "perturbation"))
+        if gates and perturbation:
+            derived[f"spt: {label}, gates + perturbation evidence"] = {
+                s: prior_plus_evidence(gates[s], perturbation[s]) for s in gates if s in perturbation}
+        for m in DEV_CHECKED if gates else ():
+            derived[f"spt: {label}, gates, dev-checked top {m}"] = {s: dev_checked(r, gates[s], s, m) for s in gates}
+    for method in METHODS:
+        members = [r.picks.get(f"spt: {VARIANT_LABELS.get(v, v)}, {method}") for v in ENSEMBLE]
+        if method != "greedy" and all(members):  # (greedy's scores come from different rounds)
+            derived[f"spt: ensemble of two searches ({' + '.join(VARIANT_LABELS[v] for v in ENSEMBLE)}), {method}"] = {
+                s: ensemble([m[s] for m in members]) for s in r.seeds if all(s in m for m in members)}
+    for name, by_seed in derived.items():
+        if len(by_seed) == len(r.seeds):
+            r.picks[name] = by_seed
+            r.strategies[name] = {s: r.oracle[_name(e["layers"])][s] for s, e in by_seed.items()}
 
 
 def _fmt(x: float) -> str:
@@ -625,7 +707,7 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
                      f"{_mean(ranks):.1f}", _fmt(_mean(gaps)), "n/a" if rho != rho else f"{rho:+.2f}",
                      f"{100 * steps:.1f}%, {100 * secs:.1f}%"]
         if name == LAST:  # one subset on every seed: its place in the oracle
-            last = last_subset(r.task)
+            last = last_subset(r.layers)
             entry.update(rank=ranking.index(last) + 1, gap=best - means[last])
             cells[1:3] = [str(entry["rank"]), _fmt(entry["gap"])]
         numbers[name] = entry
@@ -684,7 +766,7 @@ def _seed_rank(r: TaskReport, subset: str, seed: int) -> float:
 def _seed_picks(r: TaskReport) -> dict[str, dict[int, str]]:
     """Per strategy that picks a subset, its pick at each seed; with the pick a selector makes that
     knows the test scores of every subset on the task's other seeds (the best of their mean)."""
-    picks = {LAST: {s: last_subset(r.task) for s in r.seeds}}
+    picks = {LAST: {s: last_subset(r.layers) for s in r.seeds}}
     picks.update({name: {s: _name(e["layers"]) for s, e in by_seed.items()} for name, by_seed in r.picks.items()})
     picks[OTHER_SEEDS] = {s: max(r.oracle, key=lambda x, s=s: (_mean([v for t, v in r.oracle[x].items() if t != s]), x))
                           for s in r.seeds}
@@ -719,6 +801,101 @@ def ceiling_section(reports: list[TaskReport]) -> list[str]:
     return lines + [""]
 
 
+# ---------------------------------------------------------------------- leave-one-task-out judgement
+
+CURRENT = "spt: new defaults, gates"  # what `spt run` does with configs/defaults.yaml
+PREVIOUS_RECIPE = "spt: previous defaults, gates"
+
+
+def _recipes(reports: list[TaskReport]) -> list[str]:
+    """What a user can set as a default: every search recipe with a K-subset pick on every task, and the
+    fixed rule "last K layers"."""
+    names = [n for n in reports[0].picks if all(n in r.picks for r in reports)]
+    return [LAST, *names]
+
+
+def _minus_random(r: TaskReport, name: str) -> float:
+    return _mean(list(r.strategies[name].values())) - _mean(list(r.strategies["random (expectation)"].values()))
+
+
+def _own_seed_rank(r: TaskReport, name: str) -> float:
+    return _mean([_seed_rank(r, subset, seed) for seed, subset in _seed_picks(r)[name].items()])
+
+
+def loto_choices(reports: list[TaskReport]) -> dict[str, str]:
+    """For each task, the recipe with the best mean test score minus random on the *other* tasks."""
+    recipes = _recipes(reports)
+    return {r.task: max(recipes, key=lambda n, r=r: (_mean([_minus_random(o, n) for o in reports if o is not r]), n))
+            for r in reports}
+
+
+def _judged_row(label: str, per_task: dict[str, str], reports: list[TaskReport], numbers: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A table row: the mean over tasks of what ``per_task`` names on each."""
+    gains = [_minus_random(r, per_task[r.task]) for r in reports]
+    over_last = [g - _minus_random(r, LAST) for g, r in zip(gains, reports)]
+    ranks = [_own_seed_rank(r, per_task[r.task]) for r in reports]
+    below = [r.task for g, r in zip(gains, reports) if g < -r.noise()]  # (one seed: below by anything)
+    secs = [numbers[r.task][per_task[r.task]].get("seconds", 0.0) for r in reports]  # (a fixed rule: none)
+    return (f"| {label} | {100 * _mean(gains):+.1f} | {100 * _mean(over_last):+.1f} | {_mean(ranks):.1f} | "
+            f"{', '.join(below) or 'none'} | {100 * _mean(secs):.1f}% |")
+
+
+def loto_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """The report's lead: each task judged with the recipe chosen on the other tasks."""
+    if len(reports) < 3:
+        return []
+    chosen = loto_choices(reports)
+    lines = ["## Leave-one-task-out judgement", "",
+             f"A default is what users get on a task nobody tuned it on. For each task, the recipe (search settings and "
+             f"selector, or the fixed last-{K} rule) with the best mean test score minus random on the *other* "
+             f"{len(reports) - 1} tasks is scored on it. Own-seed rank: the pick's place among the {len(reports[0].oracle)} subsets by "
+             "the test scores of its own seed (a coin: the middle place). Seed std: the task's seed-to-seed std of one subset.", "",
+             "| held-out task | recipe chosen on the other tasks | minus random | minus last 3 | own-seed rank | flagged uncertain | minus random / seed std |",
+             "|---|---|---|---|---|---|---|"]
+    for r in reports:
+        name = chosen[r.task]
+        gain = _minus_random(r, name)
+        flagged = sum(bool(e.get("uncertain")) for e in r.picks.get(name, {}).values())
+        lines.append(f"| {r.task} | {name} | {100 * gain:+.1f} | {100 * (gain - _minus_random(r, LAST)):+.1f} | "
+                     f"{_own_seed_rank(r, name):.1f} | {flagged} of {len(r.seeds)} | "
+                     + (f"{gain / r.noise():+.2f} |" if r.noise() else "n/a |"))
+    fixed = {label: {r.task: name for r in reports} for label, name in
+             (("current default: " + CURRENT, CURRENT), ("previous default: " + PREVIOUS_RECIPE, PREVIOUS_RECIPE), (LAST, LAST))}
+    lines += ["", f"Means over the {len(reports)} tasks (compute: search and selection against the oracle's training time; "
+              "below random: tasks where the mean is below random by more than the seed std):", "",
+              "| recipe | minus random | minus last 3 | own-seed rank | below random | compute / oracle |", "|---|---|---|---|---|---|",
+              _judged_row("**leave-one-task-out choice**", chosen, reports, numbers)]
+    lines += [_judged_row(label, per_task, reports, numbers) for label, per_task in fixed.items() if all(
+        n in r.strategies for r, n in zip(reports, per_task.values()))]
+    best = sorted(_recipes(reports), key=lambda n: -_mean([_minus_random(r, n) for r in reports]))[:5]
+    lines += [_judged_row(f"in hindsight: {n}", {r.task: n for r in reports}, reports, numbers) for n in best]
+    return lines + ["", "Choices: " + "; ".join(f"{t}: {n}" for t, n in chosen.items()), ""]
+
+
+def flag_section(reports: list[TaskReport]) -> list[str]:
+    """How well "layer choice is uncertain" predicts that the oracle cannot tell the pick from the median."""
+    truth = {r.task: {s: (m - statistics.median(r.subset_means().values())) < 2 * r.noise() / len(r.seeds) ** 0.5
+                      for s, m in r.subset_means().items()} for r in reports}
+    sensitive = [r for r in reports if not r.insensitive()]
+    lines = ["## Is the uncertainty flag calibrated?", "",
+             "A pick is *indistinguishable* when its mean test score over the seeds is within two standard errors of a "
+             f"{'/'.join(sorted({str(len(r.seeds)) for r in reports}))}-seed mean of the oracle's median subset. Precision: the share of flagged picks that "
+             "are indistinguishable; recall: the share of indistinguishable picks that are flagged; silent on sensitive "
+             f"tasks: the share of picks not flagged on the tasks where layer choice matters ({', '.join(r.task for r in sensitive) or 'none'}).", "",
+             "| selector | flagged | indistinguishable picks | precision | recall | silent on sensitive tasks |", "|---|---|---|---|---|---|"]
+    for name in [n for n in reports[0].picks if all(n in r.picks for r in reports)]:
+        pairs = [(bool(e.get("uncertain")), truth[r.task][_name(e["layers"])], r in sensitive)
+                 for r in reports for e in r.picks[name].values()]
+        flagged = [t for f, t, _ in pairs if f]
+        true = [f for f, t, _ in pairs if t]
+        silent = [not f for f, _, s in pairs if s]
+        lines.append(f"| {name} | {len(flagged)} of {len(pairs)} | {len(true)} | "
+                     + (f"{_mean([float(t) for t in flagged]):.2f}" if flagged else "n/a") + " | "
+                     + (f"{_mean([float(f) for f in true]):.2f}" if true else "n/a") + " | "
+                     + (f"{_mean([float(x) for x in silent]):.2f}" if silent else "n/a") + " |")
+    return lines + [""]
+
+
 def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
     """Masks found on one task retrained on another (same backbone, same seed): the source's pick
     scored by the target's oracle, against the target's own pick and a random subset."""
@@ -749,10 +926,11 @@ def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool,
     text = [f"# Search quality on {', '.join(backbones)}, against a multi-seed oracle", "",
             f"Made by `python benchmarks/quality.py report` from {len(store.rows)} results in `results.jsonl` "
             f"({sum(r.get('wall_seconds', 0) for r in store.rows.values()) / 3600:.1f} h of single-thread training and search).", ""]
-    numbers = {}
+    numbers, sections = {}, []
     for r in reports:
         lines, numbers[r.task] = task_section(r)
-        text += lines
+        sections += lines
+    text += loto_section(reports, numbers) + flag_section(reports) + sections
     text += summary_section(reports, numbers)
     text += ceiling_section(reports)
     text += transfer_section(reports, TRANSFERRED)
