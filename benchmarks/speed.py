@@ -206,15 +206,17 @@ def timings(fns: dict[str, Callable[[], object]], repeats: int, warmup: int, dev
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def peak_memory(fn: Callable[[], object], device: torch.device) -> float:
-    """MB: CUDA peak allocation of one call, or on a CPU the bytes autograd saves for backward."""
+def peak_memory(fn: Callable[[], object], device: torch.device, aside: torch.nn.Module | None = None) -> float:
+    """MB: CUDA peak allocation of one call, or on a CPU the bytes autograd saves for backward
+    (less ``aside``'s parameters where given: an fp32 linear layer keeps its weight for the input
+    gradient, which it holds anyway)."""
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats()
         fn()
         sync(device)
         return torch.cuda.max_memory_allocated() / 2**20
-    seen, total = set(), [0]
+    seen, total = {p.untyped_storage().data_ptr() for p in aside.parameters()} if aside is not None else set(), [0]
 
     def pack(tensor: torch.Tensor):
         key = tensor.untyped_storage().data_ptr()

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from spt.adapters import adapter_size_for, add_adapters
-from spt.backbone import FAMILIES, Backbone, load_hf_model, sublayer_outputs
+from spt.backbone import FAMILIES, Backbone, load_hf_model, quantize_model, sublayer_outputs
 from spt.errors import UserError
 from spt.heads import ClassifierHead
 from spt.model import unprompted_states
@@ -101,19 +101,28 @@ def ptuning_hidden_for(target_params: int, hidden: int, length: int) -> int:
     return min(range(8, 4097, 8), key=lambda h: abs(size(h) - target_params))
 
 
+def check_quantized(method: str, quantize: str) -> None:
+    """Refuse full fine-tuning of a quantized backbone (``model.quantize``): its weights cannot train."""
+    if method == "finetune" and quantize != "none":
+        raise UserError("strategy finetune", f"trains every backbone weight, and model.quantize: {quantize} holds them "
+                        "frozen in fewer bits; leave finetune out, or set model.quantize: none")
+
+
 def build_baseline(
     method: str, backbone_name: str, num_labels: int, pooling: str, dropout: float, prompt_length: int,
     target_params: int, lora_r: int | None = None, ptuning_hidden: int | None = None, backbone: Backbone | None = None,
-    adapter_kind: str = "houlsby", adapter_size: int | None = None,
+    adapter_kind: str = "houlsby", adapter_size: int | None = None, quantize: str = "none",
 ) -> EncoderClassifier:
     """A fresh model set up for ``method`` (a PEFT method, ``adapter`` or ``finetune``) with a new
     head (``pooling`` as resolved for the backbone).
 
-    The model is loaded from ``backbone_name``, or copied from ``backbone`` when given
-    (PEFT and adapters change the model they wrap, so the frozen backbone itself is never
-    handed over).
+    The model is loaded from ``backbone_name`` (its layers' linear weights quantized as
+    ``quantize``, ``model.quantize``, says), or copied from ``backbone`` when given, as quantized
+    as that is (PEFT and adapters change the model they wrap, so the frozen backbone itself is
+    never handed over).
     """
-    model = copy.deepcopy(backbone.base) if backbone is not None else load_hf_model(backbone_name)[0]
+    check_quantized(method, quantize)
+    model = copy.deepcopy(backbone.base) if backbone is not None else quantize_model(load_hf_model(backbone_name)[0], quantize)
     family = FAMILIES[model.config.model_type]
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     head = ClassifierHead(hidden, num_labels, pooling, dropout)

@@ -117,6 +117,8 @@ def _front_args(p: argparse.ArgumentParser) -> None:
 def _trained_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run_dir", help="a finished run (with sparse/)")
     p.add_argument("--backbone", help="the backbone, where the run's own reference cannot be loaded here")
+    p.add_argument("--quantize", choices=["none", "int8", "nf4", "fp4"],
+                   help="hold the backbone's linear weights so (default: as the run's model.quantize)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="inputs per forward pass (default 32)")
 
 
@@ -431,7 +433,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from .predict import check_output, load_run, predict, read_inputs, write_predictions
 
     check_output(args.output, args.force)
-    config, model = load_run(args.run_dir, args.backbone)
+    config, model = load_run(args.run_dir, args.backbone, args.quantize)
     records = predict(model, read_inputs(config, args.input, args.format), args.batch_size)
     write_predictions(records, args.output, args.force)
     if args.output:
@@ -443,7 +445,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .data import load_task
     from .predict import load_run, predict, read_inputs, scores
 
-    config, model = load_run(args.run_dir, args.backbone)
+    config, model = load_run(args.run_dir, args.backbone, args.quantize)
     if args.input is not None:
         inputs, source = read_inputs(config, args.input, "task"), args.input
     else:  # the very examples the run scored (same seed, same subsampling)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import yaml
 
+from spt.backbone.quantize import MODES as QUANTIZE_MODES
 from spt.config import HeadConfig, PromptConfig, config_from_dict
 from spt.errors import ConfigError, UserError
 from spt.files import read_text
@@ -35,15 +36,26 @@ class ModelConfig(Section):
     Attributes:
         backbone: a local model directory, an alias (``minilm-l6``, ``mpnet-base``) or a hub id.
         max_length: tokens per example (text pairs are truncated longest-first).
+        quantize: ``none`` (default), ``int8``, ``nf4`` or ``fp4``: hold the linear weights of the
+            backbone's transformer layers in 8 bits (LLM.int8(), inputs multiplied in int8 too)
+            or 4 bits (QLoRA's NormalFloat or float codes, one scale per 64 weights,
+            dequantized to the backbone's dtype for each call), through bitsandbytes on a CPU
+            or a CUDA GPU (the ``quant`` extra). Embeddings, norms and the LM head keep the
+            backbone's dtype (``runtime.precision``); generators, gates and head train in fp32.
+            It changes what the backbone computes, so it is part of a run's identity; a saved
+            prompt model records it and quantizes its backbone again when loaded. Not offered for
+            GPT-2 (fused Conv1D projections); the baseline ``finetune`` cannot train it.
     """
 
     backbone: str = "minilm-l6"
     max_length: int = 128
+    quantize: str = "none"
 
     SECTION: ClassVar[str] = "model"
 
     def check(self) -> None:
         self.require("max_length", self.max_length >= 8, "at least 8")
+        self.one_of("quantize", QUANTIZE_MODES)
 
 
 @dataclass

@@ -259,9 +259,9 @@ def _suggest_layers(trial: Any, config: RunConfig) -> list[int]:
 
 
 def _num_layers(config: RunConfig) -> int:
-    from .pipeline import cached_backbone
+    from .pipeline import run_backbone
 
-    return cached_backbone(config.model.backbone, config.head.verbalizer).num_layers
+    return run_backbone(config, config.head.verbalizer).num_layers
 
 
 def _run_trial(trial: Any, prep: Prepared, path: Path, params: dict[str, Any], retry: bool, progress: bool,

@@ -79,9 +79,16 @@ def resolve_device(name: str) -> torch.device:
 
 
 @lru_cache(maxsize=2)
-def cached_backbone(name: str, with_lm_head: bool, dtype: torch.dtype = torch.float32) -> Backbone:
+def cached_backbone(name: str, with_lm_head: bool, dtype: torch.dtype = torch.float32, quantize: str = "none") -> Backbone:
     """Backbones are frozen, so jobs in one process (compare, hpo) can share them."""
-    return load_backbone(name, with_lm_head=with_lm_head, dtype=dtype)
+    return load_backbone(name, with_lm_head=with_lm_head, dtype=dtype, quantize=quantize)
+
+
+def run_backbone(config: RunConfig, with_lm_head: bool) -> Backbone:
+    """The frozen backbone of a run (``model.backbone``, with its LM head when asked), stored in
+    ``runtime.precision``'s dtype and quantized as ``model.quantize`` says."""
+    dtype = Precision(config.runtime.precision).backbone_dtype
+    return cached_backbone(config.model.backbone, with_lm_head, dtype, config.model.quantize)
 
 
 @dataclass
@@ -114,7 +121,7 @@ def prepare(config: RunConfig) -> Prepared:
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
-    backbone = cached_backbone(config.model.backbone, config.head.verbalizer, Precision(config.runtime.precision).backbone_dtype)
+    backbone = run_backbone(config, config.head.verbalizer)
     config.prompt.validate(backbone.num_layers, backbone.hidden_size)
     backbone.check_length(config.model.max_length, config.prompt.length)
     # Refuse an impossible selection or budget now, not after a search has run.

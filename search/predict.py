@@ -22,13 +22,14 @@ from .runs import RunDir
 from .schema import METRICS
 
 
-def load_run(run_dir: str | Path, backbone: str | None = None) -> tuple[RunConfig, SparsePromptModel]:
-    """The config of a finished run and its retrained sparse model (eval mode)."""
+def load_run(run_dir: str | Path, backbone: str | None = None, quantize: str | None = None) -> tuple[RunConfig, SparsePromptModel]:
+    """The config of a finished run and its retrained sparse model (eval mode; its backbone
+    quantized as the run's, or as ``quantize`` says)."""
     run = RunDir(Path(run_dir))
     config = run.config()  # (errors name config.yaml)
     if not run.file("sparse").is_dir():
         raise UserError("run_dir", f"{run_dir} holds no retrained model (sparse/); run `spt run` or `spt retrain` first")
-    return config, SparsePromptModel.from_pretrained(run.file("sparse"), backbone)
+    return config, SparsePromptModel.from_pretrained(run.file("sparse"), backbone, quantize=quantize)
 
 
 def read_inputs(config: RunConfig, path: str | Path, fmt: str) -> list[tuple[str, Example]]:

@@ -26,8 +26,7 @@ from spt.heads import build_head
 from spt.inputs import answered, encode_split
 
 from .baselines import FrozenModel
-from .feed import Precision
-from .pipeline import Prepared, cached_backbone
+from .pipeline import Prepared, run_backbone
 
 
 def lm_backbone(prep: Prepared, strategy: str) -> Backbone:
@@ -36,7 +35,7 @@ def lm_backbone(prep: Prepared, strategy: str) -> Backbone:
         return prep.backbone
     name = prep.config.model.backbone
     try:
-        return cached_backbone(name, True, Precision(prep.config.runtime.precision).backbone_dtype)
+        return run_backbone(prep.config, True)
     except MissingHeadError as exc:
         raise UserError(f"strategy {strategy}", f"scores label words with the backbone's language-model head, and "
                         f"{name!r} has no trained one ({exc.detail}); leave {strategy} out for this backbone") from None

@@ -28,7 +28,7 @@ from spt.errors import UserError
 from spt.heads import build_head, head_parameter_count
 
 from . import prompting
-from .baselines import PEFT_METHODS, FrozenModel, build_baseline
+from .baselines import PEFT_METHODS, FrozenModel, build_baseline, check_quantized
 from .config import RetrainConfig
 from .methods import STRATEGY_METHODS
 from .pipeline import (
@@ -386,6 +386,7 @@ class BaselineStrategy(Strategy):
                 f"({prep.backbone.name}): the attention's relative position bias does not cover prefix keys; "
                 "leave peft-prefix out for this backbone"
             )
+        check_quantized(self.name, prep.config.model.quantize)
         if self.name in PEFT_METHODS:
             try:
                 import peft  # noqa: F401
@@ -400,6 +401,7 @@ class BaselineStrategy(Strategy):
             config.head.dropout, config.prompt.length, target_params=ctx.k * per_generator(prep.config, prep.backbone),
             lora_r=config.compare.lora_r, ptuning_hidden=config.compare.ptuning_hidden,
             adapter_kind=config.compare.adapter_kind, adapter_size=config.compare.adapter_size,
+            quantize=config.model.quantize,
         )
 
     def train_settings(self, prep: Prepared) -> RetrainConfig:

@@ -131,13 +131,16 @@ class PromptModel(TrainableMixin, nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
                         revision: str | None = None, token: str | bool | None = None,
-                        cache_dir: str | os.PathLike | None = None) -> PromptModel:
+                        cache_dir: str | os.PathLike | None = None, quantize: str | None = None) -> PromptModel:
         """The model saved in a folder, or in a hub repo ("user/name", downloaded with
         ``snapshot_download``; with ``HF_HUB_OFFLINE=1`` read from the Hugging Face cache), in
         eval mode. An existing folder comes first. Its backbone is loaded from the saved reference
         (an alias, a hub id, or a folder relative to the model's folder) unless given: a model
-        trained on a local backbone folder needs ``backbone=`` when it comes from the hub."""
-        model = load_prompt_model(name_or_path, backbone, revision=revision, token=token, cache_dir=cache_dir)
+        trained on a local backbone folder needs ``backbone=`` when it comes from the hub. A
+        backbone loaded here is quantized as the model was trained (``model.quantize``), or as
+        ``quantize`` says (``none``, ``int8``, ``nf4``, ``fp4``)."""
+        model = load_prompt_model(name_or_path, backbone, revision=revision, token=token, cache_dir=cache_dir,
+                                  quantize=quantize)
         if not isinstance(model, cls):
             raise UserError("model", f"{name_or_path} holds a {type(model).__name__}, not a {cls.__name__}")
         return model
@@ -291,16 +294,17 @@ class SparsePromptModel(PromptModel):
 
 def load_prompt_model(name_or_path: str | os.PathLike, backbone: Backbone | str | None = None, *,
                       revision: str | None = None, token: str | bool | None = None,
-                      cache_dir: str | os.PathLike | None = None) -> PromptModel:
-    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given),
-    from a folder or a hub repo id (``revision``, ``token``, ``cache_dir``: see ``snapshot_download``)."""
+                      cache_dir: str | os.PathLike | None = None, quantize: str | None = None) -> PromptModel:
+    """Rebuild a saved supernet or sparse model, in eval mode (loading its backbone unless given,
+    quantized as recorded or as ``quantize`` says), from a folder or a hub repo id (``revision``,
+    ``token``, ``cache_dir``: see ``snapshot_download``)."""
     directory, origin = locate_model(name_or_path, revision, token, cache_dir)
     rerun = f"download it again (force_download) from {origin}" if origin else f"rerun the spt command that wrote {directory}"
     fix = f"; save the model again ({rerun})"
     config = read_model_config(directory, fix)
     prompt, head_config = model_sections(config, directory / CONFIG_FILE, fix)
     tensors = load_weights(directory, config, fix)  # (before the backbone: an edited fingerprint is named as such)
-    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin)
+    backbone = resolve_backbone(config, directory, head_config.verbalizer, backbone, origin, quantize)
     head = build_head(backbone, head_config, config["labels"])
     inputs = {"max_length": config.get("max_length"), "instruction": config.get("instruction")}
     if config["kind"] == "supernet":

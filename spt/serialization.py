@@ -3,7 +3,8 @@
 A saved model directory holds ``prompt_config.json`` (what to rebuild),
 ``prompt_weights.safetensors`` (only the trainable tensors: generators, gates, head) and a
 ``README.md`` model card with Hugging Face metadata. The frozen backbone is referenced by
-name and loaded from its own files. A model can be loaded from a hub repo ("user/name"),
+name and loaded from its own files (quantized again as ``quantize`` records: a quantized
+backbone's weights are never saved). A model can be loaded from a hub repo ("user/name"),
 which is downloaded into (or, offline, read from) the Hugging Face cache.
 
 Loading checks every file: each tensor against its checksum, every field of the config
@@ -24,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .backbone import Backbone, load_backbone
+from .backbone.quantize import EXTRA, MODES, check_quantize
 from .config import HeadConfig, PromptConfig, config_from_dict, to_dict
 from .errors import ConfigError, UserError
 from .files import CHECKSUM_KEY, read_text, save_tensors_atomic, tensor_sha256, write_json_atomic, write_text_atomic
@@ -108,6 +110,7 @@ def save_prompt_model(model: PromptModel, directory: str | os.PathLike) -> Path:
         "kind": model.KIND,
         "backbone": backbone_reference(model.backbone.name, directory),
         "backbone_fingerprint": model.backbone.fingerprint(),
+        "quantize": model.backbone.quantize,
         "model_type": model.backbone.config.model_type,
         "num_layers": model.backbone.num_layers,
         "hidden_size": model.backbone.hidden_size,
@@ -166,7 +169,8 @@ def card_data(config: dict[str, Any], directory: Path, metrics: dict[str, Any] |
 
 def _card_body(config: dict[str, Any], metrics: dict[str, Any] | None, source: str, needs_backbone: bool) -> str:
     """The human-readable part of the card: a table and how to load the model from ``source``."""
-    rows = [("kind", config["kind"]), ("backbone", f"`{config['backbone']}` (fingerprint {config.get('backbone_fingerprint')})"),
+    quantized = f", linear weights quantized to {config['quantize']}" if config.get("quantize", "none") != "none" else ""
+    rows = [("kind", config["kind"]), ("backbone", f"`{config['backbone']}` (fingerprint {config.get('backbone_fingerprint')}{quantized})"),
             ("prompt layers", ", ".join(map(str, config["layers"]))), ("labels", ", ".join(config["labels"])),
             ("prompt length", config["prompt"]["length"]), ("max length", config.get("max_length")),
             ("trainable parameters", f"{config['trainable_params']:,}"), ("spt-search", config.get("spt_search_version"))]
@@ -192,6 +196,9 @@ MODEL_CONFIG = {  # prompt_config.json (its prompt and head sections: PromptConf
     "kind": Field(str, check=lambda v: v in ("supernet", "sparse"), must="supernet or sparse"),
     "backbone": Field(str, check=bool, must="a backbone name or folder"),
     "backbone_fingerprint": Field(str, required=False),  # older saves lack some fields: see _check_recorded
+    # model.quantize of the run (saves before it existed: none); not bound to the weights: the same
+    # prompts load on the backbone quantized otherwise (load_prompt_model's quantize=)
+    "quantize": Field(str, required=False, check=lambda v: v in MODES, must=f"one of {', '.join(MODES)}"),
     "model_type": Field(str, required=False),
     "num_layers": Field(int, required=False, **_POSITIVE),
     "hidden_size": Field(int, required=False, **_POSITIVE),
@@ -327,14 +334,15 @@ def upgrade_generator_names(tensors: dict[str, torch.Tensor], layers: list[int])
 
 
 def resolve_backbone(config: dict[str, Any], directory: Path, with_lm_head: bool, backbone: Backbone | str | None = None,
-                     origin: str | None = None) -> Backbone:
+                     origin: str | None = None, quantize: str | None = None) -> Backbone:
     """The saved model's backbone: ``backbone`` when given (a loaded one, or a name/folder), else
     the recorded reference (relative folders from the model's folder); the fingerprint must match.
+    A backbone loaded here is quantized as ``quantize`` says, else as the model records.
     ``origin``: the hub repo the model was downloaded from, for the messages."""
     if isinstance(backbone, Backbone):
         resolved = backbone
     else:
-        resolved = _load_backbone_of(config, directory, with_lm_head, backbone, origin)
+        resolved = _load_backbone_of(config, directory, with_lm_head, backbone, origin, _quantize_mode(config, directory, quantize))
     differences = backbone_differences(config, resolved)
     if differences:
         raise UserError("model.backbone", f"{directory} was trained on another backbone than {resolved.name!r} "
@@ -358,8 +366,22 @@ def backbone_differences(config: dict[str, Any], backbone: Backbone) -> list[str
     return differences
 
 
+def _quantize_mode(config: dict[str, Any], directory: Path, quantize: str | None) -> str:
+    """``quantize`` when given, else the mode the model records; refused where it cannot run here."""
+    mode = config.get("quantize", "none") if quantize is None else quantize
+    try:
+        check_quantize(mode)
+    except UserError as exc:
+        if quantize is not None:  # the caller's own choice: its message as it is
+            raise
+        raise UserError("quantize", f"{directory} was trained on a backbone whose linear weights were quantized to "
+                        f"{mode}, which needs bitsandbytes: {EXTRA}; or load it unquantized: quantize='none' "
+                        "(spt predict/evaluate --quantize none), which computes slightly different scores") from exc
+    return mode
+
+
 def _load_backbone_of(config: dict[str, Any], directory: Path, with_lm_head: bool, name: str | None,
-                      origin: str | None) -> Backbone:
+                      origin: str | None, quantize: str = "none") -> Backbone:
     """Load the backbone ``name``, else the one ``config`` records, with a message saying how to name it."""
     where = f"the hub repo {origin}" if origin else str(directory)
     fix = ("pass the backbone: from_pretrained(..., backbone=NAME_OR_FOLDER), or spt predict/evaluate "
@@ -372,8 +394,10 @@ def _load_backbone_of(config: dict[str, Any], directory: Path, with_lm_head: boo
         raise UserError("model.backbone", f"{where} was trained on a local backbone folder ({recorded!r}, relative to "
                         f"where it was saved), which is not part of the repo; {fix}")
     try:
-        return load_backbone(name or recorded, with_lm_head=with_lm_head)
+        return load_backbone(name or recorded, with_lm_head=with_lm_head, quantize=quantize)
     except UserError as exc:
+        if exc.field == "model.quantize":  # (a family that cannot be quantized: the message says what to do)
+            raise
         raise UserError("model.backbone", f"cannot load the backbone {recorded!r} that {where} was trained on "
                         f"({exc.problem}); {fix}") from None
 

@@ -10,7 +10,8 @@ final norm). Each family's module layout lives in a layer runner
 
 Supported families: BERT-style encoders (``bert``, ``roberta``, ``xlm-roberta``,
 ``camembert``, ``electra``), ``mpnet``, and the decoders ``gpt2``, ``llama``, ``qwen2`` and
-``mistral``.
+``mistral``. The linear layers of every family but GPT-2 can be held in 8 or 4 bits
+(``model.quantize``, :mod:`~spt.backbone.quantize`).
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from ..hub import resolve_model_source
 from .decoders import GPT2Layers, LlamaLayers
 from .encoders import BertLayers, MPNetLayers
 from .layers import LayerContext, LayerRunner
+from .quantize import check_quantize, quantize_linears
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FAMILIES", "Backbone", "LayerContext", "check_supported", "load_backbone", "load_hf_model", "sublayer_outputs"]
+__all__ = ["FAMILIES", "Backbone", "LayerContext", "check_supported", "load_backbone", "load_hf_model", "quantize_model",
+           "sublayer_outputs"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class _Family:
     lm_head_attr: str  # attribute of the *ForMaskedLM / *ForCausalLM model holding the LM head
     attention_projections: tuple[str, ...] = ("query", "value")  # LoRA targets (PEFT baselines)
     peft_prefix: bool = True  # PEFT prefix tuning works with this family's attention
+    quantizable: bool = True  # its layers' projections are nn.Linear modules (model.quantize)
 
 
 _LLAMA = _Family(LlamaLayers, "lm_head", attention_projections=("q_proj", "v_proj"))
@@ -56,7 +60,8 @@ FAMILIES: dict[str, _Family] = {
     # MPNet's attention adds its relative position bias, sized for the sequence alone, to
     # scores that PEFT's prefix keys lengthen: PEFT prefix tuning cannot run on it.
     "mpnet": _Family(MPNetLayers, "lm_head", attention_projections=("q", "v"), peft_prefix=False),
-    "gpt2": _Family(GPT2Layers, "lm_head", attention_projections=("c_attn",)),
+    # GPT-2's projections are fused Conv1D modules, whose weight its runner slices: not quantized.
+    "gpt2": _Family(GPT2Layers, "lm_head", attention_projections=("c_attn",), quantizable=False),
     "llama": _LLAMA,
     "qwen2": _LLAMA,
     "mistral": _LLAMA,
@@ -80,16 +85,20 @@ class Backbone(nn.Module):
     ``model`` is either a base model (``AutoModel``) or a language model (masked LM for an
     encoder, causal LM for a decoder), whose frozen LM head then serves the verbalizer
     heads. Every parameter is frozen and the module stays in eval mode: the backbone
-    computes exactly what it computes alone.
+    computes exactly what it computes alone. ``quantize`` (``model.quantize``: ``none``,
+    ``int8``, ``nf4``, ``fp4``) replaces the linear layers of its transformer layers, in place,
+    by bitsandbytes layers holding their weights in 8 or 4 bits (:mod:`~spt.backbone.quantize`).
     """
 
-    def __init__(self, model: nn.Module, name: str = "", tokenizer: Any = None) -> None:
+    def __init__(self, model: nn.Module, name: str = "", tokenizer: Any = None, quantize: str = "none") -> None:
         super().__init__()
         self.family = check_supported(model.config.model_type)
         self.name = name
+        self.quantize = quantize
         self.tokenizer = tokenizer
         self.config = model.config
         self.base = model.base_model
+        quantize_model(model, quantize)
         self.runner = self.family.runner(self.base, self.config)
         head = getattr(model, self.family.lm_head_attr, None) if model is not self.base else None
         self.lm_head = head
@@ -222,6 +231,18 @@ class Backbone(nn.Module):
 
 
 
+def quantize_model(model: nn.Module, quantize: str) -> nn.Module:
+    """``model`` (a Hugging Face model of a supported family) with the linear layers of its
+    transformer layers quantized in place as ``quantize`` (``model.quantize``) says; refused
+    where this family or this installation cannot (:func:`~spt.backbone.quantize.check_quantize`)."""
+    family = check_supported(model.config.model_type)
+    check_quantize(quantize, model.config.model_type, family.quantizable)
+    if quantize != "none":
+        base = model.base_model
+        quantize_linears(family.runner(base, base.config).layers(), quantize, next(base.parameters()).dtype)
+    return model
+
+
 def sublayer_outputs(base: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     """Per layer of a Hugging Face base model of a supported family (e.g. a copy of a
     backbone's), the modules whose outputs close the attention and the feed-forward sublayer,
@@ -274,8 +295,11 @@ def load_hf_model(name: str, with_lm_head: bool = False, dtype: torch.dtype = to
     return model, AutoTokenizer.from_pretrained(source)
 
 
-def load_backbone(name: str, with_lm_head: bool = False, dtype: torch.dtype = torch.float32) -> Backbone:
+def load_backbone(name: str, with_lm_head: bool = False, dtype: torch.dtype = torch.float32,
+                  quantize: str = "none") -> Backbone:
     """Load a frozen backbone from a local directory, a packaged alias or a hub id (with its LM head
-    when ``with_lm_head``: the masked LM head of an encoder, the causal LM head of a decoder)."""
+    when ``with_lm_head``: the masked LM head of an encoder, the causal LM head of a decoder), its
+    layers' linear weights quantized as ``quantize`` says (``model.quantize``)."""
+    check_quantize(quantize)  # (bitsandbytes missing: refused before any weight is read)
     model, tokenizer = load_hf_model(name, with_lm_head, dtype)
-    return Backbone(model, name=name, tokenizer=tokenizer)
+    return Backbone(model, name=name, tokenizer=tokenizer, quantize=quantize)
