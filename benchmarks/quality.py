@@ -90,6 +90,8 @@ class Task:
     # 0: the oracle trains every K-subset; n: a seeded uniform sample of n of them, the first and last K
     # layers, and the subsets the task's searches pick by gates (too many subsets to train all)
     sample: int = 0
+    hidden: int = 384  # the backbone's width (MiniLM-L6's by default): what one generator's parameter count depends on
+    even: bool = False  # a sampled oracle also trains K layers spread evenly over depth (first, middle, last)
 
     def seed_overrides(self, seed: int) -> list[str]:
         return [o.format(seed=seed) for o in self.per_seed.split()] if self.per_seed else []
@@ -129,8 +131,19 @@ TASKS: dict[str, Task] = {
     "sst2-16shot-mpnet": Task("configs/mpnet/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
                               "MPNet-base, K=3 of 12; LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE "
                               "dev sentences", ("honest",), layers=12, sample=8),
+    # The SPT paper's own setting: a frozen LM head scoring label words after a template, on a deep model
+    # (RoBERTa-large there; here SmolLM2-135M, 30 layers, head.type clm). Its oracle is a sample.
+    "sst2-16shot-smollm2-clm": Task("configs/smollm2/sst2-16shot.yaml", [*FEW_SHOT, "head.type=clm"], _lmbff("SST-2/lmbff_k-shot"),
+                                    "SmolLM2-135M, frozen causal-LM head on 'terrible' / 'great', K=3 of 30; LM-BFF 16-shot "
+                                    "splits; test: 500 of the 872 GLUE dev sentences", ("budget", "honest"), layers=30,
+                                    sample=12, hidden=576, even=True),
+    "agnews-8shot-smollm2-clm": Task("configs/smollm2/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=8"], "",
+                                     "SmolLM2-135M, frozen causal-LM head on four topic words, K=3 of 30; 8 per label drawn "
+                                     "by the seed, dev another 8 per label; test: 500 of 1000", ("budget", "honest"),
+                                     layers=30, sample=12, hidden=576, even=True),
 }
 MINILM_TASKS = [name for name, spec in TASKS.items() if spec.layers == 6]
+DEEP_TASKS = [name for name, spec in TASKS.items() if spec.layers > 6]
 
 # SPT search settings compared by the benchmark (name -> overrides; {warmup} is a quarter of
 # the task's search epochs). Every search is ranked by every selection method.
@@ -163,9 +176,8 @@ for _k in (1, 2):
     SEARCH_VARIANTS[f"budget k={_k}"] = [*SEARCH_VARIANTS["budget"][:-1], f"search.budget_params={{budget{_k}}}"]
 VARIANT_LABELS = {"default": "previous defaults", "honest": "new defaults", "budget": "new defaults, budget-aware gates",
                   "absent slots": "new defaults, closed gates absent", "additive": "new defaults, additive prompts (lambda 0)"}
-HIDDEN_SIZE = 384  # MiniLM-L6's width: what one generator's parameter count depends on
 METHODS = list(RANKERS)  # every selection method the registry holds
-BACKBONES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base"}  # config folder -> backbone
+BACKBONES = {"minilm": "MiniLM-L6", "mpnet": "MPNet-base", "smollm2": "SmolLM2-135M"}  # config folder -> backbone
 TRANSFERRED = "spt: new defaults, gates"  # the strategy whose masks the transfer matrix moves between tasks
 BASELINES = ["first", "middle", "all", "peft-lora", "peft-prefix", "adapter", "head-only"]
 LAST = "last 3 layers"
@@ -198,8 +210,9 @@ NOT_RESULTS = {
     # states are the layers' outputs computed once instead of every step (equal to rounding,
     # tests/test_frozen.py); activation checkpointing recomputes the same layers with the same random
     # draws (tests/test_checkpointing.py). precision and compile stay: they change the arithmetic
-    # (and compiled code its random draws).
-    "runtime": ("device", "threads", "progress", "tensorboard", "frozen_cache_mb", "activation_checkpointing"),
+    # (and compiled code its random draws). Sharding the frozen backbone across ranks (shard) computes
+    # each layer with its whole weights gathered, as one process does (tests/test_sharding.py).
+    "runtime": ("device", "threads", "progress", "tensorboard", "frozen_cache_mb", "activation_checkpointing", "shard"),
     "compare": ("strategies", "seeds"),  # which jobs `spt compare` runs, not what one computes
     "task": ("data_dir",),  # the split files are named relative to it (``_portable_task``)
 }
@@ -346,11 +359,15 @@ def uniform_subsets(task: str) -> list[str]:
 
 def oracle_subsets(task: str, store: Store | None) -> list[str]:
     """What the oracle trains: the uniform subsets, and for a sampled task the first and last K
-    layers and the gate picks of the task's searches in ``store`` (run the searches first)."""
+    layers, K spread evenly over depth where the task asks, and the gate picks of the task's searches in ``store`` (run the
+    searches first)."""
     chosen = uniform_subsets(task)
     if not TASKS[task].sample:
         return chosen
-    extra = [_name(range(K)), last_subset(TASKS[task].layers)]
+    layers = TASKS[task].layers
+    extra = [_name(range(K)), last_subset(layers)]
+    if TASKS[task].even:
+        extra.append(_name(round(i * (layers - 1) / (K - 1)) for i in range(K)))
     for row in (store.rows.values() if store else []):
         if row["task"] == task and row["kind"] == "search":
             extra.append(_name(row["rankings"]["gates"]["layers"]))
@@ -374,7 +391,7 @@ def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None =
 
 def variant_overrides(task: str, seed: int, variant: str, quick: bool) -> list[str]:
     config = task_config(task, seed, [], quick)
-    per_generator = generator_parameters(HIDDEN_SIZE, config.prompt.bottleneck, config.prompt.phm_n)
+    per_generator = generator_parameters(TASKS[task].hidden, config.prompt.bottleneck, config.prompt.phm_n)
     budgets = {f"budget{k}": k * per_generator for k in (1, 2, 3)}
     return [o.format(warmup=max(1, config.search.epochs // 4), **budgets) for o in SEARCH_VARIANTS[variant]]
 
@@ -920,20 +937,53 @@ def transfer_section(reports: list[TaskReport], strategy: str) -> list[str]:
     return lines
 
 
+PAPER_PATTERN = ("SPT paper (RoBERTa-large, 24 layers, frozen masked-LM head): every task inserts prompts at layer 0 "
+                 "and in the first four layers, layers 10-19 are often chosen, the last four are discarded")
+
+
+def depth_section(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool) -> list[str]:
+    """Where the searches of deep backbones put their K layers, beside the paper's pattern (needs no oracle)."""
+    lines = []
+    for task in [t for t in tasks if TASKS[t].layers > 6]:
+        layers = TASKS[task].layers
+        bins = [range(start, min(start + -(-layers // 6), layers)) for start in range(0, layers, -(-layers // 6))]
+        rows = []
+        for seed in task_seeds(task, seeds):
+            for job in jobs_for(task, seed, ["spt"]):
+                row = store.get(job.key(job_config(job, quick)))
+                for method, ranking in (row or {}).get("rankings", {}).items():
+                    rows.append((f"{VARIANT_LABELS.get(job.name, job.name)}, {method}", ranking["layers"]))
+        if not rows:
+            continue
+        if not lines:
+            lines = ["## Where deep backbones' searches put the prompts", "", PAPER_PATTERN + ".", ""]
+        lines += [f"### {task} ({TASKS[task].note})", "",
+                  "| search, selector | picks | in the first 4 layers | in the last 4 | "
+                  + " | ".join(f"{b.start}-{b.stop - 1}" for b in bins) + " |", "|---|---|---|---|" + "---|" * len(bins)]
+        for name in dict.fromkeys(n for n, _ in rows):
+            picked = [layer for n, chosen in rows if n == name for layer in chosen]
+            counts = [sum(layer in b for layer in picked) for b in bins]
+            lines.append(f"| {name} | " + "; ".join(str(c) for n, c in rows if n == name)
+                         + f" | {sum(x < 4 for x in picked)} of {len(picked)} | {sum(x >= layers - 4 for x in picked)} of {len(picked)} | "
+                         + " | ".join(map(str, counts)) + " |")
+        lines.append("")
+    return lines
+
+
 def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool, out: Path) -> str:
     reports = load_reports(store, tasks, seeds, quick)
-    backbones = sorted({f"{BACKBONES.get(TASKS[r.task].config.split('/')[1], '?')} (K={K} of {r.layers})" for r in reports})
+    backbones = sorted({f"{BACKBONES.get(TASKS[t].config.split('/')[1], '?')} (K={K} of {TASKS[t].layers})" for t in tasks})
     text = [f"# Search quality on {', '.join(backbones)}, against a multi-seed oracle", "",
             f"Made by `python benchmarks/quality.py report` from {len(store.rows)} results in `results.jsonl` "
             f"({sum(r.get('wall_seconds', 0) for r in store.rows.values()) / 3600:.1f} h of single-thread training and search).", ""]
-    numbers, sections = {}, []
-    for r in reports:
-        lines, numbers[r.task] = task_section(r)
-        sections += lines
-    text += loto_section(reports, numbers) + flag_section(reports) + sections
-    text += summary_section(reports, numbers)
-    text += ceiling_section(reports)
-    text += transfer_section(reports, TRANSFERRED)
+    if reports:
+        numbers, sections = {}, []
+        for r in reports:
+            lines, numbers[r.task] = task_section(r)
+            sections += lines
+        text += loto_section(reports, numbers) + flag_section(reports) + sections
+        text += summary_section(reports, numbers) + ceiling_section(reports) + transfer_section(reports, TRANSFERRED)
+    text += depth_section(store, tasks, seeds, quick)
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)
 
@@ -945,6 +995,8 @@ def main() -> None:
                         help="default: the MiniLM tasks (sst2-16shot-mpnet: run --what spt first, then oracle)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: each task's own (13 21 42, or five where layer choice matters)")
     parser.add_argument("--what", nargs="+", default=["oracle", "baselines", "spt"], choices=["oracle", "baselines", "spt"])
+    parser.add_argument("--variants", nargs="+", choices=list(SEARCH_VARIANTS),
+                        help="run: only these search variants (default: each task's own)")
     parser.add_argument("--shard", default="0/1", help="i/n: this worker takes every n-th job starting at i")
     parser.add_argument("--threads", type=int, help="torch CPU threads (1 when two workers share two cores)")
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny data, two epochs (results go to results-quick.jsonl)")
@@ -961,7 +1013,7 @@ def main() -> None:
         print(report(store, args.tasks, args.seeds, args.quick, args.out / ("quality-quick.md" if args.quick else args.report)))
         return
     index, count = (int(x) for x in args.shard.split("/"))
-    jobs = [job for task in args.tasks for seed in task_seeds(task, args.seeds) for job in jobs_for(task, seed, args.what, store=store)]
+    jobs = [job for task in args.tasks for seed in task_seeds(task, args.seeds) for job in jobs_for(task, seed, args.what, args.variants, store)]
     for number, job in enumerate(jobs):
         if number % count == index:
             run_job(job, store, args.quick, args.out / "work")
