@@ -607,6 +607,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
 # own pick, and its compute counts the searches and extra trainings it needs.
 ENSEMBLE = ("default", "honest")  # the searches an ensemble rank-averages: two search recipes, one seed
 DEV_CHECKED = (2, 3)  # how many of the search's best subsets a dev-checked pick retrains
+DEV_BEST = "dev-best of every subset (the oracle's compute; not a recipe)"  # how far a dev check can go
 
 
 def subset_score(scores: list[float], subset: str) -> float:
@@ -679,6 +680,8 @@ def add_derived_selectors(r: TaskReport) -> None:
         if method != "greedy" and all(members):  # (greedy's scores come from different rounds)
             derived[f"spt: ensemble of two searches ({' + '.join(VARIANT_LABELS[v] for v in ENSEMBLE)}), {method}"] = {
                 s: ensemble([m[s] for m in members]) for s in r.seeds if all(s in m for m in members)}
+    every = {"layers": [], "scores": [0.0] * r.layers, "steps": 0, "seconds": 0.0}  # (no search: the oracle's trainings)
+    derived[DEV_BEST] = {s: dev_checked(r, every, s, len(r.oracle)) for s in r.seeds}
     for name, by_seed in derived.items():
         if len(by_seed) == len(r.seeds):
             r.picks[name] = by_seed
@@ -827,7 +830,7 @@ PREVIOUS_RECIPE = "spt: previous defaults, gates"
 def _recipes(reports: list[TaskReport]) -> list[str]:
     """What a user can set as a default: every search recipe with a K-subset pick on every task, and the
     fixed rule "last K layers"."""
-    names = [n for n in reports[0].picks if all(n in r.picks for r in reports)]
+    names = [n for n in reports[0].picks if all(n in r.picks for r in reports) and n != DEV_BEST]
     return [LAST, *names]
 
 
