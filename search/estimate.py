@@ -38,7 +38,7 @@ import re
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -51,14 +51,32 @@ from spt.model import PromptModel, PromptSupernet, SparsePromptModel
 
 from .config import RunConfig
 
+if TYPE_CHECKING:
+    from .feed import Feed
+    from .trainer import Trainer
+
 STAGES = ("search", "retrain", "inference")
 PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 CHECKPOINTING = ("none", "prompted")
 DEVICES = ("cuda", "cpu")
 # A quantized linear layer's bytes (bitsandbytes' layout, see the docstring): per weight, and per output row.
 QUANTIZED_BYTES: dict[str, tuple[float, int]] = {"int8": (1.0, 4), "nf4": (0.5 + 1 / 64 + 4 / (64 * 256), 0)}
-_UNITS = {"": 10**9, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
-          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 10**9,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 MAX_BATCH = 1 << 20  # the largest batch the search for the largest batch tries
 # A CUDA target's cuBLAS workspaces, allocated through torch's allocator: 32 MiB (Hopper) for each of the
 # two threads that multiply matrices, the forward pass's and autograd's device thread.
@@ -132,14 +150,33 @@ class CudaAutocast(torch.overrides.TorchFunctionMode):
     (layer and group norms, softmax, reductions, pow, exp, log): a CUDA run's dtypes, hence its
     memory, from fake CPU tensors. The casts happen above autograd, as autocast's own do."""
 
-    FP32 = frozenset({"layer_norm", "group_norm", "softmax", "log_softmax", "pow", "rsqrt", "exp", "log", "sum",
-                      "cumsum", "norm", "reciprocal", "softplus", "cosine_similarity", "normalize"})
+    FP32 = frozenset(
+        {
+            "layer_norm",
+            "group_norm",
+            "softmax",
+            "log_softmax",
+            "pow",
+            "rsqrt",
+            "exp",
+            "log",
+            "sum",
+            "cumsum",
+            "norm",
+            "reciprocal",
+            "softplus",
+            "cosine_similarity",
+            "normalize",
+        }
+    )
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if getattr(func, "__name__", "") in self.FP32 and torch.is_autocast_enabled("cpu"):
+
             def up(x):
                 return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+
             args = tuple(up(a) for a in args)
             kwargs = {k: up(v) for k, v in kwargs.items()}
         return func(*args, **kwargs)
@@ -166,9 +203,11 @@ def backbone_config(name: str) -> Any:
         return AutoConfig.from_pretrained(source, local_files_only=True)
     except (OSError, ValueError) as exc:
         detail = why or f"{exc.__class__.__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        raise UserError(f"model.backbone: no config for {name!r} on this machine ({detail}); give a model folder "
-                        "holding config.json (weights not needed), an installed alias (spt models list), or a hub "
-                        "id whose config.json is in the local Hugging Face cache") from None
+        raise UserError(
+            f"model.backbone: no config for {name!r} on this machine ({detail}); give a model folder "
+            "holding config.json (weights not needed), an installed alias (spt models list), or a hub "
+            "id whose config.json is in the local Hugging Face cache"
+        ) from None
 
 
 def fake_backbone(hf_config: Any, with_lm_head: bool, dtype: torch.dtype, name: str) -> Backbone:
@@ -234,11 +273,40 @@ class Peaks:
     state_bytes: int
     phases: dict[str, int]  # phase -> peak bytes
     layers: list[int]
-    quantizable: tuple[int, int, int] = (0, 0, 0)  # the layers' linear weights: how many, their output rows, the largest
+    quantizable: tuple[int, int, int] = (
+        0,
+        0,
+        0,
+    )  # the layers' linear weights: how many, their output rows, the largest
 
     @property
     def peak(self) -> int:
         return max(self.phases.values())
+
+
+Probe = Callable[[str, LiveMemory], contextlib.AbstractContextManager]
+
+
+@dataclass
+class _Run:
+    """One simulated (or real) stage: its model and feed, the memory count, the peak of each phase."""
+
+    model: PromptModel
+    precision: str
+    memory: LiveMemory
+    probe: Probe
+    real: bool
+    device: str
+    feed: Feed | None = None
+    phases: dict[str, int] = field(default_factory=dict)
+
+    def phase(self, name: str, work: Callable[[], object]) -> None:
+        """Run ``work`` counting what it makes; its peak is the phase's."""
+        with self.memory.counting():
+            self.memory.restart_peak()
+            with self.probe(name, self.memory):
+                work()
+            self.phases[name] = self.memory.peak
 
 
 class Estimator:
@@ -271,8 +339,9 @@ class Estimator:
     def backbone(self, dtype: torch.dtype) -> Backbone:
         if dtype not in self._backbones:
             with self.fake, _quiet():
-                self._backbones[dtype] = fake_backbone(self.hf_config, self.config.head.verbalizer, dtype,
-                                                       self.config.model.backbone)
+                self._backbones[dtype] = fake_backbone(
+                    self.hf_config, self.config.head.verbalizer, dtype, self.config.model.backbone
+                )
         return self._backbones[dtype]
 
     @property
@@ -292,8 +361,9 @@ class Estimator:
             return VerbalizerHead(backbone, list(range(len(labels))), head.type)
         return build_head(backbone, head, labels)
 
-    def model(self, stage: str, backbone: Backbone, checkpointing: str,
-              world: contextlib.AbstractContextManager | None = None) -> PromptModel:
+    def model(
+        self, stage: str, backbone: Backbone, checkpointing: str, world: contextlib.AbstractContextManager | None = None
+    ) -> PromptModel:
         """The supernet (``search``) or the sparse model on :meth:`sparse_layers`, made in ``world``
         (default: the fake tensor mode)."""
         from .pipeline import search_prompt
@@ -302,24 +372,41 @@ class Estimator:
         with world if world is not None else self.fake:
             torch.manual_seed(config.seed)
             if stage == "search":
-                model: PromptModel = PromptSupernet(backbone, search_prompt(config, backbone), self._head(backbone),
-                                                    config.head, labels, config.model.max_length)
+                model: PromptModel = PromptSupernet(
+                    backbone,
+                    search_prompt(config, backbone),
+                    self._head(backbone),
+                    config.head,
+                    labels,
+                    config.model.max_length,
+                )
             else:
-                model = SparsePromptModel(backbone, config.prompt, self._head(backbone), config.head, labels,
-                                          self.sparse_layers(), config.model.max_length)
+                model = SparsePromptModel(
+                    backbone,
+                    config.prompt,
+                    self._head(backbone),
+                    config.head,
+                    labels,
+                    self.sparse_layers(),
+                    config.model.max_length,
+                )
         model.activation_checkpointing = checkpointing
         return model
 
-    def batch(self, rows: int, length: int, autocast_dtype: torch.dtype | None,
-              device: torch.device | str = "cpu") -> dict[str, Any]:
+    def batch(
+        self, rows: int, length: int, autocast_dtype: torch.dtype | None, device: torch.device | str = "cpu"
+    ) -> dict[str, Any]:
         """What :func:`spt.inputs.collate` makes for ``rows`` examples of ``length`` tokens (no padding)."""
         with torch.device(device):
             return self._batch(rows, length, autocast_dtype)
 
     def _batch(self, rows: int, length: int, autocast_dtype: torch.dtype | None) -> dict[str, Any]:
         ids = torch.full((rows, length), 1, dtype=torch.long)
-        batch: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                 "labels": torch.zeros(rows, dtype=torch.long)}
+        batch: dict[str, Any] = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": torch.zeros(rows, dtype=torch.long),
+        }
         if self.config.head.type == "mlm":
             batch["mask_positions"] = torch.full((rows,), length - 1, dtype=torch.long)
         weights = autocast_dtype or torch.float32
@@ -331,102 +418,135 @@ class Estimator:
 
     # --- simulation
 
-    def simulate(self, stage: str, precision: str, checkpointing: str, batch: int, length: int,
-                 eval_batch: int | None = None, backbone: Backbone | None = None, device: str = "cpu",
-                 probe: Callable[[str, LiveMemory], contextlib.AbstractContextManager] | None = None) -> Peaks:
+    def simulate(
+        self,
+        stage: str,
+        precision: str,
+        checkpointing: str,
+        batch: int,
+        length: int,
+        eval_batch: int | None = None,
+        backbone: Backbone | None = None,
+        device: str = "cpu",
+        probe: Probe | None = None,
+    ) -> Peaks:
         """Peak bytes of each phase of ``stage`` (``fp32`` or ``bf16``: the quantized lines are
         made from ``bf16``) at ``batch`` examples of ``length`` tokens.
 
         With a real ``backbone`` (on ``device``) the same steps run on real tensors: what
         ``benchmarks/memory.py`` measures; ``probe(phase, memory)`` then wraps each phase (a profiler)."""
+        from .feed import Precision
+
+        real = backbone is not None
+        world = contextlib.nullcontext() if real else self.fake
+        backbone = backbone if real else self.backbone(Precision(precision).backbone_dtype)
+        model = self.model(stage, backbone, checkpointing, world)
+        run = _Run(
+            model, precision, LiveMemory(), probe or (lambda phase, memory: contextlib.nullcontext()), real, device
+        )
+        kept = self._kept_bytes(model)
+        with world, _quiet(), self._device_semantics(precision, real):
+            run.feed = self._feed(model, precision, real, device)
+            for tensor in [*model.parameters(), *model.buffers()]:
+                run.memory.track(tensor)
+            run.memory.current += kept
+            weights = run.memory.current
+            state = self._train(run, stage, batch, length) if stage != "inference" else 0
+            self._evaluate(run, eval_batch or self.config.search.eval_batch_size, length)
+        params = sum(p.numel() for p in model.parameters())
+        return Peaks(
+            params,
+            model.num_trainable_parameters(),
+            weights,
+            state,
+            run.phases,
+            list(model.layers),
+            _linear_weights(backbone),
+        )
+
+    @staticmethod
+    def _feed(model: PromptModel, precision: str, real: bool, device: str) -> Feed:
+        """The model's :class:`~search.feed.Feed` (a fake model stays where it is: a feed would move it)."""
+        from .feed import Feed
+
+        if real:
+            return Feed(model, None, device, precision, 0)
+        model.to = lambda *args, **kwargs: model
+        try:
+            return Feed(model, None, "cpu", precision, 0)
+        finally:
+            del model.to
+
+    def _trainer(self, run: _Run, stage: str) -> Trainer:
+        """The trainer of ``stage`` as the pipeline makes it (the search's with its consistency loss)."""
         from torch._subclasses.fake_tensor import unset_fake_temporarily
 
-        from .config import RetrainConfig, SearchConfig
-        from .feed import Feed, Precision
         from .losses import search_loss
         from .trainer import Trainer
 
-        config, precision_ = self.config, Precision(precision)
-        real = backbone is not None
-        world = contextlib.nullcontext() if real else self.fake
-        backbone = backbone if real else self.backbone(precision_.backbone_dtype)
-        model = self.model(stage, backbone, checkpointing, world)
-        probe = probe or (lambda phase, memory: contextlib.nullcontext())
-        memory = LiveMemory()
-        kept = self._kept_bytes(model)
-        with world, _quiet(), self._device_semantics(precision, real):
-            if real:
-                feed = Feed(model, None, device, precision, 0)
-            else:
-                model.to = lambda *args, **kwargs: model  # (a fake model stays where it is: Feed would move it)
-                try:
-                    feed = Feed(model, None, "cpu", precision, 0)
-                finally:
-                    del model.to
-            for tensor in [*model.parameters(), *model.buffers()]:
-                memory.track(tensor)
-            weights = memory.current + kept
-            memory.current += kept
-            memory.restart_peak()
-            autocast_dtype = precision_.autocast_dtype
-            phases: dict[str, int] = {}
-            eval_rows = eval_batch or config.search.eval_batch_size
-            state = 0
-            if stage != "inference":
-                settings: SearchConfig | RetrainConfig = config.search if stage == "search" else config.retrain
-                settings = dataclasses.replace(settings, gradient_accumulation_steps=1)
-                loss = (search_loss(config.search.consistency_weight, config.search.mask_prob, config.seed, len(model.layers))
-                        if stage == "search" else None)
-                if loss is not None and not real:
-                    draw = loss.inputs
+        config = self.config
+        settings = dataclasses.replace(
+            config.search if stage == "search" else config.retrain, gradient_accumulation_steps=1
+        )
+        extra: dict[str, Any] = {}
+        if stage == "search":
+            loss = search_loss(
+                config.search.consistency_weight, config.search.mask_prob, config.seed, len(run.model.layers)
+            )
+            if not run.real:
+                draw = loss.inputs
 
-                    def host_inputs(step: int, draw=draw) -> tuple[Any, ...]:  # the mask is drawn on the host
-                        with unset_fake_temporarily():
-                            return draw(step)
-                    loss.inputs = host_inputs
-                fused = (self.device if not real else torch.device(device).type) == "cuda"
-                trainer = Trainer(model, settings, feed, config.seed, **({"loss": loss} if loss is not None else {}),
-                                  fused_optimizer=fused)
-                gate_rows = batch * config.search.arch_batches
-                batches: dict[int, dict[str, Any]] = {}
-                with memory.counting():
-                    for rows in {batch, gate_rows} if stage == "search" else {batch}:
-                        batches[rows] = self.batch(rows, length, autocast_dtype, feed.device)
-                feed.local_batch = lambda indices: (batches[len(indices)], 1.0)
-                weights_batch = memory.current  # (the batches live on the device through the steps)
-                with memory.counting():  # the optimizer state, as the first step leaves it
-                    for optimizer in trainer.optimizers().values():
-                        for group in optimizer.param_groups:
-                            for p in group["params"]:
-                                p.grad = torch.zeros_like(p)
-                        optimizer.step()
-                        optimizer.zero_grad(set_to_none=True)
-                with memory.counting():
-                    memory.restart_peak()
-                    with probe("weight step", memory):
-                        trainer.weight_step(list(range(batch)), 1)
-                    phases["weight step"] = memory.peak
-                    if stage == "search":
-                        memory.restart_peak()
-                        with probe("gate step", memory):
-                            trainer.architect.step(list(range(gate_rows)), 1)
-                        phases["gate step"] = memory.peak
-                state = memory.current - weights_batch
-                del trainer, batches
-            with memory.counting():
-                memory.restart_peak()
-                with probe("evaluation", memory):
-                    rows_ = self.batch(eval_rows, length, autocast_dtype, feed.device)
-                    with torch.inference_mode(), feed.autocast():
-                        model.eval()(rows_)
-                    del rows_
-                phases["evaluation"] = memory.peak
-        trainable = model.num_trainable_parameters()
-        params = sum(p.numel() for p in model.parameters())
-        return Peaks(params, trainable, weights, state, phases, list(model.layers), _linear_weights(backbone))
+                def host_inputs(step: int) -> tuple[Any, ...]:  # the mask is drawn on the host
+                    with unset_fake_temporarily():
+                        return draw(step)
 
-    def floor(self, precision: str, batch: int, length: int, backbone: Backbone | None = None, device: str = "cpu",
-              probe: Callable[[str, LiveMemory], contextlib.AbstractContextManager] | None = None) -> int:
+                loss.inputs = host_inputs
+            extra["loss"] = loss
+        fused = (torch.device(run.device).type if run.real else self.device) == "cuda"  # (as the trainer on a GPU)
+        return Trainer(run.model, settings, run.feed, config.seed, fused_optimizer=fused, **extra)
+
+    def _train(self, run: _Run, stage: str, batch: int, length: int) -> int:
+        """The weight step (and the search's gate step) with the optimizer state in place; the state's bytes."""
+        trainer, memory = self._trainer(run, stage), run.memory
+        gate_rows = batch * self.config.search.arch_batches
+        with memory.counting():
+            batches = {
+                rows: self.batch(rows, length, run.feed.precision.autocast_dtype, run.feed.device)
+                for rows in ({batch, gate_rows} if stage == "search" else {batch})
+            }
+        run.feed.local_batch = lambda indices: (batches[len(indices)], 1.0)
+        before = memory.current  # (the batches stay on the device through the steps)
+        with memory.counting():  # the optimizer state, as the first step leaves it
+            for optimizer in trainer.optimizers().values():
+                for group in optimizer.param_groups:
+                    for p in group["params"]:
+                        p.grad = torch.zeros_like(p)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        run.phase("weight step", lambda: trainer.weight_step(list(range(batch)), 1))
+        if stage == "search":
+            run.phase("gate step", lambda: trainer.architect.step(list(range(gate_rows)), 1))
+        return memory.current - before
+
+    def _evaluate(self, run: _Run, rows: int, length: int) -> None:
+        """An evaluation batch, as the evaluator runs it (inference mode)."""
+
+        def forward() -> None:
+            batch = self.batch(rows, length, run.feed.precision.autocast_dtype, run.feed.device)
+            with torch.inference_mode(), run.feed.autocast():
+                run.model.eval()(batch)
+
+        run.phase("evaluation", forward)
+
+    def floor(
+        self,
+        precision: str,
+        batch: int,
+        length: int,
+        backbone: Backbone | None = None,
+        device: str = "cpu",
+        probe: Probe | None = None,
+    ) -> int:
         """Peak bytes of the frozen floor (``benchmarks/speed.py``): the bare backbone's forward and
         backward pass for gradients of its input embeddings only, through the adapter's layers."""
         from .feed import Precision
@@ -465,14 +585,32 @@ class Estimator:
 
     # --- rows
 
-    def row(self, stage: str, precision: str, checkpointing: str, batch: int, length: int,
-            memory: int | None = None, headroom: float = 0.1) -> Row:
+    def row(
+        self,
+        stage: str,
+        precision: str,
+        checkpointing: str,
+        batch: int,
+        length: int,
+        memory: int | None = None,
+        headroom: float = 0.1,
+    ) -> Row:
         """The estimate of one stage, precision and checkpointing mode, and (``memory``) the largest
         batch whose peak stays under ``memory`` less ``headroom`` of it."""
         peaks = self.peaks(stage, precision, checkpointing, batch, length)
-        row = Row(stage, precision, None if stage == "inference" else checkpointing, batch, length, peaks.params,
-                  peaks.trainable, peaks.weights_bytes + self._quantized_delta(peaks, precision), peaks.state_bytes,
-                  self.total(peaks, precision), peaks.layers)
+        row = Row(
+            stage,
+            precision,
+            None if stage == "inference" else checkpointing,
+            batch,
+            length,
+            peaks.params,
+            peaks.trainable,
+            peaks.weights_bytes + self._quantized_delta(peaks, precision),
+            peaks.state_bytes,
+            self.total(peaks, precision),
+            peaks.layers,
+        )
         if memory is not None:
             usable = memory * (1 - headroom)
             row.fits = row.peak_bytes <= usable
@@ -484,8 +622,9 @@ class Estimator:
         key = (stage, simulated, checkpointing, batch, length)
         if key not in self._peaks:
             # inference: ``batch`` is the evaluation batch; training stages evaluate at search.eval_batch_size
-            self._peaks[key] = self.simulate(stage, simulated, checkpointing, batch, length,
-                                             batch if stage == "inference" else None)
+            self._peaks[key] = self.simulate(
+                stage, simulated, checkpointing, batch, length, batch if stage == "inference" else None
+            )
         return self._peaks[key]
 
     def total(self, peaks: Peaks, precision: str) -> int:
@@ -504,12 +643,14 @@ class Estimator:
         per_weight, per_row = QUANTIZED_BYTES[precision]
         return int(math.ceil(per_weight * count + per_row * rows)) - 2 * count
 
-    def max_batch(self, stage: str, precision: str, checkpointing: str, length: int, usable: float,
-                  start: int = 1) -> int:
+    def max_batch(
+        self, stage: str, precision: str, checkpointing: str, length: int, usable: float, start: int = 1
+    ) -> int:
         """The largest batch whose estimated peak is at most ``usable`` bytes (0: not even one example).
 
         A phase's peak grows linearly with the batch (every activation has a batch dimension), so
         a line through two batches guesses the answer and a few simulations near it confirm it."""
+
         def peak(b: int) -> int:
             return self.total(self.peaks(stage, precision, checkpointing, b, length), precision)
 
@@ -596,37 +737,74 @@ class Estimate:
     rows: list[Row]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"backbone": self.backbone, "family": self.family, "layers": self.layers, "hidden": self.hidden,
-                "device": self.device, "memory_bytes": self.memory_bytes, "headroom": self.headroom,
-                "rows": [r.to_dict() for r in self.rows]}
+        return {
+            "backbone": self.backbone,
+            "family": self.family,
+            "layers": self.layers,
+            "hidden": self.hidden,
+            "device": self.device,
+            "memory_bytes": self.memory_bytes,
+            "headroom": self.headroom,
+            "rows": [r.to_dict() for r in self.rows],
+        }
 
     def table(self) -> str:
         """The rows as an aligned text table."""
         memory = f"largest batch on {gigabytes(self.memory_bytes)} GB" if self.memory_bytes else None
-        head = ["stage", "precision", "checkpointing", "params", "trainable", "batch x length", "weights GB",
-                "optimizer GB", "peak GB"] + ([memory] if memory else [])
+        head = [
+            "stage",
+            "precision",
+            "checkpointing",
+            "params",
+            "trainable",
+            "batch x length",
+            "weights GB",
+            "optimizer GB",
+            "peak GB",
+        ] + ([memory] if memory else [])
         lines = [head]
         for r in self.rows:
-            cells = [r.stage, r.precision, r.checkpointing or "-", f"{r.params:,}", f"{r.trainable:,}",
-                     f"{r.batch} x {r.length}", gigabytes(r.weights_bytes), gigabytes(r.state_bytes), gigabytes(r.peak_bytes)]
+            cells = [
+                r.stage,
+                r.precision,
+                r.checkpointing or "-",
+                f"{r.params:,}",
+                f"{r.trainable:,}",
+                f"{r.batch} x {r.length}",
+                gigabytes(r.weights_bytes),
+                gigabytes(r.state_bytes),
+                gigabytes(r.peak_bytes),
+            ]
             if memory:
                 cells.append(f"{r.max_batch:,}" + ("" if r.fits else " (batch does not fit)"))
             lines.append(cells)
         widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
-        text = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
-                for line in lines]
+        text = [
+            "  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))).rstrip()
+            for line in lines
+        ]
         text.insert(1, "  ".join("-" * w for w in widths))
-        note = (f"{self.backbone} ({self.family}, {self.layers} layers x {self.hidden}): estimated peak memory on a "
-                f"{self.device.upper() if self.device == 'cuda' else 'CPU'} device (GB = 10^9 bytes); every sequence "
-                "full length; int8/nf4: the layers' linear weights quantized (analytic, from bf16)")
+        note = (
+            f"{self.backbone} ({self.family}, {self.layers} layers x {self.hidden}): estimated peak memory on a "
+            f"{self.device.upper() if self.device == 'cuda' else 'CPU'} device (GB = 10^9 bytes); every sequence "
+            "full length; int8/nf4: the layers' linear weights quantized (analytic, from bf16)"
+        )
         if self.memory_bytes:
             note += f"; largest batch: peak within {100 * (1 - self.headroom):.0f}% of the memory"
         return note + "\n" + "\n".join(text)
 
 
-def estimate(config: RunConfig, stages: list[str] | None = None, precisions: list[str] | None = None,
-             checkpointing: list[str] | None = None, batch: int | None = None, length: int | None = None,
-             memory: int | None = None, device: str = "cuda", headroom: float = 0.1) -> Estimate:
+def estimate(
+    config: RunConfig,
+    stages: list[str] | None = None,
+    precisions: list[str] | None = None,
+    checkpointing: list[str] | None = None,
+    batch: int | None = None,
+    length: int | None = None,
+    memory: int | None = None,
+    device: str = "cuda",
+    headroom: float = 0.1,
+) -> Estimate:
     """The estimate of every requested stage x precision x checkpointing mode. ``batch``: the
     training batch of search and retraining and the inference batch (default: search.batch_size,
     retrain.batch_size, search.eval_batch_size); ``length``: tokens per example (model.max_length)."""
@@ -644,11 +822,22 @@ def estimate(config: RunConfig, stages: list[str] | None = None, precisions: lis
         raise UserError("--length", str(exc).split(": ", 1)[-1]) from None
     config.prompt.validate(estimator.num_layers, estimator.hf_config.hidden_size)
     rows = []
-    defaults = {"search": config.search.batch_size, "retrain": config.retrain.batch_size,
-                "inference": config.search.eval_batch_size}
+    defaults = {
+        "search": config.search.batch_size,
+        "retrain": config.retrain.batch_size,
+        "inference": config.search.eval_batch_size,
+    }
     for stage in stages or list(STAGES):
         for precision in precisions or list(PRECISIONS):
-            for mode in (["none"] if stage == "inference" else checkpointing or list(CHECKPOINTING)):
+            for mode in ["none"] if stage == "inference" else checkpointing or list(CHECKPOINTING):
                 rows.append(estimator.row(stage, precision, mode, batch or defaults[stage], length, memory, headroom))
-    return Estimate(config.model.backbone, estimator.hf_config.model_type, estimator.num_layers,
-                    estimator.hf_config.hidden_size, device, memory, headroom, rows)
+    return Estimate(
+        config.model.backbone,
+        estimator.hf_config.model_type,
+        estimator.num_layers,
+        estimator.hf_config.hidden_size,
+        device,
+        memory,
+        headroom,
+        rows,
+    )

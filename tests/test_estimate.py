@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_decoder, make_tiny_model
 from helpers import tiny_config
 
 from search.cli import main
@@ -25,6 +26,15 @@ from spt import load_backbone
 from spt.inputs import EncodedSplit, collate
 
 BATCH, LENGTH = 8, 24
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, object]:
+    """Two-layer models (the estimator's cost is per layer and operation, not per weight)."""
+    root = tmp_path_factory.mktemp("estimate-models")
+    models = {"bert": make_tiny_model(root / "bert", "bert", num_layers=2)}
+    models.update({family: make_tiny_decoder(root / family, family, num_layers=2) for family in ("llama", "gpt2")})
+    return models
 
 
 def _config(tmp_path, model_dir, **sections):
@@ -61,30 +71,37 @@ def _measured(estimator: Estimator, model_dir, stage: str, checkpointing: str, v
     return real, saved
 
 
-@pytest.mark.parametrize("family, checkpointing", [("bert", "none"), ("bert", "prompted"), ("llama", "none"),
-                                                   ("llama", "prompted"), ("gpt2", "prompted")])
-def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, tiny_models, tiny_decoders, family, checkpointing):
-    model_dir = {**tiny_models, **tiny_decoders}[family]
+@pytest.mark.parametrize(
+    "family, checkpointing",
+    [("bert", "none"), ("bert", "prompted"), ("llama", "none"), ("llama", "prompted"), ("gpt2", "prompted")],
+)
+def test_estimate_is_within_15_percent_of_the_measured_peak(tmp_path, tiny, family, checkpointing):
+    model_dir = tiny[family]
     estimator = Estimator(_config(tmp_path, model_dir), device="cpu")
     for stage in ("search", "retrain"):
         fake = estimator.simulate(stage, "fp32", checkpointing, BATCH, LENGTH)
         real, saved = _measured(estimator, model_dir, stage, checkpointing)
         assert fake.params == real.params and fake.trainable == real.trainable and fake.layers == real.layers
-        assert set(fake.phases) == ({"weight step", "gate step", "evaluation"} if stage == "search" else {"weight step", "evaluation"})
+        assert set(fake.phases) == (
+            {"weight step", "gate step", "evaluation"} if stage == "search" else {"weight step", "evaluation"}
+        )
         for phase, peak in fake.phases.items():
             assert peak == pytest.approx(real.phases[phase], rel=0.15), (stage, phase)  # the target
-            assert peak == pytest.approx(real.phases[phase], rel=0.02), (stage, phase)  # in fact: the same steps, fake or real
+            assert peak == pytest.approx(real.phases[phase], rel=0.02), (
+                stage,
+                phase,
+            )  # in fact: the same steps, fake or real
             if phase in saved:  # the issue's measure (saved for backward + what was alive) misses every transient
                 assert saved[phase] <= real.phases[phase] * 1.001 and saved[phase] <= peak * 1.001
         assert fake.peak > fake.weights_bytes + fake.state_bytes  # the step itself costs something
 
 
-def test_the_live_storage_count_is_what_the_cpu_allocator_reports(tmp_path, tiny_models):
+def test_the_live_storage_count_is_what_the_cpu_allocator_reports(tmp_path, tiny):
     """The counter the estimate and the measurement share, checked against the allocator: torch.profiler's
     memory events (every allocation and free of the CPU allocator) over a plain search step."""
     from torch.profiler import ProfilerActivity, profile
 
-    estimator = Estimator(_config(tmp_path, tiny_models["bert"]), device="cpu")
+    estimator = Estimator(_config(tmp_path, tiny["bert"]), device="cpu")
     rises: dict[str, int] = {}
 
     @contextlib.contextmanager
@@ -98,62 +115,66 @@ def test_the_live_storage_count_is_what_the_cpu_allocator_reports(tmp_path, tiny
             peak = max(peak, rise)
         rises[phase] = start + peak
 
-    real = estimator.simulate("search", "fp32", "none", BATCH, LENGTH, backbone=load_backbone(str(tiny_models["bert"])),
-                              probe=probe)
+    real = estimator.simulate(
+        "search", "fp32", "none", BATCH, LENGTH, backbone=load_backbone(str(tiny["bert"])), probe=probe
+    )
     for phase in ("weight step", "gate step"):
         assert real.phases[phase] == pytest.approx(rises[phase], rel=0.02)
 
 
-def test_a_verbalizer_head_and_bf16_are_estimated(tmp_path, tiny_decoders):
+def test_a_verbalizer_head_and_bf16_are_estimated(tmp_path, tiny):
     """head.type clm (the frozen LM head, its logits over the vocabulary) and bf16 (CPU autocast) as measured."""
-    model_dir = tiny_decoders["llama"]
-    config = _config(tmp_path, model_dir, head={"type": "clm", "template": "{text_a} It was {mask}.",
-                                                "label_words": {"0": "bad", "1": "good"}})
+    model_dir = tiny["llama"]
+    config = _config(
+        tmp_path,
+        model_dir,
+        head={"type": "clm", "template": "{text_a} It was {mask}.", "label_words": {"0": "bad", "1": "good"}},
+    )
     estimator = Estimator(config, device="cpu")
     weights = {}
     for precision in ("fp32", "bf16"):
         fake = estimator.simulate("search", precision, "prompted", BATCH, LENGTH)
         weights[precision] = fake.weights_bytes
-        backbone = load_backbone(str(model_dir), with_lm_head=True,
-                                 dtype=torch.bfloat16 if precision == "bf16" else torch.float32)
+        backbone = load_backbone(
+            str(model_dir), with_lm_head=True, dtype=torch.bfloat16 if precision == "bf16" else torch.float32
+        )
         real = estimator.simulate("search", precision, "prompted", BATCH, LENGTH, backbone=backbone)
         for phase, peak in fake.phases.items():
             assert peak == pytest.approx(real.phases[phase], rel=0.02), (precision, phase)
     assert weights["bf16"] < 0.6 * weights["fp32"]  # (the backbone in bf16, what trains in fp32)
 
 
-def test_a_cuda_target_runs_layer_norms_in_fp32_under_bf16(tmp_path, tiny_models):
+def test_a_cuda_target_runs_layer_norms_in_fp32_under_bf16(tmp_path, tiny):
     """CUDA's autocast keeps layer norms (and what follows them) in fp32 where CPU's runs them in bf16:
     a BERT's bf16 step costs more for a CUDA target."""
-    config = _config(tmp_path, tiny_models["bert"])
+    config = _config(tmp_path, tiny["bert"])
     cpu = Estimator(config, device="cpu").simulate("retrain", "bf16", "none", BATCH, LENGTH)
     cuda = Estimator(config, device="cuda").simulate("retrain", "bf16", "none", BATCH, LENGTH)
     assert cuda.phases["weight step"] > cpu.phases["weight step"]
 
 
-def test_the_backbone_is_built_from_config_json_alone(tmp_path, tiny_decoders, monkeypatch):
+def test_the_backbone_is_built_from_config_json_alone(tmp_path, tiny, monkeypatch):
     """A folder with config.json and no weights (nor tokenizer) is enough, and nothing is loaded."""
     import transformers
 
     folder = tmp_path / "shape-only"
     folder.mkdir()
-    (folder / "config.json").write_text((tiny_decoders["llama"] / "config.json").read_text())
+    (folder / "config.json").write_text((tiny["llama"] / "config.json").read_text())
 
     def refuse(*args, **kwargs):
         raise AssertionError("weights loaded")
 
-    real_params = sum(p.numel() for p in load_backbone(str(tiny_decoders["llama"])).parameters())
+    real_params = sum(p.numel() for p in load_backbone(str(tiny["llama"])).parameters())
     monkeypatch.setattr(transformers.PreTrainedModel, "from_pretrained", classmethod(refuse))
     monkeypatch.setattr("spt.backbone.load_hf_model", refuse)
     result = estimate(_config(tmp_path, folder), stages=["search"], precisions=["fp32"], checkpointing=["none"])
-    shaped = estimate(_config(tmp_path, tiny_decoders["llama"]), stages=["search"], precisions=["fp32"],
-                      checkpointing=["none"])
+    shaped = estimate(_config(tmp_path, tiny["llama"]), stages=["search"], precisions=["fp32"], checkpointing=["none"])
     assert result.rows[0].peak_bytes == shaped.rows[0].peak_bytes  # the weights never mattered
     assert result.rows[0].params == real_params + result.rows[0].trainable
 
 
-def test_the_fake_batch_holds_what_collate_makes(tmp_path, tiny_models):
-    estimator = Estimator(_config(tmp_path, tiny_models["bert"]), device="cpu")
+def test_the_fake_batch_holds_what_collate_makes(tmp_path, tiny):
+    estimator = Estimator(_config(tmp_path, tiny["bert"]), device="cpu")
     split = EncodedSplit([[1] * LENGTH] * 2, None, [0, 1], None, 0)
     made = collate(split, [0, 1], "cpu", 3)
     fake = estimator.batch(2, LENGTH, None)
@@ -161,29 +182,31 @@ def test_the_fake_batch_holds_what_collate_makes(tmp_path, tiny_models):
     assert all(fake[k].shape == made[k].shape and fake[k].dtype == made[k].dtype for k in made if k != "has_padding")
 
 
-def test_checkpointing_lowers_the_estimate_and_quantized_weights_are_smaller(tmp_path, tiny_decoders):
-    config = _config(tmp_path, tiny_decoders["llama"])
-    rows = {(r.stage, r.precision, r.checkpointing): r for r in estimate(config, batch=16).rows}
-    assert {r[0] for r in rows} == {"search", "retrain", "inference"}
-    assert rows["search", "fp32", "prompted"].peak_bytes < rows["search", "fp32", "none"].peak_bytes
-    assert rows["retrain", "fp32", "prompted"].peak_bytes < rows["retrain", "fp32", "none"].peak_bytes
-    bf16, int8, nf4 = (rows["retrain", p, "none"] for p in ("bf16", "int8", "nf4"))
-    assert nf4.weights_bytes < int8.weights_bytes < bf16.weights_bytes
-    assert rows["retrain", "fp32", "none"].trainable < rows["search", "fp32", "none"].trainable
-    assert rows["inference", "fp32", None].batch == 16
-    default = estimate(config, stages=["inference", "retrain"], precisions=["fp32"], checkpointing=["none"]).rows
-    assert [r.batch for r in default] == [config.search.eval_batch_size, config.retrain.batch_size]  # (in the order asked)
+def test_checkpointing_lowers_the_estimate_and_quantized_weights_are_smaller(tmp_path, tiny):
+    config = _config(tmp_path, tiny["llama"])
+    estimator = Estimator(config, device="cpu")
+    plain, checkpointed = (estimator.row("search", "fp32", mode, 16, LENGTH) for mode in ("none", "prompted"))
+    assert checkpointed.peak_bytes < plain.peak_bytes and checkpointed.weights_bytes == plain.weights_bytes
+    bf16, int8, nf4 = (estimator.row("retrain", p, "none", 16, LENGTH) for p in ("bf16", "int8", "nf4"))
+    assert nf4.weights_bytes < int8.weights_bytes < bf16.weights_bytes < plain.weights_bytes
+    assert bf16.peak_bytes - nf4.peak_bytes < bf16.weights_bytes - nf4.weights_bytes  # (less one dequantized weight)
+    assert bf16.trainable < plain.trainable and bf16.layers == [0, 1] and plain.layers == [0, 1]
+    rows = estimate(config, stages=["inference", "retrain"], precisions=["fp32"], checkpointing=["none"]).rows
+    assert [(r.stage, r.batch) for r in rows] == [
+        ("inference", config.search.eval_batch_size),
+        ("retrain", config.retrain.batch_size),
+    ]  # (in the order asked)
 
 
-def test_the_largest_batch_is_the_last_that_fits(tmp_path, tiny_decoders):
-    estimator = Estimator(_config(tmp_path, tiny_decoders["llama"]), device="cpu")
+def test_the_largest_batch_is_the_last_that_fits(tmp_path, tiny):
+    estimator = Estimator(_config(tmp_path, tiny["llama"]), device="cpu")
 
     def total(b):
-        return estimator.total(estimator.peaks("retrain", "fp32", "prompted", b, LENGTH), "fp32")
+        return estimator.total(estimator.peaks("inference", "fp32", "none", b, LENGTH), "fp32")
 
     usable = total(37) + (total(38) - total(37)) // 2  # between 37 and 38 examples
-    assert estimator.max_batch("retrain", "fp32", "prompted", LENGTH, usable, start=4) == 37
-    assert estimator.max_batch("retrain", "fp32", "prompted", LENGTH, total(1) - 1) == 0
+    assert estimator.max_batch("inference", "fp32", "none", LENGTH, usable, start=4) == 37
+    assert estimator.max_batch("inference", "fp32", "none", LENGTH, total(1) - 1) == 0
 
 
 @pytest.mark.parametrize("answer", [1, 2, 37, 1000, 123_457])
@@ -215,47 +238,59 @@ def test_memory_sizes_and_worst_layers():
     assert worst_layers(list(range(30)), 1) == [0]
 
 
-def test_cli_table_and_json_round_trip(tmp_path, tiny_decoders, capsys):
-    path = _path(tmp_path, tiny_decoders["llama"])
-    args = ["estimate", str(path), "--stages", "retrain", "inference", "--precision", "fp32", "nf4", "--checkpointing",
-            "all", "none", "--batch", "4", "--length", "16", "--device", "cpu"]
-    assert main([*args, "--memory", "200MB"]) == 0
-    table = capsys.readouterr().out
-    assert main([*args, "--json"]) == 0
+def test_cli_table_and_json_round_trip(tmp_path, tiny, capsys):
+    path = _path(tmp_path, tiny["llama"])
+    args = ["estimate", str(path), "--precision", "fp32", "nf4", "--batch", "4", "--length", "16", "--device", "cpu"]
+    assert main([*args, "--stages", "retrain", "inference", "--checkpointing", "all", "none", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["memory_bytes"] is None and data["family"] == "llama" and data["layers"] == 4 and data["device"] == "cpu"
+    assert (data["memory_bytes"], data["family"], data["layers"], data["device"]) == (None, "llama", 2, "cpu")
     rows = data["rows"]
     assert [(r["stage"], r["precision"], r["checkpointing"]) for r in rows] == [
-        ("retrain", "fp32", "none"), ("retrain", "fp32", "prompted"), ("retrain", "nf4", "none"), ("retrain", "nf4", "prompted"),
-        ("inference", "fp32", None), ("inference", "nf4", None)]
+        ("retrain", "fp32", "none"), ("retrain", "fp32", "prompted"), ("retrain", "nf4", "none"),
+        ("retrain", "nf4", "prompted"), ("inference", "fp32", None), ("inference", "nf4", None),
+    ]  # fmt: skip
     assert all(r["max_batch"] is None and r["batch"] == 4 and r["length"] == 16 for r in rows)
-    lines = table.splitlines()
+    assert main([*args, "--stages", "inference", "--memory", "200MB"]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert "largest batch: peak within 90% of the memory" in lines[0]
     assert lines[1].split()[:3] == ["stage", "precision", "checkpointing"] and set(lines[2]) <= {"-", " "}
-    for row, line in zip(rows, lines[3:], strict=True):
+    for row, line in zip(rows[4:], lines[3:], strict=True):  # the same numbers as the JSON
         cells = line.split()
-        assert cells[:3] == [row["stage"], row["precision"], row["checkpointing"] or "-"]
-        assert cells[-2] == f"{row['peak_bytes'] / 10**9:.2f}"  # the same numbers as the JSON
+        assert cells[:3] == ["inference", row["precision"], "-"]
+        assert cells[-2] == f"{row['peak_bytes'] / 10**9:.2f}"
         assert int(cells[-1].replace(",", "")) > 4  # the largest batch on 200 MB (x 0.9)
 
 
-@pytest.mark.parametrize("args, field", [
-    (["--set", "model.backbone=nobody/no-such-model-here"], "model.backbone"),
-    (["--set", "model.backbone=./no/such/folder"], "model.backbone"),
-    (["--memory", "lots"], "--memory"),
-    (["--memory=-3GB"], "--memory"),
-    (["--length", "100000"], "--length"),
-    (["--set", "head.type=mlm", "--set", "head.template={text_a} {mask}", "--set", "head.label_words={0: a, 1: b}"], "head.type"),
-])
-def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny_decoders, capsys, args, field):
-    path = _path(tmp_path, tiny_decoders["llama"])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (["--set", "model.backbone=nobody/no-such-model-here"], "model.backbone"),
+        (["--set", "model.backbone=./no/such/folder"], "model.backbone"),
+        (["--memory", "lots"], "--memory"),
+        (["--memory=-3GB"], "--memory"),
+        (["--length", "100000"], "--length"),
+        (
+            [
+                "--set",
+                "head.type=mlm",
+                "--set",
+                "head.template={text_a} {mask}",
+                "--set",
+                "head.label_words={0: a, 1: b}",
+            ],
+            "head.type",
+        ),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny, capsys, args, field):
+    path = _path(tmp_path, tiny["llama"])
     assert main(["estimate", str(path), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
 
 
-def test_a_batch_below_one_is_refused(tmp_path, tiny_decoders, capsys):
-    path = _path(tmp_path, tiny_decoders["llama"])
+def test_a_batch_below_one_is_refused(tmp_path, tiny, capsys):
+    path = _path(tmp_path, tiny["llama"])
     with pytest.raises(SystemExit) as exc:
         main(["estimate", str(path), "--batch", "0"])
     assert exc.value.code == 2
