@@ -274,17 +274,20 @@ def _start(args: argparse.Namespace, stages: list[str]):
     return config, run, prep
 
 
-def _create(run, config, quiet: bool) -> None:
+def _create(run, prep, quiet: bool) -> None:
     """Rank 0 creates the run directory; every rank then logs (rank 0 to the file too)."""
     from . import distributed
     from .runs import create_run_dir, setup_logging
 
     distributed.barrier()
     if distributed.is_main():
-        create_run_dir(run, config)
+        create_run_dir(run, prep.config)
     distributed.barrier()
     setup_logging(run if distributed.is_main() else None, verbose=not quiet and distributed.is_main())
     logger.info("run directory: %s%s", run.path, " (resuming)" if run.resume else "")
+    if prep.shards is not None:
+        logger.info(prep.shards.describe())
+        logger.debug("backbone parameter bytes held per rank: %s of %d", prep.shards.held, prep.shards.whole)
 
 
 def _report(run, table: str) -> None:
@@ -301,7 +304,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .pipeline import run_job, summary_table
 
     config, run, prep = _start(args, ["search", "retrain"])
-    _create(run, config, args.quiet)
+    _create(run, prep, args.quiet)
     mask, metrics = run_job(prep, run, progress=config.runtime.progress)
     _report(run, summary_table(config, mask, metrics, run.status().get("search", {})))
     return 0
@@ -311,7 +314,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .pipeline import search_and_select, summary_table
 
     config, run, prep = _start(args, ["search"])
-    _create(run, config, args.quiet)
+    _create(run, prep, args.quiet)
     mask = search_and_select(prep, run, config.runtime.progress)
     _report(run, summary_table(config, mask, None, run.status().get("search", {})))
     return 0
@@ -336,6 +339,7 @@ def cmd_select(args: argparse.Namespace) -> int:
         run.open_for_writing()
     if args.full_order:
         config.select.full_order = True
+    config.runtime.shard = "none"  # (one process: a search's runtime.shard: fsdp does not apply here)
     setup_logging(None, verbose=not args.quiet)
     mask = select_from_run(run, prepare(config), k=args.k, budget=args.budget, method=args.method, progress=not args.quiet)
     write_mask(mask, run.file(out.name) if into_run else out, force=args.force)
@@ -356,7 +360,7 @@ def cmd_retrain(args: argparse.Namespace) -> int:
     mask = read_mask(args.mask, backbone=config.model.backbone, num_layers=prep.backbone.num_layers)
     if run.resume:  # a retraining of other layers is refused before the mask is overwritten
         check_checkpoint(run.path / RETRAIN_CHECKPOINT_FILE, {"layers": mask.selected_layers})
-    _create(run, config, args.quiet)
+    _create(run, prep, args.quiet)
     if mask.task != config.task.name:
         logger.info("note: this mask was found on task %r (seed %d); it is transferred to %r", mask.task, mask.seed, config.task.name)
     if distributed.is_main():

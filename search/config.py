@@ -448,6 +448,14 @@ class RuntimeConfig(Section):
             prompt run without autograd (or come from kept states), so they keep nothing to
             spare. Gradients are those of ``none`` (within rounding); with dropout on, the
             recomputation draws the same masks (the RNG state is restored).
+        shard: ``none`` (default) or ``fsdp``: under ``torchrun``, split the frozen backbone's
+            parameters across the ranks with torch's FSDP2 (``fully_shard`` per transformer layer
+            and on the rest of the backbone), so each of N ranks holds 1/N of them and gathers a
+            layer's weights while it runs; generators, gates and head stay whole on every rank,
+            their gradients averaged as without sharding. Same results as ``none`` (within
+            rounding); it costs a gather of each layer's weights in every forward pass, and
+            another in the backward pass. Refused outside torchrun, with ``runtime.compile:
+            step`` and with ``model.quantize``.
     """
 
     device: str = "auto"
@@ -458,6 +466,7 @@ class RuntimeConfig(Section):
     tensorboard: bool = False
     frozen_cache_mb: float = 1024
     activation_checkpointing: str = "none"
+    shard: str = "none"
 
     SECTION: ClassVar[str] = "runtime"
 
@@ -467,6 +476,7 @@ class RuntimeConfig(Section):
         self.one_of("precision", ("fp32", "bf16", "fp16"))
         self.one_of("compile", ("none", "step"))
         self.one_of("activation_checkpointing", ("none", "prompted", "all"))
+        self.one_of("shard", ("none", "fsdp"))
 
 
 @dataclass

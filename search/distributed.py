@@ -47,6 +47,11 @@ def is_main() -> bool:
     return _WORLD.is_main
 
 
+def world() -> World:
+    """This process's place among torchrun's ranks (one rank of one outside torchrun)."""
+    return _WORLD
+
+
 def init_from_env() -> World:
     """Join the process group that ``torchrun`` describes in the environment (once)."""
     global _WORLD
@@ -109,6 +114,11 @@ def barrier() -> None:
 def shard(indices: Sequence[int]) -> list[int]:
     """This rank's share of a global batch."""
     return list(indices[_WORLD.rank :: _WORLD.size]) if _WORLD.active else list(indices)
+
+
+def largest_share(n: int) -> int:
+    """How many of ``n`` items the rank with the most gets from :func:`shard` (rank 0's share)."""
+    return -(-n // _WORLD.size) if _WORLD.active else n
 
 
 def loss_scale(local: int, global_: int) -> float:

@@ -36,11 +36,16 @@ class Evaluator:
         (shared out across ranks); ``forward`` goes to the model (e.g. a supernet's ``arch_mask``)."""
         self.model.eval()
         mine = longest_first(split, distributed.shard(range(len(split))))
+        batches = list(batch_indices(mine, batch_size))
+        if self.feed.lockstep:  # every rank runs as many passes as the one with the most examples (extra ones: a stand-in)
+            batches += [None] * (-(-distributed.largest_share(len(split)) // batch_size) - len(batches))
         local: list[tuple[int, int, float]] = []
-        for indices in batch_indices(mine, batch_size):
-            batch = self.feed.batch(split, indices)
+        for indices in batches:
+            batch = self.feed.batch(split, indices or [0])
             with self.feed.autocast():
                 logits = self.model(batch, **forward).logits.float()
+            if indices is None:
+                continue
             losses = nn.functional.cross_entropy(logits, batch["labels"], reduction="none").tolist()
             local.extend(zip(indices, logits.argmax(-1).tolist(), losses))
         results = sorted(distributed.gather_objects(local))

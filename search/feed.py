@@ -25,6 +25,7 @@ from spt.trainable import TrainableModel
 from . import distributed
 from .config import RuntimeConfig
 from .frozen import FrozenStates
+from .sharding import is_sharded
 
 # ``runtime.precision`` -> the dtype of the frozen backbone and of autocast (fp32: no autocast).
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -87,6 +88,9 @@ class Feed:
         self.train = train
         self.prompt_length: int | None = getattr(model, "prompt_length", None)  # collate pools for the generators
         self.frozen_bytes_left = frozen_cache_mb * 2**20  # (runtime.frozen_cache_mb: for all splits together)
+        # runtime.shard: fsdp: every forward pass gathers the backbone's weights from every rank,
+        # so every rank runs every pass (search.sharding)
+        self.lockstep = is_sharded(model)
         self._frozen: dict[int, tuple[EncodedSplit, FrozenStates | None]] = {}
 
     @classmethod
@@ -96,8 +100,11 @@ class Feed:
         return cls(model, train, device, runtime.precision, runtime.frozen_cache_mb)
 
     def local_batch(self, indices: list[int]) -> tuple[dict[str, torch.Tensor] | None, float]:
-        """This rank's share of a global batch of the train split, and the loss weight of that share."""
+        """This rank's share of a global batch of the train split, and the loss weight of that share
+        (None for an empty share; in lockstep, the batch's first example weighed 0 instead)."""
         local = distributed.shard(indices)
+        if not local and self.lockstep:
+            return self.batch(self.train, indices[:1]), 0.0
         batch = self.batch(self.train, local) if local else None
         return batch, distributed.loss_scale(len(local), len(indices))
 

@@ -25,7 +25,7 @@ from spt.model import PromptSupernet, SparsePromptModel, load_prompt_model
 from spt.serialization import save_prompt_model, write_model_card
 from spt.trainable import TrainableModel
 
-from . import distributed
+from . import distributed, sharding
 from .callbacks import (
     Checkpointer,
     DevEvaluator,
@@ -102,6 +102,7 @@ class Prepared:
     dev: EncodedSplit
     test: EncodedSplit
     device: torch.device
+    shards: sharding.Sharding | None = None  # what each rank holds of the backbone (runtime.shard: fsdp)
 
     @property
     def positive_index(self) -> int | None:
@@ -118,6 +119,7 @@ class Prepared:
 
 def prepare(config: RunConfig) -> Prepared:
     """Load the backbone and the task data, tokenized once for every stage."""
+    sharding.check(config)  # (runtime.shard: fsdp where it cannot run is refused before anything loads)
     if config.runtime.threads:
         torch.set_num_threads(config.runtime.threads)
     device = resolve_device(distributed.device_for(config.runtime.device))
@@ -134,12 +136,14 @@ def prepare(config: RunConfig) -> Prepared:
     if len(data.train) < 2:
         raise UserError("task.train", f"{len(data.train)} example(s); the search needs at least 2 (D1 and D2)")
     tok, max_len, head, instruction = backbone.tokenizer, config.model.max_length, config.head, config.task.instruction
+    # runtime.shard: fsdp splits the backbone's weights across torchrun's ranks (search.sharding)
+    shards = sharding.shard_backbone(backbone, device) if config.runtime.shard == "fsdp" else None
     return Prepared(
         config, backbone, data,
         encode_split(tok, data.train, max_len, head, instruction),
         encode_split(tok, data.dev, max_len, head, instruction),
         encode_split(tok, data.test, max_len, head, instruction),
-        device,
+        device, shards,
     )
 
 

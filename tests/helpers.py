@@ -138,3 +138,20 @@ def refused(capsys, args: list[str], fragment: str) -> str:
     assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (code, err)
     assert fragment in err[0], err[0]
     return err[0]
+
+
+def interrupt_checkpointer(monkeypatch, file: str, step: int, saved: bool) -> None:
+    """Ctrl-C in the checkpointer of ``file`` at ``step``: after saving (``saved``) or before."""
+    from search.callbacks import Checkpointer
+
+    original = Checkpointer.on_step_end
+
+    def on_step_end(self, trainer, state, scheduled, stats):
+        hit = self.path.name == file and state.step == step
+        if hit and not saved:
+            raise KeyboardInterrupt
+        original(self, trainer, state, scheduled, stats)
+        if hit:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(Checkpointer, "on_step_end", on_step_end)

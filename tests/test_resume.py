@@ -14,11 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import interrupt_checkpointer as _interrupt
 from helpers import tiny_config
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from search.callbacks import Checkpointer, FiniteCheck
+from search.callbacks import FiniteCheck
 from search.checkpoint import RETRAIN_CHECKPOINT_FILE
 from search.cli import main
 from search.config import SearchConfig, load_config
@@ -30,21 +31,6 @@ from search.trainer import Trainer
 # 24 examples, batch 4: search 2 epochs x 3 steps (checkpoints at 2, 3, 4, 6); retraining 3 epochs
 # x 6 steps, dev every 4 steps (checkpoints at 4, 6, 8, 12...) and early stopping after 2 worse ones.
 RETRAIN = {"epochs": 3, "eval_every": 4, "patience": 2}
-
-
-def _interrupt(monkeypatch, file: str, step: int, saved: bool) -> None:
-    """Ctrl-C in the checkpointer of ``file`` at ``step``: after saving (``saved``) or before."""
-    original = Checkpointer.on_step_end
-
-    def on_step_end(self, trainer, state, scheduled, stats):
-        hit = self.path.name == file and state.step == step
-        if hit and not saved:
-            raise KeyboardInterrupt
-        original(self, trainer, state, scheduled, stats)
-        if hit:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(Checkpointer, "on_step_end", on_step_end)
 
 
 def _rows(path: Path) -> list[list[str]]:

@@ -34,6 +34,9 @@ from .quantize import check_quantize, quantize_linears
 
 logger = logging.getLogger(__name__)
 
+# The name under which a sharded layer holds its runner's ``keys_values_only`` (search.sharding).
+SHARDED_KEYS_VALUES_ONLY = "spt_keys_values_only"
+
 __all__ = ["FAMILIES", "Backbone", "LayerContext", "check_supported", "load_backbone", "load_hf_model", "quantize_model",
            "sublayer_outputs"]
 
@@ -109,11 +112,18 @@ class Backbone(nn.Module):
         self.requires_grad_(False)
         self.eval()
 
+    # Set by :func:`search.sharding.shard_backbone` before it splits the weights across ranks
+    # (``runtime.shard: fsdp``): no rank holds them whole afterwards.
+    _kept_fingerprint: str | None = None
+
     def fingerprint(self) -> str:
         """A short hash of the architecture and of some weights: two backbones with the same
         fingerprint compute the same thing, whatever name or folder they were loaded from."""
         import hashlib
         import json
+
+        if self._kept_fingerprint is not None:
+            return self._kept_fingerprint
 
         config = {k: v for k, v in self.config.to_dict().items() if not k.startswith(("_", "transformers_version", "architectures", "torch_dtype", "dtype"))}
         # (rounded to bf16, so a backbone stored in bf16 has the fingerprint of its fp32 original)
@@ -214,8 +224,19 @@ class Backbone(nn.Module):
         layer = self.layers[index]
         if queries_from:
             queries = hidden[:, queries_from:] if queries is None else queries  # (see layers.project_queries)
+            # (a sharded layer has the runner's method as its own, which gathers its weights around it)
+            own = getattr(layer, SHARDED_KEYS_VALUES_ONLY, None)
+            if own is not None:
+                return own(hidden, context, queries)
             return self.runner.keys_values_only(layer, hidden, context, queries)
         return self.runner.run_layer(layer, hidden, context)
+
+    def root_calls(self) -> list[str]:
+        """The methods that read parameters outside the transformer layers (the embeddings, MPNet's
+        position bias, a decoder's final norm, the LM head): a backbone sharded across ranks
+        gathers those parameters around these calls only (:mod:`search.sharding`)."""
+        names = {"embed": "embed", "context": "layer_context", "finish": "finish"}
+        return [names[call] for call in self.runner.root_calls] + (["lm_logits"] if self.lm_head is not None else [])
 
     def finish(self, hidden: torch.Tensor) -> torch.Tensor:
         """The model's output states from the last layer's (a decoder's final norm)."""

@@ -49,6 +49,7 @@ class DecoderLayers(LayerRunner):
     """What GPT-2 and the LLaMA family share: the causal mask with slots, and positions."""
 
     decoder = True
+    root_calls = ("embed", "finish")  # (the final norm; rotary angles come from buffers)
 
     def layers(self, base: nn.Module | None = None) -> nn.ModuleList:
         return (self.base if base is None else base).layers

@@ -60,6 +60,8 @@ class BertLayers(LayerRunner):
 class MPNetLayers(BertLayers):
     """MPNet: no token types; a relative position bias, sized for the sequence, in every layer."""
 
+    root_calls = ("embed", "context")  # (the position bias: an embedding of relative distances)
+
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None,
               token_mask: torch.Tensor | None) -> torch.Tensor:
         return self.base.embeddings(input_ids=input_ids)

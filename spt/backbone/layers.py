@@ -82,6 +82,9 @@ class LayerRunner:
     base model (``model.base_model``), ``config`` its config."""
 
     decoder = False  # causal attention, last-token pooling, a causal LM head
+    # Which of embed, context and finish read parameters (outside the layers): a sharded
+    # backbone gathers them for those calls (Backbone.root_calls).
+    root_calls: tuple[str, ...] = ("embed",)
 
     def __init__(self, base: nn.Module, config: Any) -> None:
         self.base = base
