@@ -348,24 +348,60 @@ FITS_MODELS = {"SmolLM2-135M": "smollm2-135m", "LLaMA-3.2-1B shape": "llama-1b",
 FITS_MEMORY = {"24 GB": 24 * 10**9, "48 GB": 48 * 10**9, "80 GB": 80 * 10**9}
 
 
+def line_max_batch(
+    estimator: Estimator,
+    stage: str,
+    precision: str,
+    checkpointing: str,
+    length: int,
+    usable: float,
+    points: tuple[int, int],
+) -> int:
+    """The largest batch under ``usable`` bytes from each phase's line through two batches (a
+    phase's peak grows linearly with the batch: every activation has a batch dimension)."""
+    low, high = (estimator.peaks(stage, precision, checkpointing, b, length) for b in points)
+    extra = estimator.total(low, precision) - low.peak  # (quantized weights, CUDA workspaces)
+    best = 1 << 20
+    for phase, a in low.phases.items():
+        slope = (high.phases[phase] - a) / (points[1] - points[0])
+        room = usable - extra - a
+        if slope <= 0:
+            best = best if room >= 0 else 0
+        else:
+            best = min(best, points[0] + int(room // slope))
+    return max(best, 0)
+
+
 def fits(length: int = 256, batch: int = 8, long: int = 1024) -> tuple[list[dict], str]:
     """``spt estimate``'s table for three decoder shapes (config.json only): the peak at ``batch`` x
     ``length`` and ``batch`` x ``long`` tokens, and the largest batch of ``length`` tokens on 24, 48
-    and 80 GB (10% left free), for a CUDA target; configs/smollm2/sst2-16shot.yaml's method settings."""
+    and 80 GB (10% left free), for a CUDA target; configs/smollm2/sst2-16shot.yaml's method settings.
+    The largest batch comes from the lines through ``batch`` and ``2 batch``; the 80 GB bf16 answer
+    of each row is checked by simulating it and the next batch."""
     rows = []
     for title, folder in FITS_MODELS.items():
         config = load_config(REPO / "configs/smollm2/sst2-16shot.yaml", [f"model.backbone={BACKBONES / folder}"])
         estimator = Estimator(config, "cuda")
         for stage in ("search", "retrain"):
-            for precision in ("bf16", "nf4"):
-                for checkpointing in ("none", "prompted"):
+            for checkpointing in ("none", "prompted"):
+                for precision in ("bf16", "nf4"):
                     started = time.perf_counter()
                     row = estimator.row(stage, precision, checkpointing, batch, length)
                     longer = estimator.row(stage, precision, checkpointing, batch, long)
                     largest = {
-                        name: estimator.max_batch(stage, precision, checkpointing, length, 0.9 * size, batch)
+                        name: line_max_batch(
+                            estimator, stage, precision, checkpointing, length, 0.9 * size, (batch, 2 * batch)
+                        )
                         for name, size in FITS_MEMORY.items()
                     }
+                    check = None
+                    if precision == "bf16" and largest["80 GB"] > 0:
+                        b, usable = largest["80 GB"], 0.9 * FITS_MEMORY["80 GB"]
+                        at, above = (
+                            estimator.total(estimator.peaks(stage, precision, checkpointing, n, length), precision)
+                            for n in (b, b + 1)
+                        )
+                        check = {"batch": b, "peak": at, "next_peak": above, "exact": at <= usable < above}
                     rows.append(
                         {
                             "model": title,
@@ -378,6 +414,7 @@ def fits(length: int = 256, batch: int = 8, long: int = 1024) -> tuple[list[dict
                             "peak": row.peak_bytes,
                             "peak_long": longer.peak_bytes,
                             "largest": largest,
+                            "check": check,
                         }
                     )
                     print(json.dumps(rows[-1]), f"{time.perf_counter() - started:.0f} s", flush=True)

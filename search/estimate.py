@@ -145,41 +145,42 @@ class LiveMemory:
             yield
 
 
-class CudaAutocast(torch.overrides.TorchFunctionMode):
-    """Under a CPU autocast, run in fp32 what CUDA's autocast runs in fp32 and CPU's does not
-    (layer and group norms, softmax, reductions, pow, exp, log): a CUDA run's dtypes, hence its
-    memory, from fake CPU tensors. The casts happen above autograd, as autocast's own do."""
+# What CUDA's autocast runs in fp32 and CPU's does not, among the functions our backbones call
+# (torch.nn.functional's: nn.LayerNorm and nn.GroupNorm call them; eager attention's softmax).
+CUDA_FP32 = ("layer_norm", "group_norm", "softmax", "log_softmax")
 
-    FP32 = frozenset(
-        {
-            "layer_norm",
-            "group_norm",
-            "softmax",
-            "log_softmax",
-            "pow",
-            "rsqrt",
-            "exp",
-            "log",
-            "sum",
-            "cumsum",
-            "norm",
-            "reciprocal",
-            "softplus",
-            "cosine_similarity",
-            "normalize",
-        }
-    )
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if getattr(func, "__name__", "") in self.FP32 and torch.is_autocast_enabled("cpu"):
+@contextlib.contextmanager
+def cuda_autocast() -> Iterator[None]:
+    """Under a CPU autocast, run in fp32 what CUDA's autocast runs in fp32 (layer norms: their outputs,
+    and the residual streams after them, stay fp32): a CUDA run's dtypes, hence its memory, from fake
+    CPU tensors. The casts happen above autograd, as autocast's own do, and also in a checkpointed
+    layer's recomputation inside the backward pass (so: the functions replaced while inside, not a mode)."""
+    import torch.nn.functional as F  # noqa: N812
 
-            def up(x):
-                return x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+    originals = {name: getattr(F, name) for name in CUDA_FP32}
 
-            args = tuple(up(a) for a in args)
-            kwargs = {k: up(v) for k, v in kwargs.items()}
-        return func(*args, **kwargs)
+    def in_fp32(original: Callable) -> Callable:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if torch.is_autocast_enabled("cpu"):
+
+                def up(x: Any) -> Any:
+                    return (
+                        x.float() if isinstance(x, torch.Tensor) and x.dtype in (torch.bfloat16, torch.float16) else x
+                    )
+
+                args, kwargs = tuple(up(a) for a in args), {k: up(v) for k, v in kwargs.items()}
+            return original(*args, **kwargs)
+
+        return call
+
+    for name, original in originals.items():
+        setattr(F, name, in_fp32(original))
+    try:
+        yield
+    finally:
+        for name, original in originals.items():
+            setattr(F, name, original)
 
 
 # ---------------------------------------------------------------------- the model from its config
@@ -581,7 +582,7 @@ class Estimator:
     def _device_semantics(self, precision: str, real: bool = False) -> contextlib.AbstractContextManager:
         """A CUDA target's autocast dtypes on fake CPU tensors (a real run has its own device's)."""
         emulate = not real and self.device == "cuda" and precision != "fp32"
-        return CudaAutocast() if emulate else contextlib.nullcontext()
+        return cuda_autocast() if emulate else contextlib.nullcontext()
 
     # --- rows
 
