@@ -15,12 +15,13 @@ layer's recomputation at a time), and the transients (attention, logits). Each t
 run once, with the optimizer state already in place (made by one step of each optimizer).
 
 Precision as the trainer has it (:class:`~search.feed.Precision`): ``fp32``, or ``bf16`` with the
-backbone stored in bf16 and the forward passes under autocast (for a CUDA target, the ops CUDA's
-autocast runs in fp32 - layer norms, softmax, reductions - are run in fp32 here too, which CPU
-autocast leaves in bf16). ``int8`` and ``nf4`` are analytic lines over the bf16 estimate: the
-transformer layers' linear weights at the bytes per weight bitsandbytes stores (int8: 1 byte and
-an fp32 scale per output row; nf4: half a byte, a one-byte scale per block of 64 and an fp32 scale
-per 256 blocks), plus one dequantized bf16 weight as a transient.
+backbone stored in bf16 and the forward passes under autocast (for a CUDA target, the functions
+CUDA's autocast runs in fp32 and CPU's in bf16 - layer norms, softmax - run in fp32 here too:
+:func:`cuda_autocast`). ``int8`` and ``nf4`` (``fp4`` takes the bytes of ``nf4``) are what
+``model.quantize`` holds, as analytic lines over the bf16 estimate: the transformer layers' linear
+weights at the bytes per weight bitsandbytes stores (int8: 1 byte and an fp32 scale per output
+row; nf4: half a byte, a one-byte scale per block of 64 and an fp32 scale per 256 blocks), plus
+one dequantized bf16 weight as a transient.
 
 A CUDA target adds its cuBLAS workspaces (:data:`CUDA_WORKSPACES`). What it does not count: the
 CUDA context (outside torch's allocator) and the caching allocator's rounding and fragmentation
@@ -274,11 +275,8 @@ class Peaks:
     state_bytes: int
     phases: dict[str, int]  # phase -> peak bytes
     layers: list[int]
-    quantizable: tuple[int, int, int] = (
-        0,
-        0,
-        0,
-    )  # the layers' linear weights: how many, their output rows, the largest
+    # the layers' linear weights: how many, their output rows, the largest one
+    quantizable: tuple[int, int, int] = (0, 0, 0)
 
     @property
     def peak(self) -> int:

@@ -178,6 +178,22 @@ def test_the_backbone_is_built_from_config_json_alone(tmp_path, tiny, monkeypatc
     assert result.rows[0].params == real_params + result.rows[0].trainable
 
 
+def test_a_hub_id_is_read_from_the_local_cache(tmp_path, tiny, monkeypatch):
+    """A hub id whose config.json is in the Hugging Face cache needs no network and no weights."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-llama" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text((tiny["llama"] / "config.json").read_text())
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(tmp_path, tiny["llama"])
+    config.model.backbone = "someone/tiny-llama"
+    assert Estimator(config, device="cpu").hf_config.num_hidden_layers == 2
+
+
 def test_the_fake_batch_holds_what_collate_makes(tmp_path, tiny):
     estimator = Estimator(_config(tmp_path, tiny["bert"]), device="cpu")
     split = EncodedSplit([[1] * LENGTH] * 2, None, [0, 1], None, 0)

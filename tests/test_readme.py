@@ -32,7 +32,7 @@ def _command_lines() -> list[str]:
 
 def test_the_readme_shows_commands_of_every_kind():
     shown = {shlex.split(line)[0] for line in _command_lines()}
-    assert {"run", "search", "select", "retrain", "predict", "evaluate", "runs", "plot", "compare", "hpo", "models"} <= shown
+    assert {"run", "search", "select", "retrain", "predict", "evaluate", "runs", "plot", "compare", "hpo", "models", "estimate"} <= shown
 
 
 @pytest.mark.parametrize("line", _command_lines())
