@@ -113,4 +113,5 @@ def memory_error_line(exc: BaseException, args: argparse.Namespace) -> str:
     settings = settings + MODEL_SETTINGS
     # recomputing the prompted layers in backward trades step time for the activations' memory
     return (f"error: {settings[0]}: out of {device} in {what}; lower {', '.join(settings[:-1])} or {settings[-1]}, "
-            "or set runtime.activation_checkpointing=prompted (--set KEY=VALUE) and run the same command again to resume")
+            "or set runtime.activation_checkpointing=prompted (--set KEY=VALUE) and run the same command again to resume; "
+            "`spt estimate CONFIG --memory SIZE` gives the largest batch that fits")

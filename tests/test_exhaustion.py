@@ -248,11 +248,11 @@ def _raise(exc: BaseException):
     (PromptSupernet, torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), ["run"],
      "error: search.batch_size: out of GPU memory in the search; lower search.batch_size, search.eval_batch_size, "
      "model.max_length or runtime.frozen_cache_mb, or set runtime.activation_checkpointing=prompted (--set KEY=VALUE) "
-     "and run the same command again to resume"),
+     "and run the same command again to resume; `spt estimate CONFIG --memory SIZE` gives the largest batch that fits"),
     (SparsePromptModel, RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 4294967296 bytes."),
      ["run"], "error: retrain.batch_size: out of memory in the retraining; lower retrain.batch_size, search.eval_batch_size, "
      "model.max_length or runtime.frozen_cache_mb, or set runtime.activation_checkpointing=prompted (--set KEY=VALUE) "
-     "and run the same command again to resume"),
+     "and run the same command again to resume; `spt estimate CONFIG --memory SIZE` gives the largest batch that fits"),
     (SparsePromptModel, MemoryError(), ["predict"],
      "error: --batch-size: out of memory with --batch-size 32; pass a smaller --batch-size and run the same command again"),
 ], ids=["cuda-search", "cpu-retrain", "predict"])
