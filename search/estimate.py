@@ -814,11 +814,13 @@ def estimate(
     if not 0 <= headroom < 1:
         raise UserError("--headroom", f"must be in [0, 1), got {headroom}")
     estimator = Estimator(config, device)
-    length = length or config.model.max_length
     try:
-        estimator.backbone(torch.float32).check_length(length, config.prompt.length)
+        estimator.backbone(torch.float32).check_length(length or config.model.max_length, config.prompt.length)
     except ConfigError as exc:
-        raise UserError("--length", str(exc).split(": ", 1)[-1]) from None
+        if length is None:  # model.max_length's own refusal
+            raise
+        raise UserError("--length", exc.problem.replace("model.max_length", "--length")) from None
+    length = length or config.model.max_length
     config.prompt.validate(estimator.num_layers, estimator.hf_config.hidden_size)
     rows = []
     defaults = {

@@ -310,6 +310,17 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny, capsys, args, field):
     assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
 
 
+def test_a_length_too_long_names_where_it_came_from(tmp_path, tiny, capsys):
+    """--length too long: the fix is a shorter --length; model.max_length too long (no --length): that field."""
+    path = _path(tmp_path, tiny["llama"])
+    assert main(["estimate", str(path), "--length", "100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --length: ") and "lower --length to at most" in err and "max_length" not in err, err
+    assert main(["estimate", str(path), "--set", "model.max_length=100000"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model.max_length: ") and "lower model.max_length to at most" in err, err
+
+
 def test_a_batch_below_one_is_refused(tmp_path, tiny, capsys):
     path = _path(tmp_path, tiny["llama"])
     with pytest.raises(SystemExit) as exc:
