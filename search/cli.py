@@ -159,8 +159,9 @@ def _estimate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory", help="device memory, e.g. 80GB, 24GiB: adds the largest batch that fits")
     p.add_argument("--headroom", type=float, default=0.1, help="share of --memory left free for the CUDA context and "
                    "fragmentation (default 0.1)")
-    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8", "nf4"],
-                   help="default: all (int8/nf4: the backbone's linear weights quantized, analytic from bf16)")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "int8", "nf4", "fp4"],
+                   help="default: fp32, bf16, int8, nf4 (int8/nf4/fp4: the backbone's linear weights quantized, "
+                   "analytic from bf16; fp4 takes nf4's bytes)")
     p.add_argument("--checkpointing", nargs="+", choices=["none", "prompted", "all"],
                    help="runtime.activation_checkpointing modes (default: none and prompted; all is prompted)")
     p.add_argument("--stages", nargs="+", choices=["search", "retrain", "inference"], help="default: all three")

@@ -62,6 +62,8 @@ CHECKPOINTING = ("none", "prompted")
 DEVICES = ("cuda", "cpu")
 # A quantized linear layer's bytes (bitsandbytes' layout, see the docstring): per weight, and per output row.
 QUANTIZED_BYTES: dict[str, tuple[float, int]] = {"int8": (1.0, 4), "nf4": (0.5 + 1 / 64 + 4 / (64 * 256), 0)}
+# model.quantize's fp4: the same Linear4bit layout as nf4 (estimated when asked for by name only)
+QUANTIZED_BYTES["fp4"] = QUANTIZED_BYTES["nf4"]
 _UNITS = {
     "": 10**9,
     "b": 1,

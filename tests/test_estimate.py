@@ -310,6 +310,16 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, tiny, capsys, args, field):
     assert len(err) == 1 and err[0].startswith(f"error: {field}"), err
 
 
+def test_fp4_as_model_quantize_names_it_is_estimated_as_nf4(tmp_path, tiny, capsys):
+    """model.quantize takes fp4; its layout (bitsandbytes' Linear4bit) is nf4's, byte for byte."""
+    path = _path(tmp_path, tiny["llama"])
+    args = ["--stages", "inference", "--batch", "4", "--length", "16", "--device", "cpu", "--json"]
+    assert main(["estimate", str(path), "--precision", "nf4", "fp4", *args]) == 0
+    nf4, fp4 = json.loads(capsys.readouterr().out)["rows"]
+    assert (nf4["precision"], fp4["precision"]) == ("nf4", "fp4")
+    assert fp4["peak_bytes"] == nf4["peak_bytes"] and fp4["weights_bytes"] == nf4["weights_bytes"]
+
+
 def test_a_length_too_long_names_where_it_came_from(tmp_path, tiny, capsys):
     """--length too long: the fix is a shorter --length; model.max_length too long (no --length): that field."""
     path = _path(tmp_path, tiny["llama"])
