@@ -788,7 +788,7 @@ class Estimate:
         note = (
             f"{self.backbone} ({self.family}, {self.layers} layers x {self.hidden}): estimated peak memory on a "
             f"{self.device.upper() if self.device == 'cuda' else 'CPU'} device (GB = 10^9 bytes); every sequence "
-            "full length; int8/nf4: the layers' linear weights quantized (analytic, from bf16)"
+            "full length; int8/nf4/fp4: the layers' linear weights quantized (analytic, from bf16)"
         )
         if self.memory_bytes:
             note += f"; largest batch: peak within {100 * (1 - self.headroom):.0f}% of the memory"
