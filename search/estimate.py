@@ -233,13 +233,12 @@ def worst_layers(candidates: list[int], k: int) -> list[int]:
 
 
 def retrain_k(config: RunConfig, hidden: int, candidates: int) -> int:
-    """K of the retrained model: ``select.k``, or the most generators ``select.budget`` pays for."""
-    if config.select.k is not None:
-        return min(config.select.k, candidates)
-    from .selection import generator_parameters
+    """K of the retrained model: ``select.k``, or the most generators ``select.budget`` pays for
+    (refused as a run refuses it: K above the candidates, a budget that pays for none)."""
+    from .selection import choose_k, generator_parameters
 
     per = generator_parameters(hidden, config.prompt.bottleneck, config.prompt.phm_n)
-    return max(1, min(candidates, config.select.budget // per))
+    return choose_k(candidates, config.select.k, config.select.budget, per)
 
 
 # ---------------------------------------------------------------------- one estimate
@@ -824,6 +823,7 @@ def estimate(
         raise UserError("--length", exc.problem.replace("model.max_length", "--length")) from None
     length = length or config.model.max_length
     config.prompt.validate(estimator.num_layers, estimator.hf_config.hidden_size)
+    estimator.sparse_layers()  # (a K or budget the run would refuse: refused here too, before any stage)
     rows = []
     defaults = {
         "search": config.search.batch_size,

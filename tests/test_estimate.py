@@ -320,6 +320,18 @@ def test_fp4_as_model_quantize_names_it_is_estimated_as_nf4(tmp_path, tiny, caps
     assert fp4["peak_bytes"] == nf4["peak_bytes"] and fp4["weights_bytes"] == nf4["weights_bytes"]
 
 
+@pytest.mark.parametrize(
+    "setting, field", [("select.k=50", "select.k"), ("select.budget=10", "select.budget")]
+)  # fmt: skip
+def test_a_selection_a_run_refuses_is_refused(tmp_path, tiny, capsys, setting, field):
+    """K above the candidates, or a budget that pays for no generator: refused as spt run refuses them."""
+    path = _path(tmp_path, tiny["llama"])
+    k = ["--set", "select.k=null"] if field == "select.budget" else []
+    assert main(["estimate", str(path), *k, "--set", setting, "--stages", "retrain", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {field}: "), err
+
+
 def test_a_length_too_long_names_where_it_came_from(tmp_path, tiny, capsys):
     """--length too long: the fix is a shorter --length; model.max_length too long (no --length): that field."""
     path = _path(tmp_path, tiny["llama"])
