@@ -794,6 +794,21 @@ class Estimate:
         return note + "\n" + "\n".join(text)
 
 
+def _offered(precisions: list[str] | None, estimator: Estimator) -> list[str]:
+    """The precisions to estimate: those asked for, or all; a quantized one only where model.quantize
+    is offered for the backbone's family (GPT-2's Conv1D projections are not: refused if asked for)."""
+    if estimator.family.quantizable:
+        return list(precisions or PRECISIONS)
+    asked = [p for p in precisions or () if p in QUANTIZED_BYTES]
+    if asked:
+        raise UserError(
+            "--precision",
+            f"{asked[0]} is not offered for {estimator.hf_config.model_type} backbones (model.quantize refuses "
+            "their fused Conv1D projections); choose fp32 or bf16",
+        )
+    return [p for p in precisions or PRECISIONS if p not in QUANTIZED_BYTES]
+
+
 def estimate(
     config: RunConfig,
     stages: list[str] | None = None,
@@ -824,6 +839,7 @@ def estimate(
     length = length or config.model.max_length
     config.prompt.validate(estimator.num_layers, estimator.hf_config.hidden_size)
     estimator.sparse_layers()  # (a K or budget the run would refuse: refused here too, before any stage)
+    precisions = _offered(precisions, estimator)
     rows = []
     defaults = {
         "search": config.search.batch_size,
@@ -831,7 +847,7 @@ def estimate(
         "inference": config.search.eval_batch_size,
     }
     for stage in stages or list(STAGES):
-        for precision in precisions or list(PRECISIONS):
+        for precision in precisions:
             for mode in ["none"] if stage == "inference" else checkpointing or list(CHECKPOINTING):
                 rows.append(estimator.row(stage, precision, mode, batch or defaults[stage], length, memory, headroom))
     return Estimate(

@@ -332,6 +332,18 @@ def test_a_selection_a_run_refuses_is_refused(tmp_path, tiny, capsys, setting, f
     assert len(err) == 1 and err[0].startswith(f"error: {field}: "), err
 
 
+def test_gpt2_gets_no_quantized_rows(tmp_path, tiny, capsys):
+    """model.quantize refuses GPT-2 (Conv1D projections): its estimate has no int8/nf4 rows by default,
+    and asking for one is refused in one line."""
+    path = _path(tmp_path, tiny["gpt2"])
+    args = ["estimate", str(path), "--stages", "inference", "--device", "cpu"]
+    assert main([*args, "--json"]) == 0
+    assert [r["precision"] for r in json.loads(capsys.readouterr().out)["rows"]] == ["fp32", "bf16"]
+    assert main([*args, "--precision", "bf16", "nf4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --precision: nf4 is not offered for gpt2"), err
+
+
 def test_a_length_too_long_names_where_it_came_from(tmp_path, tiny, capsys):
     """--length too long: the fix is a shorter --length; model.max_length too long (no --length): that field."""
     path = _path(tmp_path, tiny["llama"])
