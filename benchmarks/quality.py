@@ -544,6 +544,12 @@ class TaskReport:
                 f"{K} layers and the searches' gate picks: ranks are among these")
 
 
+def stored_searches(store: Store, task: str, seed: int, quick: bool) -> list[tuple[Job, dict[str, Any]]]:
+    """The task's searches at ``seed`` that the store holds, with their rows."""
+    found = ((job, store.get(job.key(job_config(job, quick)))) for job in jobs_for(task, seed, ["spt"]))
+    return [(job, row) for job, row in found if row is not None]
+
+
 def task_seeds(task: str, seeds: list[int] | None) -> list[int]:
     """The task's seeds, or those of ``seeds`` (the command line's) when given."""
     return list(TASKS[task].seeds) if seeds is None else seeds
@@ -582,9 +588,8 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                 row = store.get(job.key(configs[seed]))
                 if row is not None:
                     report.strategies.setdefault(job.name, {})[seed] = row["test"]
-            for job in jobs_for(task, seed, ["spt"]):
-                row = store.get(job.key(job_config(job, quick)))
-                for method, ranking in (row or {}).get("rankings", {}).items():
+            for job, row in stored_searches(store, task, seed, quick):
+                for method, ranking in row["rankings"].items():
                     if _name(ranking["layers"]) not in complete:  # (a sampled oracle trains the gate picks only)
                         continue
                     name = f"spt: {VARIANT_LABELS.get(job.name, job.name)}, {method}"
@@ -952,9 +957,8 @@ def depth_section(store: Store, tasks: list[str], seeds: list[int] | None, quick
         bins = [range(start, min(start + -(-layers // 6), layers)) for start in range(0, layers, -(-layers // 6))]
         rows = []
         for seed in task_seeds(task, seeds):
-            for job in jobs_for(task, seed, ["spt"]):
-                row = store.get(job.key(job_config(job, quick)))
-                for method, ranking in (row or {}).get("rankings", {}).items():
+            for job, row in stored_searches(store, task, seed, quick):
+                for method, ranking in row["rankings"].items():
                     rows.append((f"{VARIANT_LABELS.get(job.name, job.name)}, {method}", ranking["layers"]))
         if not rows:
             continue
