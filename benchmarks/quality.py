@@ -74,6 +74,7 @@ SEEDS = [13, 21, 42]
 FIVE_SEEDS = (13, 21, 42, 87, 100)  # (the LM-BFF split seeds)
 K = 3
 FEW_SHOT = ["search.epochs=20", "retrain.epochs=20", "search.batch_size=8", "retrain.batch_size=8", "task.max_test=500"]
+LARGER = ["search.epochs=5", "retrain.epochs=5", "search.batch_size=8", "retrain.batch_size=8", "task.max_test=500"]
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,14 @@ TASKS: dict[str, Task] = {
                           "16 per label drawn by the seed from the 1000-article pool, dev another 16 per label; test: 500 of "
                           "1000 (the issue's 16-shot size; the same pool as agnews-8shot, other draws)",
                           ("default", "honest", "budget", "absent slots", "additive")),
+    # Larger sizes per label (issue 26): four times the 16-shot data at a quarter of the epochs (the
+    # same 160 optimizer steps at batch 8 for a binary task), where one seed's draw weighs less
+    "qnli-64shot": Task("configs/minilm/qnli.yaml", [*LARGER, "task.dev=null", "task.shots_per_label=64"], "",
+                        "64 per label drawn by the seed from the 8999 glue_pretrain training pairs, dev another 64 per "
+                        "label; test: 500 of the 5463 GLUE dev pairs", ("default", "honest")),
+    "agnews-64shot": Task("configs/minilm/agnews.yaml", [*LARGER, "task.shots_per_label=64", "model.max_length=64"], "",
+                          "64 per label drawn by the seed from the 1000-article pool, dev another 64 per label; test: 500 "
+                          "of 1000", ("default", "honest")),
     # MPNet-base (12 layers): is layer choice a matter of seed noise on a deeper backbone too?
     "sst2-16shot-mpnet": Task("configs/mpnet/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
                               "MPNet-base, K=3 of 12; LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE "
@@ -137,6 +146,10 @@ TASKS: dict[str, Task] = {
                                     "SmolLM2-135M, frozen causal-LM head on 'terrible' / 'great', K=3 of 30; LM-BFF 16-shot "
                                     "splits; test: 500 of the 872 GLUE dev sentences", ("budget", "honest"), layers=30,
                                     sample=12, hidden=576, even=True),
+    # The same backbone with a trained classifier head (the other tasks' head): separates depth from head
+    "sst2-16shot-smollm2": Task("configs/smollm2/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
+                                "SmolLM2-135M, trained classifier head on the last token, K=3 of 30; LM-BFF 16-shot splits; "
+                                "test: 500 of the 872 GLUE dev sentences", ("budget",), layers=30, sample=12, hidden=576, even=True),
     "agnews-8shot-smollm2-clm": Task("configs/smollm2/agnews.yaml", [*FEW_SHOT, "task.shots_per_label=8"], "",
                                      "SmolLM2-135M, frozen causal-LM head on four topic words, K=3 of 30; 8 per label drawn "
                                      "by the seed, dev another 8 per label; test: 500 of 1000", ("budget", "honest"),
@@ -429,13 +442,15 @@ def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
 
 
 def train_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
+    curve: list[list[float]] = []  # (step, dev score) at each dev evaluation: what a shorter training would have seen
     if job.kind == "subset" or job.name in LAYER_SETS:
         layers = [int(x) for x in job.name.split("-")] if job.kind == "subset" else LAYER_SETS[job.name]
-        row = train_proposal(prep, job.name, fixed_proposal(prep, layers), ctx)
+        row = train_proposal(prep, job.name, fixed_proposal(prep, layers), ctx, on_eval=lambda step, score: curve.append([step, round(score, 6)]))
     else:
         (row,) = strategy_results(STRATEGIES[job.name], prep, ctx)
-    return {"layers": row.layers, "dev": row.dev, "test": row.test, "trainable_params": row.trainable_params,
-            "steps": row.train_steps, "seconds": row.train_seconds, "note": row.note}
+    entry = {"layers": row.layers, "dev": row.dev, "test": row.test, "trainable_params": row.trainable_params,
+             "steps": row.train_steps, "seconds": row.train_seconds, "note": row.note}
+    return {**entry, "dev_curve": curve} if curve else entry
 
 
 def search_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
@@ -512,6 +527,7 @@ class TaskReport:
     oracle: dict[str, dict[int, float]]  # subset -> seed -> test
     oracle_cost: dict[int, tuple[int, float]]  # seed -> (steps, seconds)
     oracle_dev: dict[str, dict[int, float]] = field(default_factory=dict)  # subset -> seed -> dev score
+    oracle_curve: dict[str, dict[int, list[float]]] = field(default_factory=dict)  # subset -> seed -> dev score per evaluation
     strategies: dict[str, dict[int, float]] = field(default_factory=dict)  # name -> seed -> test
     picks: dict[str, dict[int, dict[str, Any]]] = field(default_factory=dict)  # variant -> seed -> search entry
     layers: int = 6
@@ -562,6 +578,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         configs = {seed: task_config(task, seed, [], quick) for seed in seeds}
         oracle: dict[str, dict[int, float]] = {}
         oracle_dev: dict[str, dict[int, float]] = {}
+        oracle_curve: dict[str, dict[int, list[float]]] = {}
         cost: dict[int, tuple[int, float]] = {}
         wanted = oracle_subsets(task, store)
         for seed in seeds:
@@ -570,6 +587,8 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
                 if row is not None:
                     oracle.setdefault(name, {})[seed] = row["test"]
                     oracle_dev.setdefault(name, {})[seed] = row["dev"]
+                    if row.get("dev_curve"):
+                        oracle_curve.setdefault(name, {})[seed] = [score for _, score in row["dev_curve"]]
                     steps, seconds = cost.get(seed, (0, 0.0))
                     cost[seed] = (steps + row["steps"], seconds + row["seconds"])
         complete = {s: v for s, v in oracle.items() if len(v) == len(seeds)}
@@ -579,7 +598,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
         every = math.comb(TASKS[task].layers, K)  # a sampled oracle's cost, scaled to training every subset
         cost = {seed: (round(steps * every / len(wanted)), seconds * every / len(wanted)) for seed, (steps, seconds) in cost.items()}
         report = TaskReport(task, configs[seeds[0]].task.metric, seeds, majority_score(configs[seeds[0]]), complete, cost,
-                            oracle_dev, layers=TASKS[task].layers, uniform=uniform_subsets(task))
+                            oracle_dev, oracle_curve, layers=TASKS[task].layers, uniform=uniform_subsets(task))
         for seed in seeds:
             report.strategies.setdefault("random (expectation)", {})[seed] = _mean([complete[s][seed] for s in report.uniform])
             # the top K layers, a fixed rule a search has to beat (an oracle subset: no training of its own)
@@ -612,6 +631,7 @@ def load_reports(store: Store, tasks: list[str], requested: list[int] | None, qu
 # own pick, and its compute counts the searches and extra trainings it needs.
 ENSEMBLE = ("default", "honest")  # the searches an ensemble rank-averages: two search recipes, one seed
 DEV_CHECKED = (2, 3)  # how many of the search's best subsets a dev-checked pick retrains
+HALVING = (6, 3)  # successive halving: the search's best m subsets, reduction factor (a third promoted per rung)
 DEV_BEST = "dev-best of every subset (the oracle's compute; not a recipe)"  # how far a dev check can go
 
 
@@ -644,6 +664,37 @@ def dev_checked(r: TaskReport, entry: dict[str, Any], seed: int, m: int) -> dict
     steps, seconds = _train_cost(r, seed)
     return {"layers": [int(x) for x in kept.split("-")], "scores": entry["scores"], "uncertain": dev_scores[0] <= dev_scores[1],
             "steps": entry["steps"] + (m - 1) * steps, "seconds": entry["seconds"] + (m - 1) * seconds}
+
+
+def successive_halving(r: TaskReport, entry: dict[str, Any], seed: int, m: int = HALVING[0]) -> dict[str, Any]:
+    """Train the ``m`` best subsets by the search's scores one after another under Optuna's successive
+    halving pruner (a rung at 1, 3, 9... dev evaluations, the best third promoted) and keep the
+    completed one best on dev. Replayed from the oracle's dev curves: with a constant learning rate
+    the first e epochs of a training are an e-epoch training, so a pruned subset costs what it ran."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.SuccessiveHalvingPruner(
+        min_resource=1, reduction_factor=HALVING[1]))
+    top = sorted(r.oracle, key=lambda s: (-subset_score(entry["scores"], s), s))[:m]
+    evaluations, finished = 0, {}
+    for subset in top:
+        trial, curve = study.ask(), r.oracle_curve[subset][seed]
+        for step, score in enumerate(curve, start=1):
+            trial.report(score, step)
+            evaluations += 1
+            if trial.should_prune():
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                break
+        else:
+            study.tell(trial, r.oracle_dev[subset][seed])  # (the dev-best weights' score, as a training keeps)
+            finished[subset] = r.oracle_dev[subset][seed]
+    kept = max(finished, key=lambda s: (finished[s], -top.index(s)))
+    steps, seconds = _train_cost(r, seed)
+    extra = evaluations / len(r.oracle_curve[kept][seed]) - 1  # (the kept subset's run is the retraining itself)
+    return {"layers": [int(x) for x in kept.split("-")], "scores": entry["scores"], "uncertain": len(finished) > 1 and
+            sorted(finished.values())[-1] <= sorted(finished.values())[-2], "steps": entry["steps"] + extra * steps,
+            "seconds": entry["seconds"] + extra * seconds, "trained": round(extra + 1, 2)}
 
 
 def prior_plus_evidence(gates: dict[str, Any], perturbation: dict[str, Any]) -> dict[str, Any]:
@@ -680,6 +731,9 @@ def add_derived_selectors(r: TaskReport) -> None:
                 s: prior_plus_evidence(gates[s], perturbation[s]) for s in gates if s in perturbation}
         for m in DEV_CHECKED if gates else ():
             derived[f"spt: {label}, gates, dev-checked top {m}"] = {s: dev_checked(r, gates[s], s, m) for s in gates}
+        if gates and len(r.oracle_curve) == len(r.oracle) and all(len(c) == len(r.seeds) for c in r.oracle_curve.values()):
+            derived[f"spt: {label}, gates, successive halving over top {HALVING[0]}"] = {
+                s: successive_halving(r, gates[s], s) for s in gates}
     for method in METHODS:
         members = [r.picks.get(f"spt: {VARIANT_LABELS.get(v, v)}, {method}") for v in ENSEMBLE]
         if method != "greedy" and all(members):  # (greedy's scores come from different rounds)

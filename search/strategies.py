@@ -145,10 +145,15 @@ def strategy_results(strategy: Strategy, prep: Prepared, ctx: Context, done: set
         yield _row(strategy.name, prep.config.seed, "", "-", result, prep.config.task.metric, Compute(), note=note)
 
 
-def train_proposal(prep: Prepared, strategy: str, proposal: Proposal, ctx: Context) -> ResultRow:
-    """Train the sparse model of ``proposal``'s mask with the ``retrain`` settings; its row."""
+def train_proposal(prep: Prepared, strategy: str, proposal: Proposal, ctx: Context,
+                   on_eval: Callable[[int, float], None] | None = None) -> ResultRow:
+    """Train the sparse model of ``proposal``'s mask with the ``retrain`` settings; its row.
+
+    ``on_eval(step, dev_score)`` sees every dev evaluation (the benchmark keeps the curve).
+    """
     model = build_sparse(prep, proposal.mask.selected_layers)
-    result = train_and_evaluate(prep, model, prep.config.retrain, progress=ctx.progress, desc=f"{strategy} s{prep.config.seed}")
+    result = train_and_evaluate(prep, model, prep.config.retrain, progress=ctx.progress, desc=f"{strategy} s{prep.config.seed}",
+                                on_eval=on_eval)
     return _row(strategy, prep.config.seed, proposal.label, proposal.mask.selected_layers, result, prep.config.task.metric,
                 proposal.compute, scores=proposal.mask.scores)
 

@@ -75,3 +75,18 @@ def test_leave_one_task_out_never_chooses_a_recipe_by_the_held_out_tasks_own_sco
     assert lines[0] == "## Leave-one-task-out judgement"
     row = next(line for line in lines if line.startswith("| t3 |"))
     assert row.split(" | ")[2] == "-22.5"  # a's 3-4-5 (0.80) minus t3's random (1.025), in points
+
+
+def test_successive_halving_prunes_by_optunas_rungs_and_pays_only_the_evaluations_it_ran():
+    r = report("t", dict.fromkeys(SUBSETS, 0.6), devs={"0-1-3": 0.70, "0-1-2": 0.80, "1-2-3": 0.90, "3-4-5": 0.95})
+    # the search's order: 0-1-3 (2.3), 0-1-2 (2.2), 1-2-3 (1.9), 3-4-5 (0.7); rungs after 1 and 3 evaluations
+    r.oracle_curve = {"0-1-3": {13: [0.5, 0.6, 0.7]}, "0-1-2": {13: [0.6, 0.6, 0.8]},
+                      "1-2-3": {13: [0.4, 0.9, 0.9]},  # below the best at rung 1 (of 3 values): pruned after one
+                      "3-4-5": {13: [0.9, 0.5, 0.55]}}  # best at rung 1, last of three at rung 3: pruned there
+    entry = {"layers": [0, 1, 3], "scores": [0.9, 0.8, 0.5, 0.6, 0.1, 0.0], "steps": 10, "seconds": 2.0}
+    out = quality.successive_halving(r, entry, 13, m=4)
+    assert out["layers"] == [0, 1, 2]  # the completed trials' dev-best scores: 0.7 and 0.8
+    assert out["trained"] == round(10 / 3, 2)  # 3 + 3 + 1 + 3 evaluations of 3 each
+    assert out["steps"] == 10 + 100 * (10 / 3 - 1)  # the kept subset's own run is the retraining
+    assert out["uncertain"] is False
+    assert quality.successive_halving(r, entry, 13, m=1)["layers"] == [0, 1, 3]  # alone, never pruned
