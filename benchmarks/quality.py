@@ -49,6 +49,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import time
@@ -136,6 +137,14 @@ TASKS: dict[str, Task] = {
     "agnews-64shot": Task("configs/minilm/agnews.yaml", [*LARGER, "task.shots_per_label=64", "model.max_length=64"], "",
                           "64 per label drawn by the seed from the 1000-article pool, dev another 64 per label; test: 500 "
                           "of 1000", ("default", "honest")),
+    # FewGLUE's SuperGLUE tasks: one fixed 32 / 32 split each, so a seed varies the initialisation only.
+    # Probed (a part of the oracle at seed 13) for whether a MiniLM-L6 learns them above the majority class
+    "boolq-32shot": Task("configs/minilm/boolq.yaml", FEW_SHOT, "", "FewGLUE 32 train / 32 dev (one split; the seed "
+                         "initialises); test: 500 of the 3270 SuperGLUE validation questions"),
+    "wic-32shot": Task("configs/minilm/wic.yaml", FEW_SHOT, "", "FewGLUE 32 train / 32 dev (one split; the seed "
+                       "initialises); test: 500 of the 638 SuperGLUE validation pairs"),
+    "copa-32shot": Task("configs/minilm/copa.yaml", FEW_SHOT, "", "FewGLUE 32 train / 32 dev (one split; the seed "
+                        "initialises), posed as which choice (0 or 1) is the cause / effect; test: the 100 SuperGLUE validation items"),
     # MPNet-base (12 layers): is layer choice a matter of seed noise on a deeper backbone too?
     "sst2-16shot-mpnet": Task("configs/mpnet/sst2-16shot.yaml", FEW_SHOT, _lmbff("SST-2/lmbff_k-shot"),
                               "MPNet-base, K=3 of 12; LM-BFF 16-shot splits (seeds 13, 21, 42); test: 500 of the 872 GLUE "
@@ -328,6 +337,20 @@ class Store:
         self.rows[row["key"]] = row
         return row
 
+    def replace(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite the stored row with ``row``'s key in place (under the lock the appenders take, so a
+        worker appending meanwhile waits and then appends after it): one line per key."""
+        with open(self.path, "r+") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            lines = [json.dumps(row) if line.strip() and json.loads(line)["key"] == row["key"] else line
+                     for line in handle.read().splitlines()]
+            handle.seek(0)
+            handle.truncate()
+            handle.write("".join(line + "\n" for line in lines))
+            fcntl.flock(handle, fcntl.LOCK_UN)
+        self.rows[row["key"]] = row
+        return row
+
 
 # ---------------------------------------------------------------------- jobs
 
@@ -336,7 +359,7 @@ class Store:
 class Job:
     task: str
     seed: int
-    kind: str  # subset | baseline | search
+    kind: str  # subset | baseline | search | curve (a subset retrained for its dev curve)
     name: str  # "0-2-4", "peft-lora", a variant name
 
     def identity(self, config: RunConfig) -> dict[str, Any]:
@@ -344,7 +367,11 @@ class Job:
 
     def key(self, config: RunConfig) -> str:
         """The job's key in the store, for ``config`` (``job_config``'s, or a variation of it)."""
-        return identity_key(self, self.identity(config))
+        return identity_key(self.stored(), self.stored().identity(config))
+
+    def stored(self) -> Job:
+        """The job whose row this one writes: a curve job rewrites its subset's row."""
+        return Job(self.task, self.seed, "subset", self.name) if self.kind == "curve" else self
 
 
 def task_config(task: str, seed: int, extra: list[str], quick: bool = False) -> RunConfig:
@@ -399,7 +426,27 @@ def jobs_for(task: str, seed: int, what: list[str], variants: list[str] | None =
         jobs += [Job(task, seed, "search", name) for name in variants]
     if "baselines" in what and TASKS[task].layers == 6:  # (their layer sets are MiniLM's)
         jobs += [Job(task, seed, "baseline", name) for name in BASELINES]
+    if "curves" in what and store is not None:
+        jobs += curve_jobs(task, seed, variants, store)
     return jobs
+
+
+def search_top(scores: list[float], subsets: list[str], m: int) -> list[str]:
+    """The ``m`` best of ``subsets`` by a search's per-layer ``scores`` (ties: the subsets' order by name)."""
+    return sorted(subsets, key=lambda s: (-subset_score(scores, s), s))[:m]
+
+
+def curve_jobs(task: str, seed: int, variants: list[str], store: Store) -> list[Job]:
+    """The oracle trainings successive halving replays that were stored before dev curves were kept:
+    the gates' best ``HALVING[0]`` subsets of each stored search of ``variants``, retrained with the
+    same config and seed to record the curve (``run_job`` adds it, and the rerun's scores, to the row)."""
+    config, wanted = task_config(task, seed, []), oracle_subsets(task, store)
+    names: dict[str, None] = {}
+    for job, row in stored_searches(store, task, seed, False):
+        if job.name in variants:
+            names.update(dict.fromkeys(search_top(row["rankings"]["gates"]["scores"], wanted, HALVING[0])))
+    jobs = [Job(task, seed, "curve", name) for name in names]
+    return [job for job in jobs if not (store.get(job.key(config)) or {"dev_curve": 1}).get("dev_curve")]
 
 
 def variant_overrides(task: str, seed: int, variant: str, quick: bool) -> list[str]:
@@ -417,14 +464,15 @@ def job_config(job: Job, quick: bool = False, extra: tuple[str, ...] = ()) -> Ru
 
 def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
     config = job_config(job, quick)
-    identity = job.identity(config)
-    key = identity_key(job, identity)
-    if store.get(key) is not None:
+    identity = job.stored().identity(config)
+    key = identity_key(job.stored(), identity)
+    stored = store.get(key)
+    if stored is not None and (job.kind != "curve" or stored.get("dev_curve")):
         return
     prep = prepare(config)
     started = time.time()
     ctx = Context(k=K, workdir=work / job.task / job.name)
-    base = {"key": key, "task": job.task, "seed": job.seed, "kind": job.kind, "name": job.name, "recipe": identity_digest(identity),
+    base = {"key": key, "task": job.task, "seed": job.seed, "kind": job.stored().kind, "name": job.name, "recipe": identity_digest(identity),
             "metric": config.task.metric, "device": str(prep.device)}
     if job.kind == "search":
         row = {**base, **search_entry(prep, job, ctx)}
@@ -432,7 +480,12 @@ def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
         row = {**base, **train_entry(prep, job, ctx)}
     row["wall_seconds"] = round(time.time() - started, 1)
     row["identity"] = identity
-    store.add(row)
+    if job.kind == "curve" and stored:  # (the stored row with the rerun's curve and scores added: the row's scores stay
+        # those first measured; a rerun on another thread count differs in the last float bits, which a few
+        # dozen steps can turn into another dev-best epoch, so the rerun's own scores are kept beside its curve)
+        store.replace({**stored, "dev_curve": row["dev_curve"], "curve_rerun": {"dev": row["dev"], "test": row["test"]}})
+    else:
+        store.add(row)
     if job.kind == "search":
         outcome = "picks " + ", ".join(f"{method} {r['layers']}" for method, r in row["rankings"].items())
     else:
@@ -443,8 +496,8 @@ def run_job(job: Job, store: Store, quick: bool, work: Path) -> None:
 
 def train_entry(prep: Prepared, job: Job, ctx: Context) -> dict[str, Any]:
     curve: list[list[float]] = []  # (step, dev score) at each dev evaluation: what a shorter training would have seen
-    if job.kind == "subset" or job.name in LAYER_SETS:
-        layers = [int(x) for x in job.name.split("-")] if job.kind == "subset" else LAYER_SETS[job.name]
+    if job.kind in ("subset", "curve") or job.name in LAYER_SETS:
+        layers = [int(x) for x in job.name.split("-")] if job.kind != "baseline" else LAYER_SETS[job.name]
         row = train_proposal(prep, job.name, fixed_proposal(prep, layers), ctx, on_eval=lambda step, score: curve.append([step, round(score, 6)]))
     else:
         (row,) = strategy_results(STRATEGIES[job.name], prep, ctx)
@@ -658,7 +711,7 @@ def _train_cost(r: TaskReport, seed: int) -> tuple[float, float]:
 def dev_checked(r: TaskReport, entry: dict[str, Any], seed: int, m: int) -> dict[str, Any]:
     """Retrain the ``m`` best subsets by the search's scores and keep the one best on dev (ties: the
     search's order); uncertain when the kept subset's dev score does not beat the runner-up's."""
-    top = sorted(r.oracle, key=lambda s: (-subset_score(entry["scores"], s), s))[:m]
+    top = search_top(entry["scores"], list(r.oracle), m)
     kept = max(top, key=lambda s: (r.oracle_dev[s][seed], -top.index(s)))
     dev_scores = sorted((r.oracle_dev[s][seed] for s in top), reverse=True)
     steps, seconds = _train_cost(r, seed)
@@ -676,7 +729,7 @@ def successive_halving(r: TaskReport, entry: dict[str, Any], seed: int, m: int =
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(direction="maximize", pruner=optuna.pruners.SuccessiveHalvingPruner(
         min_resource=1, reduction_factor=HALVING[1]))
-    top = sorted(r.oracle, key=lambda s: (-subset_score(entry["scores"], s), s))[:m]
+    top = search_top(entry["scores"], list(r.oracle), m)
     evaluations, finished = 0, {}
     for subset in top:
         trial, curve = study.ask(), r.oracle_curve[subset][seed]
@@ -731,7 +784,8 @@ def add_derived_selectors(r: TaskReport) -> None:
                 s: prior_plus_evidence(gates[s], perturbation[s]) for s in gates if s in perturbation}
         for m in DEV_CHECKED if gates else ():
             derived[f"spt: {label}, gates, dev-checked top {m}"] = {s: dev_checked(r, gates[s], s, m) for s in gates}
-        if gates and len(r.oracle_curve) == len(r.oracle) and all(len(c) == len(r.seeds) for c in r.oracle_curve.values()):
+        if gates and all(seed in r.oracle_curve.get(x, {}) for seed in gates
+                         for x in search_top(gates[seed]["scores"], list(r.oracle), HALVING[0])):
             derived[f"spt: {label}, gates, successive halving over top {HALVING[0]}"] = {
                 s: successive_halving(r, gates[s], s) for s in gates}
     for method in METHODS:
@@ -799,7 +853,8 @@ def task_section(r: TaskReport) -> tuple[list[str], dict[str, dict[str, float]]]
 
 
 def _few_shot(reports: list[TaskReport]) -> list[TaskReport]:
-    return [r for r in reports if "shot" in r.task]
+    """The tasks with 8 or 16 examples per label (by the task's name: "cb-8shot", "sst2-16shot")."""
+    return [r for r in reports if (m := re.search(r"(\d+)shot", r.task)) and int(m.group(1)) <= 16]
 
 
 def summary_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -948,7 +1003,27 @@ def loto_section(reports: list[TaskReport], numbers: dict[str, dict[str, dict[st
         n in r.strategies for r, n in zip(reports, per_task.values()))]
     best = sorted(_recipes(reports), key=lambda n: -_mean([_minus_random(r, n) for r in reports]))[:5]
     lines += [_judged_row(f"in hindsight: {n}", {r.task: n for r in reports}, reports, numbers) for n in best]
-    return lines + ["", "Choices: " + "; ".join(f"{t}: {n}" for t, n in chosen.items()), ""]
+    lines.append(_ceiling_row(reports))
+    if all(DEV_BEST in r.strategies for r in reports):
+        lines.append(_judged_row(f"reference: {DEV_BEST}", {r.task: DEV_BEST for r in reports}, reports, numbers))
+    return lines + ["", "Choices: " + "; ".join(f"{t}: {n}" for t, n in chosen.items()), "",
+                    "The reference rows are no recipes. The noise ceiling knows the test scores of every subset on the "
+                    "task's other seeds and picks their best mean, the subset that is best on average: its gain over random "
+                    "is what layer choice leaves to win once seed noise is paid. The dev-best of every subset trains all "
+                    "of them at the held-out seed and keeps the best on dev: how far selection by dev scores can go.", ""]
+
+
+def _ceiling_row(reports: list[TaskReport]) -> str:
+    """The LOTO table's reference row: the noise ceiling (best subset of the other seeds) on each task."""
+    gains, ranks, over_last = [], [], []
+    for r in reports:
+        picks = _seed_picks(r)[OTHER_SEEDS]
+        gain = _mean([r.oracle[x][s] - r.strategies["random (expectation)"][s] for s, x in picks.items()])
+        gains.append(gain)
+        over_last.append(gain - _minus_random(r, LAST))
+        ranks.append(_mean([_seed_rank(r, x, s) for s, x in picks.items()]))
+    return (f"| reference: {OTHER_SEEDS} | {100 * _mean(gains):+.1f} | {100 * _mean(over_last):+.1f} | {_mean(ranks):.1f} | "
+            "(not a recipe) | 100% of the oracle, on other seeds |")
 
 
 def flag_section(reports: list[TaskReport]) -> list[str]:
@@ -1031,6 +1106,27 @@ def depth_section(store: Store, tasks: list[str], seeds: list[int] | None, quick
     return lines
 
 
+def probe_section(store: Store, tasks: list[str]) -> list[str]:
+    """The tasks without a complete oracle (MiniLM's: the deep tasks have the depth section): what their
+    trained subsets and the all-layer baseline scored against the majority class, per seed."""
+    lines = []
+    for task in [t for t in tasks if TASKS[t].layers == 6]:
+        for seed in TASKS[task].seeds:
+            config = task_config(task, seed, [])
+            scores = {job.name: row["test"] for job in jobs_for(task, seed, ["oracle", "baselines"])
+                      if (job.kind == "subset" or job.name == "all") and (row := store.get(job.key(config))) is not None}
+            if scores:
+                lines.append(f"| {task} | {seed} | {100 * majority_score(config):.1f} | {len(scores)} | "
+                             f"{100 * min(scores.values()):.1f}-{100 * max(scores.values()):.1f} | "
+                             + (f"{100 * scores['all']:.1f} |" if "all" in scores else "- |"))
+    if not lines:
+        return []
+    return ["## Probed, not benchmarked", "", "Tasks whose oracle is not complete: a few subsets (and the all-layer "
+            "baseline) trained at a seed, to see whether a MiniLM-L6 learns the task above its majority class at all.", "",
+            "| task | seed | majority class | trainings | range of their test scores | all 6 layers |", "|---|---|---|---|---|---|",
+            *lines, ""]
+
+
 def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool, out: Path) -> str:
     reports = load_reports(store, tasks, seeds, quick)
     backbones = sorted({f"{BACKBONES.get(TASKS[t].config.split('/')[1], '?')} (K={K} of {TASKS[t].layers})" for t in tasks})
@@ -1044,7 +1140,7 @@ def report(store: Store, tasks: list[str], seeds: list[int] | None, quick: bool,
             sections += lines
         text += loto_section(reports, numbers) + flag_section(reports) + sections
         text += summary_section(reports, numbers) + ceiling_section(reports) + transfer_section(reports, TRANSFERRED)
-    text += depth_section(store, tasks, seeds, quick)
+    text += depth_section(store, tasks, seeds, quick) + probe_section(store, [t for t in tasks if t not in {r.task for r in reports}])
     out.write_text("\n".join(text) + "\n")
     return "\n".join(text)
 
@@ -1055,7 +1151,8 @@ def main() -> None:
     parser.add_argument("--tasks", nargs="+", default=MINILM_TASKS, choices=list(TASKS),
                         help="default: the MiniLM tasks (sst2-16shot-mpnet: run --what spt first, then oracle)")
     parser.add_argument("--seeds", nargs="+", type=int, help="default: each task's own (13 21 42, or five where layer choice matters)")
-    parser.add_argument("--what", nargs="+", default=["oracle", "baselines", "spt"], choices=["oracle", "baselines", "spt"])
+    parser.add_argument("--what", nargs="+", default=["oracle", "baselines", "spt"], choices=["oracle", "baselines", "spt", "curves"],
+                        help="curves: retrain the oracle subsets successive halving replays to record their dev curves")
     parser.add_argument("--variants", nargs="+", choices=list(SEARCH_VARIANTS),
                         help="run: only these search variants (default: each task's own)")
     parser.add_argument("--shard", default="0/1", help="i/n: this worker takes every n-th job starting at i")

