@@ -28,6 +28,8 @@ and the search's compute against the oracle's; then the mean over tasks.
     python benchmarks/quality.py run --tasks sst2-16shot-mpnet --what spt      # MPNet-base, K=3 of 12: the searches,
     python benchmarks/quality.py run --tasks sst2-16shot-mpnet --what oracle   # then a sampled oracle holding their picks
     python benchmarks/quality.py report --tasks sst2-16shot-mpnet --report quality-mpnet.md
+    python benchmarks/quality.py run --what curves --variants honest   # dev curves for successive halving, where
+                                                                       # the oracle was stored without them
 
 Every training is appended to ``results/quality/results.jsonl`` as it finishes, so runs resume
 and a later session reuses what is there. A row's key is the task, seed and what was trained,
